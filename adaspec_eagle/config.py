@@ -1,0 +1,343 @@
+"""Typed run configuration: the only schema. Defaults live here once; YAML recipes state what differs;
+`key=value` overrides come from the command line; unknown keys, wrong types and out-of-range values are
+rejected with the key's dotted name; the resolved config is written next to every output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from . import AdaspecError
+
+
+def _check(cond: bool, key: str, value: Any, expected: str) -> None:
+    if not cond:
+        raise AdaspecError(f"config value {key}={value!r} is out of range: expected {expected}.")
+
+
+@dataclass
+class LossConfig:
+    kind: Literal["adaspec", "kd"] = "adaspec"
+    """'adaspec' trains only on the top-k tokens by loss gap to the reference; 'kd' is plain distillation
+    (the reference stage, and the DistillSpec baseline)."""
+    k: float = 0.4
+    """Fraction of valid tokens kept by the AdaSPEC selection, in (0, 1]; k = 1 equals plain KD."""
+    divergence: Literal["forward_kl", "reverse_kl", "tvd", "jsd"] = "forward_kl"
+    """Per-token divergence between target and draft; the seed uses forward KL(target || draft)."""
+    beta: float = 0.5
+    """JSD mixing weight in [0, 1] (only for divergence=jsd)."""
+    temperature: float = 1.0
+    """Softmax temperature applied to target, draft and reference logits (> 0)."""
+    scope: Literal["batch", "global"] = "batch"
+    """Where the top-k threshold is taken: the micro-batch (the seed's) or all ranks' tokens together."""
+    reduction: Literal["num_items", "mean"] = "num_items"
+    """'num_items': sum over kept tokens / valid tokens in the batch (the seed's num_items_in_batch);
+    'mean': mean over kept tokens."""
+    chunk_size: int = 1024
+    """Tokens per chunk in the memory-efficient path (never three [tokens, vocab] fp32 tensors at once)."""
+
+    def __post_init__(self):
+        _check(0.0 < self.k <= 1.0, "loss.k", self.k, "0 < k <= 1")
+        _check(0.0 <= self.beta <= 1.0, "loss.beta", self.beta, "0 <= beta <= 1")
+        _check(self.temperature > 0, "loss.temperature", self.temperature, "> 0")
+        _check(self.chunk_size >= 1, "loss.chunk_size", self.chunk_size, ">= 1")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "sharegpt"
+    """'sharegpt' (the bundled package), a paper task (gsm8k, alpaca, mbpp, cnn_dm, xsum), 'humaneval', or a
+    local .json/.jsonl file."""
+    path: str | None = None
+    """Local file for a paper task instead of the hub (same fields as the hub dataset)."""
+    max_length: int = 512
+    """Tokens per sample after truncation."""
+    num_samples: int | None = None
+    """Use at most this many training samples (None: all)."""
+    holdout: int = 64
+    """Samples set aside (deterministically) as the held-out split."""
+    seed: int = 0
+    """Seed of the deterministic train / held-out split."""
+    self_distill: bool = False
+    """Replace the assistant answers with the target's own greedy answers (generated once, cached)."""
+
+    def __post_init__(self):
+        _check(self.max_length >= 8, "data.max_length", self.max_length, ">= 8")
+        _check(self.num_samples is None or self.num_samples >= 1, "data.num_samples", self.num_samples, ">= 1")
+        _check(self.holdout >= 0, "data.holdout", self.holdout, ">= 0")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 0
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+
+    def __post_init__(self):
+        _check(0.0 < self.lr < 1.0, "optim.lr", self.lr, "0 < lr < 1")
+        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, ">= 0")
+        _check(self.max_grad_norm >= 0, "optim.max_grad_norm", self.max_grad_norm, ">= 0")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    """Passes over the training data per stage."""
+    max_steps: int | None = None
+    """Stop each stage after this many optimizer steps (None: run the epochs)."""
+    batch_size: int = 8
+    """Sequences per micro-batch per process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    save_every: int = 200
+    """Optimizer steps between checkpoints (atomic; the run resumes from the last one)."""
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(self.epochs > 0, "train.epochs", self.epochs, "> 0")
+        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", self.max_steps, ">= 1")
+        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, ">= 1")
+        _check(self.grad_accum >= 1, "train.grad_accum", self.grad_accum, ">= 1")
+        _check(self.save_every >= 1, "train.save_every", self.save_every, ">= 1")
+        _check(self.log_every >= 1, "train.log_every", self.log_every, ">= 1")
+
+
+@dataclass
+class HeadConfig:
+    kind: Literal["eagle1", "eagle3"] = "eagle1"
+    """'eagle1': fc over [embedding, last feature] + one decoder layer, the target's lm_head (EAGLE-1/2).
+    'eagle3': fused three-layer features, own norm and lm_head over a draft vocabulary."""
+    draft_vocab_size: int = 8192
+    """EAGLE-3 draft vocabulary: the most frequent training tokens (clamped to the target vocabulary)."""
+    ttt_steps: int = 7
+    """EAGLE-3 training-time-test unroll length."""
+    ttt_decay: float = 0.8
+    """Weight of unroll step j is ttt_decay**j."""
+    fc_bias: bool = True
+    feature_loss_weight: float = 0.1
+    """EAGLE-1 smooth-L1 feature regression weight (0 disables); EAGLE-3 has none."""
+
+    def __post_init__(self):
+        _check(self.draft_vocab_size >= 2, "head.draft_vocab_size", self.draft_vocab_size, ">= 2")
+        _check(self.ttt_steps >= 1, "head.ttt_steps", self.ttt_steps, ">= 1")
+        _check(0 < self.ttt_decay <= 1, "head.ttt_decay", self.ttt_decay, "0 < decay <= 1")
+        _check(self.feature_loss_weight >= 0, "head.feature_loss_weight", self.feature_loss_weight, ">= 0")
+
+
+@dataclass
+class TreeConfig:
+    depth: int = 6
+    """Draft levels (chain length for a chain)."""
+    topk: int = 8
+    """Children considered per expanded node."""
+    total_tokens: int = 48
+    """Draft tokens verified per step (the tree budget)."""
+    shape: Literal["dynamic", "static", "chain"] = "dynamic"
+
+    def __post_init__(self):
+        _check(self.depth >= 1, "tree.depth", self.depth, ">= 1")
+        _check(self.topk >= 1, "tree.topk", self.topk, ">= 1")
+        _check(1 <= self.total_tokens <= 1024, "tree.total_tokens", self.total_tokens, "1..1024")
+
+
+@dataclass
+class HeadRecipe:
+    """`adaspec-eagle train-head`: a reference head (KD), then the AdaSPEC head against it."""
+
+    target: str = "smollm2-135m"
+    output_dir: str = "runs/head"
+    stage: Literal["both", "reference", "draft"] = "both"
+    reference: str | None = None
+    """Path of a trained reference head (for stage=draft)."""
+    features: Literal["cached", "online"] = "cached"
+    """'cached': run the target once, store features on disk (memory-mapped), reuse for both stages."""
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+
+@dataclass
+class DraftLMRecipe:
+    """`adaspec-eagle train-draft-lm`: optional target fine-tune, reference LM (KD), AdaSPEC draft LM."""
+
+    target: str = "pythia-1.4b"
+    draft: str = "pythia-31m"
+    """Registry name / path of the draft init, or 'layers=N' to derive it from the target's first N layers."""
+    output_dir: str = "runs/draft-lm"
+    stages: list[str] = field(default_factory=lambda: ["target", "reference", "draft"])
+    data: DataConfig = field(default_factory=lambda: DataConfig(dataset="gsm8k"))
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, batch_size=16))
+    target_epochs: float | None = None
+    reference_epochs: float | None = None
+    draft_epochs: float | None = None
+
+    def __post_init__(self):
+        bad = [s for s in self.stages if s not in ("target", "reference", "draft")]
+        _check(not bad and len(self.stages) > 0, "stages", self.stages, "a list of target/reference/draft")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generic loading: dict -> dataclass with type checks
+
+
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """(ok, converted value) for a value read from YAML against an annotation."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True, value
+    if origin is Literal:
+        return value in typing.get_args(tp), value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return True, None
+                continue
+            ok, conv = _type_ok(value, arg)
+            if ok:
+                return True, conv
+        return False, value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        args = typing.get_args(tp)
+        conv = []
+        for i, item in enumerate(value):
+            arg = args[0] if origin is list or (len(args) == 2 and args[1] is Ellipsis) else args[min(i, len(args) - 1)]
+            ok, c = _type_ok(item, arg)
+            if not ok:
+                return False, value
+            conv.append(c)
+        return True, (conv if origin is list else tuple(conv))
+    if tp is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        if isinstance(value, str):  # YAML reads "3e-4" as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is str:
+        return isinstance(value, str), value
+    return isinstance(value, tp), value
+
+
+def from_dict(cls, data: dict | None, prefix: str = ""):
+    """Build dataclass `cls` from a (nested) dict, rejecting unknown keys and wrong types by dotted name."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        import difflib
+
+        key = unknown[0]
+        close = difflib.get_close_matches(key, names, n=1)
+        hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+        raise AdaspecError(f"unknown config key '{prefix}{key}'.{hint} Known keys here: {sorted(names)}.")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise AdaspecError(f"config key '{prefix}{name}' must be a mapping of {tp.__name__} fields, "
+                                   f"got {value!r}.")
+            kwargs[name] = from_dict(tp, value, prefix=f"{prefix}{name}.")
+            continue
+        ok, conv = _type_ok(value, tp)
+        if not ok:
+            expected = (f"one of {list(typing.get_args(tp))}" if typing.get_origin(tp) is Literal
+                        else str(tp).replace("typing.", "").replace("<class '", "").replace("'>", ""))
+            raise AdaspecError(f"config key '{prefix}{name}' has value {value!r} of the wrong type; expected "
+                               f"{expected}.")
+        kwargs[name] = conv
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['loss.k=0.3', 'train.max_steps=5'] -> nested dict; values parsed as YAML scalars."""
+    result: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise AdaspecError(f"override {item!r} is not of the form key=value (e.g. loss.k=0.3).")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        node = result
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise AdaspecError(f"override {item!r} conflicts with another override of {part!r}.")
+        node[parts[-1]] = value
+    return result
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_recipe(cls, path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None):
+    """Defaults of `cls`, then the YAML at `path`, then `key=value` overrides; validated."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise AdaspecError(f"recipe {str(p)!r} does not exist; see recipes/ for the shipped ones.")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise AdaspecError(f"recipe {str(p)!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise AdaspecError(f"recipe {str(p)!r} must be a mapping of config keys, got {type(data).__name__}.")
+    if overrides:
+        data = merge(data, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    return from_dict(cls, data)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_resolved(cfg, folder: str | os.PathLike, name: str = "config.yaml") -> Path:
+    """Write the resolved config next to an output (atomically)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(cfg))), sort_keys=False))
+    os.replace(tmp, path)
+    return path
