@@ -10,6 +10,7 @@ import difflib
 import hashlib
 import importlib.util
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,8 @@ def load_tokenizer(name_or_path: str):
     """The tokenizer of a registry name / folder / GGUF / hub id (pad token set to EOS when missing)."""
     from transformers import AutoTokenizer
 
+    if parse_tiny_name(name_or_path) is not None:
+        return tiny_tokenizer()
     source = resolve(name_or_path)
     _require_gguf(source)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
@@ -124,16 +127,40 @@ def load_tokenizer(name_or_path: str):
     return tok
 
 
+_TINY_NAME = re.compile(r"^tiny-(llama|phi|gpt_neox|qwen2|codegen)(?:-s(\d+))?(?:-l(\d+))?$")
+
+
+def parse_tiny_name(name: str) -> dict | None:
+    """'tiny-llama', 'tiny-qwen2-s3' (seed 3), 'tiny-phi-s1-l1' (seed 1, 1 layer) -> tiny_model kwargs.
+
+    Tiny random models load by name like registry models so CLI runs and tests need no download."""
+    m = _TINY_NAME.match(name)
+    if not m:
+        return None
+    kwargs = {"family": m.group(1), "seed": int(m.group(2) or 0)}
+    if m.group(3):
+        kwargs["num_layers"] = int(m.group(3))
+    return kwargs
+
+
 def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
                with_tokenizer: bool = True):
     """Load a causal LM (and its tokenizer) in eval mode with the requested dtype and device.
 
-    Returns (model, tokenizer) or the model alone with `with_tokenizer=False`."""
+    `name_or_path`: a registry name, local folder, .gguf file, hub id, or a tiny random model name
+    (`parse_tiny_name`). Returns (model, tokenizer) or the model alone with `with_tokenizer=False`."""
     from transformers import AutoModelForCausalLM
 
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise AdaspecError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}.")
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    tiny = parse_tiny_name(name_or_path)
+    if tiny is not None:
+        model = tiny_model(**tiny).to(device=device, dtype=torch_dtype)
+        model.config._adaspec_source = name_or_path
+        return (model, tiny_tokenizer()) if with_tokenizer else model
     source = resolve(name_or_path)
     _require_gguf(source)
-    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*dequantiz.*")

