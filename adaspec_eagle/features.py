@@ -1,0 +1,179 @@
+"""Target feature cache: run the frozen target once over a dataset and keep what head training needs on disk.
+
+Stored per token, flattened over samples (memory-mapped numpy arrays, one file per key):
+  input_ids (int32), loss_mask (uint8), features (T, H) = last hidden state after the final norm (EAGLE-1/2) and,
+  for EAGLE-3, fused (T, 3H) = HF hidden_states at `models.feature_layer_ids`, in fp16 / bf16 / fp32.
+  numpy has no bfloat16: bf16 is stored as its uint16 bit pattern and viewed back.
+No logits are stored ([T, 49152] per sample is far too big): the teacher distribution is recomputed as
+target lm_head(features), exact for these post-final-norm features (up to the storage dtype).
+
+`manifest.json` records the target identity (`models.target_identity`), a fingerprint of the data (ids and
+masks), the dtype and the layout; it is written last, so a cache without it is incomplete. `open_cache` refuses
+a cache built for another target (shapes, vocabulary or weights) or other data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import AdaspecError
+from .models import target_forward_features, target_identity
+
+STORAGE = {"fp16": (np.float16, torch.float16), "bf16": (np.uint16, torch.bfloat16), "fp32": (np.float32, torch.float32)}
+FORMAT_VERSION = 1
+
+
+def data_fingerprint(samples: Sequence[dict]) -> str:
+    """sha256 (16 hex) over every sample's input_ids and loss_mask, in order."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(np.asarray(s["input_ids"], dtype=np.int32).tobytes())
+        h.update(np.asarray(s["loss_mask"], dtype=np.uint8).tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
+def pad_batch(samples: Sequence[dict], pad_id: int = 0) -> dict:
+    """Right-pad a list of samples into a batch: input_ids (B, T) with pad_id, loss_mask / attention_mask (B, T)
+    bool, float keys (T, D) -> (B, T, D) with zeros. Right padding keeps the causal mask valid for heads."""
+    T = max(len(s["input_ids"]) for s in samples)
+    B = len(samples)
+    out = {"input_ids": torch.full((B, T), pad_id, dtype=torch.long),
+           "attention_mask": torch.zeros(B, T, dtype=torch.bool), "loss_mask": torch.zeros(B, T, dtype=torch.bool)}
+    for b, s in enumerate(samples):
+        n = len(s["input_ids"])
+        out["input_ids"][b, :n] = torch.as_tensor(s["input_ids"], dtype=torch.long)
+        out["attention_mask"][b, :n] = True
+        out["loss_mask"][b, :n] = torch.as_tensor(s["loss_mask"], dtype=torch.bool)
+    for key in samples[0]:
+        if key in out:
+            continue
+        value = samples[0][key]
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            x = torch.zeros(B, T, value.shape[-1], dtype=value.dtype)  # (B, T, D)
+            for b, s in enumerate(samples):
+                x[b, :len(s[key])] = s[key]
+            out[key] = x
+    return out
+
+
+def build_cache(target, samples: Sequence[dict], folder: str | os.PathLike, *, dtype: str = "fp16",
+                fused: bool = False, batch_size: int = 8, pad_id: int = 0, progress: bool = True) -> "FeatureCache":
+    """Run `target` (frozen) over `samples` ({"input_ids", "loss_mask"}) and write the cache to `folder`."""
+    from tqdm.auto import tqdm
+
+    if dtype not in STORAGE:
+        raise AdaspecError(f"feature cache dtype {dtype!r} is not one of {sorted(STORAGE)}.")
+    if len(samples) == 0:
+        raise AdaspecError("no samples to cache features for: the data slice is empty.")
+    np_dtype, torch_dtype = STORAGE[dtype]
+    folder = Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    lengths = np.array([len(s["input_ids"]) for s in samples], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])  # (n + 1,)
+    total, H = int(offsets[-1]), int(target.config.hidden_size)
+    dims = {"features": H, **({"fused": 3 * H} if fused else {})}
+    arrays = {k: np.lib.format.open_memmap(folder / f"{k}.npy", mode="w+", dtype=np_dtype, shape=(total, d))
+              for k, d in dims.items()}
+    ids = np.concatenate([np.asarray(s["input_ids"], dtype=np.int32) for s in samples])
+    mask = np.concatenate([np.asarray(s["loss_mask"], dtype=np.uint8) for s in samples])
+    np.save(folder / "input_ids.npy", ids)
+    np.save(folder / "loss_mask.npy", mask)
+    np.save(folder / "offsets.npy", offsets)
+
+    device = next(target.parameters()).device
+    order = np.argsort(-lengths, kind="stable")  # long first: less padding, early out-of-memory
+    bar = tqdm(total=total, desc="target features", unit="tok", disable=not progress)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = pad_batch([samples[i] for i in idx], pad_id)
+        with torch.no_grad():
+            out = target_forward_features(target, batch["input_ids"].to(device),
+                                          batch["attention_mask"].long().to(device), eagle3_layers=fused)
+        for key in dims:
+            x = out[key].to(torch_dtype).cpu()  # (B, T, D)
+            for b, i in enumerate(idx):
+                n = int(lengths[i])
+                row = x[b, :n]
+                arrays[key][offsets[i]:offsets[i] + n] = (row.view(torch.int16).numpy().view(np.uint16)
+                                                          if dtype == "bf16" else row.numpy())
+        bar.update(int(lengths[idx].sum()))
+    bar.close()
+    for a in arrays.values():
+        a.flush()
+    manifest = {"format": FORMAT_VERSION, "target": target_identity(target), "data": data_fingerprint(samples),
+                "dtype": dtype, "keys": dims, "samples": len(samples), "tokens": total}
+    tmp = folder / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, folder / "manifest.json")  # last: its presence marks a complete cache
+    return FeatureCache(folder)
+
+
+def cache_problem(folder: str | os.PathLike, target, samples: Sequence[dict] | None = None,
+                  fused: bool = False) -> str | None:
+    """Why the cache at `folder` cannot be used for `target` and `samples` (None if it can; 'missing' if absent)."""
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        return "missing"
+    m = json.loads(path.read_text())
+    if m.get("format") != FORMAT_VERSION:
+        return f"it has format {m.get('format')}, this version reads {FORMAT_VERSION}"
+    want = target_identity(target)
+    for key in ("hidden_size", "vocab_size", "num_hidden_layers", "fingerprint"):
+        if m["target"].get(key) != want[key]:
+            return (f"it was built for target {m['target'].get('name')!r} with {key}={m['target'].get(key)}, "
+                    f"the target now is {want['name']!r} with {key}={want[key]}")
+    if samples is not None and m["data"] != data_fingerprint(samples):
+        return "it was built from other data (the data fingerprint differs)"
+    if fused and "fused" not in m["keys"]:
+        return "it has no fused EAGLE-3 features"
+    return None
+
+
+def open_cache(folder: str | os.PathLike, target, samples: Sequence[dict] | None = None,
+               fused: bool = False) -> "FeatureCache":
+    """Open a complete cache built for `target` (and `samples` when given); refuse a stale one."""
+    problem = cache_problem(folder, target, samples, fused)
+    if problem == "missing":
+        raise AdaspecError(f"no complete feature cache at {str(folder)!r} (manifest.json missing).")
+    if problem:
+        raise AdaspecError(f"the feature cache at {str(folder)!r} is stale: {problem}. Delete it (or rerun with "
+                           "--overwrite) to rebuild it.")
+    return FeatureCache(folder)
+
+
+class FeatureCache:
+    """A read-only, memory-mapped sequence of samples {"input_ids" (T,), "loss_mask" (T,), "features" (T, H)
+    [, "fused" (T, 3H)]}, float keys as fp32 tensors."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.manifest = json.loads((self.folder / "manifest.json").read_text())
+        self.offsets = np.load(self.folder / "offsets.npy")
+        self.input_ids = np.load(self.folder / "input_ids.npy", mmap_mode="r")
+        self.loss_mask = np.load(self.folder / "loss_mask.npy", mmap_mode="r")
+        self.arrays = {k: np.load(self.folder / f"{k}.npy", mmap_mode="r") for k in self.manifest["keys"]}
+        self.dtype = self.manifest["dtype"]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> dict:
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        item = {"input_ids": torch.from_numpy(self.input_ids[a:b].astype(np.int64)),
+                "loss_mask": torch.from_numpy(self.loss_mask[a:b].astype(bool))}
+        for key, arr in self.arrays.items():
+            x = torch.from_numpy(np.array(arr[a:b]))
+            if self.dtype == "bf16":
+                x = x.view(torch.bfloat16)
+            item[key] = x.float()  # (T, D)
+        return item

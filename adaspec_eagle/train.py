@@ -1,0 +1,287 @@
+"""The one training loop, on 🤗 Accelerate, for draft heads and draft LMs.
+
+Owns: the optimizer (AdamW over trainable parameters), the LR schedule (warmup + constant/linear/cosine, a pure
+function of the step), gradient clipping, gradient accumulation with correct token normalisation, mixed
+precision (Accelerator mixed_precision), the deterministic data order, atomic checkpoints with exact resume,
+the progress bar and TensorBoard logs. What a step computes is the caller's `loss_fn`.
+
+Normalisation (`reduction='num_items'`, the seed's `num_items_in_batch`). One optimizer step sees `grad_accum`
+micro-batches on each of `world` processes. The loop counts the valid tokens N of all of them (all-reduced) and
+passes `num_items = N / (world * grad_accum)` to `loss_fn`, which returns sum(per-token loss) / num_items.
+`accelerator.backward` divides by grad_accum and DDP averages over ranks, so the gradient is exactly that of
+sum over every kept token of the step / N, whatever the split into micro-batches and processes.
+
+Data order: the loop does its own sharding instead of a prepared DataLoader. Epoch e uses the permutation
+`randperm(n, seed + e)`, padded by wrap-around to a multiple of world * batch_size; process r takes every
+world-th batch. The micro-batch stream is a pure function of (seed, n, batch_size, world), so a resumed run
+continues from micro-batch step * grad_accum with the same data as an uninterrupted one.
+
+Checkpoints: every `save_every` steps, `accelerator.save_state` into `checkpoints/.tmp-step-N`, then one
+`os.replace` to `checkpoints/step-N` (a crash mid-save leaves only a tmp folder, ignored and cleaned), then older
+checkpoints are deleted. Resume loads the newest complete one (model, optimizer, RNG states, fp16 scaler) and
+the loop state (`trainer_state.json`: step, losses so far, tokens).
+
+Frozen models (the target, a reference): `prepare_frozen` places them; under DeepSpeed ZeRO-3 it wraps them in
+an inference-only DeepSpeed engine (parameters partitioned across ranks, gathered layer by layer in forward), the
+same recipe TRL's `prepare_deepspeed` uses for reference models. Not exercised here: deepspeed is not installed
+on the build machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .config import OptimConfig, TrainConfig
+
+PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def make_accelerator(train_cfg: TrainConfig, cpu: bool | None = None):
+    """An Accelerator for `train_cfg` (mixed precision, gradient accumulation). `accelerate launch` settings
+    (processes, DeepSpeed/FSDP plugins) come from the environment as usual."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    kwargs = {"cpu": cpu} if cpu is not None else {}
+    acc = Accelerator(gradient_accumulation_steps=train_cfg.grad_accum,
+                      mixed_precision=PRECISION[train_cfg.precision], **kwargs)
+    set_seed(train_cfg.seed)
+    return acc
+
+
+def prepare_frozen(accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """Place a frozen model (no grad, eval) for inference inside the loop. Under DeepSpeed ZeRO-3 it becomes an
+    inference-only DeepSpeed engine so its weights stay partitioned like the trained model's."""
+    model.requires_grad_(False).eval()
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.zero_stage == 3:
+        import copy
+
+        import deepspeed
+
+        ds_cfg = copy.deepcopy(plugin.deepspeed_config)
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        ds_cfg.pop("optimizer", None), ds_cfg.pop("scheduler", None)
+        ds_cfg["train_micro_batch_size_per_gpu"] = ds_cfg.get("train_micro_batch_size_per_gpu", 1)
+        if isinstance(ds_cfg.get("train_micro_batch_size_per_gpu"), str):  # accelerate's "auto"
+            ds_cfg["train_micro_batch_size_per_gpu"] = 1
+        ds_cfg.pop("train_batch_size", None), ds_cfg.pop("gradient_accumulation_steps", None)
+        if hidden:
+            zero = ds_cfg.setdefault("zero_optimization", {})
+            zero.update({"stage": 3, "reduce_bucket_size": hidden * hidden,
+                         "stage3_param_persistence_threshold": 10 * hidden,
+                         "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden)})
+        engine, *_ = deepspeed.initialize(model=model, config=ds_cfg)
+        return engine.module.eval()
+    return model.to(accelerator.device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure pieces: schedule and data order
+
+
+def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """LR factor for optimizer step `step` (0-based): linear warmup to 1, then constant / linear / cosine to 0."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def batches_per_epoch(n: int, batch_size: int, world: int) -> int:
+    """Micro-batches per process per epoch (the last global batch is completed by wrap-around)."""
+    return max(1, math.ceil(n / (batch_size * world)))
+
+
+def micro_batch_indices(m: int, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
+    """Sample indices of micro-batch `m` (0-based over the whole run, epochs concatenated) on process `rank`."""
+    per_epoch = batches_per_epoch(n, batch_size, world)
+    epoch, pos = divmod(m, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))  # (n,)
+    need = per_epoch * batch_size * world
+    perm = perm.repeat(math.ceil(need / n))[:need]  # wrap-around padding
+    start = (pos * world + rank) * batch_size
+    return perm[start:start + batch_size].tolist()
+
+
+def total_steps(n: int, cfg: TrainConfig, world: int) -> int:
+    """Optimizer steps of a stage: `max_steps`, else `epochs` passes over n samples."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * batches_per_epoch(n, cfg.batch_size, world) / cfg.grad_accum))
+
+
+def to_device(batch, device):
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch.to(device) if isinstance(batch, torch.Tensor) else batch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under `folder` (one holding trainer_state.json), or None."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.glob("step-*") if (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
+
+
+def save_checkpoint(accelerator, folder: Path, state: dict) -> Path:
+    """Atomic: write into a tmp folder, rename, then delete older checkpoints."""
+    step = state["step"]
+    tmp, final = folder / f".tmp-step-{step:07d}", folder / f"step-{step:07d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    # torch.save, not safetensors: heads share (tied) target tensors, which safetensors refuses.
+    accelerator.save_state(str(tmp), safe_serialization=False)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in folder.iterdir():
+            if old != final and (old.name.startswith("step-") or old.name.startswith(".tmp-step-")):
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+
+LossFn = Callable[[torch.nn.Module, dict, float], "tuple[torch.Tensor, dict]"]
+
+
+def train(model: torch.nn.Module, dataset: Sequence, loss_fn: LossFn, *, collate: Callable, count_items: Callable,
+          train_cfg: TrainConfig, optim_cfg: OptimConfig, out_dir: str | os.PathLike, accelerator=None,
+          desc: str = "train", stop_at: int | None = None, progress: bool = True) -> dict:
+    """Train `model` (its parameters with requires_grad) on `dataset` and return the run's record.
+
+    loss_fn(model, batch, num_items) -> (loss, stats): loss normalised by `num_items` (see the module
+    docstring); stats floats summed over micro-batches and ranks ("kept", "valid", "kl_sum", ...).
+    count_items(batch) -> int: valid (loss) tokens of a batch, for num_items.
+    out_dir gets `checkpoints/` and `tb/`. A checkpoint there is resumed from. `stop_at` ends the call after that
+    step without a final checkpoint (as a kill would), for tests of resume.
+
+    Returns {"steps", "losses" (one per step), "tokens", "stats" (last logged), "seconds", "tokens_per_s"}.
+    """
+    from tqdm.auto import tqdm
+
+    acc = accelerator or make_accelerator(train_cfg)
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    world, rank, gas = acc.num_processes, acc.process_index, train_cfg.grad_accum
+    n = len(dataset)
+    steps = total_steps(n, train_cfg, world)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
+                                  weight_decay=optim_cfg.weight_decay)
+    model, optimizer = acc.prepare(model, optimizer)
+
+    state = {"step": 0, "losses": [], "tokens": 0, "total_steps": steps, "seconds": 0.0}
+    last = latest_checkpoint(ckpt_dir)
+    if last is not None:
+        acc.load_state(str(last))
+        state = json.loads((last / "trainer_state.json").read_text())
+        state["total_steps"] = steps
+
+    writer = None
+    if acc.is_main_process:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out_dir / "tb"))
+    bar = tqdm(total=steps, initial=state["step"], desc=desc, disable=not (progress and acc.is_main_process),
+               dynamic_ncols=True)
+    t0, tokens0, seconds0, stats_out = time.perf_counter(), state["tokens"], state.get("seconds", 0.0), {}
+    model.train()
+    while state["step"] < steps and (stop_at is None or state["step"] < stop_at):
+        step = state["step"]
+        micro = [collate([dataset[i] for i in micro_batch_indices(step * gas + j, n, train_cfg.batch_size,
+                                                                   train_cfg.seed, rank, world)])
+                 for j in range(gas)]
+        micro = [to_device(b, acc.device) for b in micro]
+        counts = torch.tensor([float(sum(count_items(b) for b in micro))], device=acc.device)
+        num_items_global = acc.reduce(counts, reduction="sum").item() if world > 1 else counts.item()
+        num_items = max(num_items_global, 1.0) / (world * gas)
+        for group in optimizer.param_groups:
+            group["lr"] = optim_cfg.lr * lr_multiplier(step, steps, optim_cfg)
+
+        sums: dict[str, float] = {}
+        loss_sum, tokens = 0.0, 0
+        for batch in micro:
+            with acc.accumulate(model):
+                with acc.autocast():
+                    loss, stats = loss_fn(model, batch, num_items)
+                acc.backward(loss)
+                grad_norm = None
+                if acc.sync_gradients and optim_cfg.max_grad_norm > 0:
+                    grad_norm = acc.clip_grad_norm_(params, optim_cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach().float().item() / gas
+            mask = batch.get("attention_mask")
+            tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            for key, value in stats.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+
+        keys = sorted(sums)
+        packed = torch.tensor([loss_sum, float(tokens)] + [sums[k] for k in keys], device=acc.device,
+                              dtype=torch.float64)
+        if world > 1:
+            packed = acc.reduce(packed, reduction="sum")
+        step_loss = packed[0].item() / world  # each rank's loss_sum is its share of the global mean
+        state["tokens"] += int(packed[1].item())
+        state["losses"].append(step_loss)
+        state["step"] = step + 1
+        totals = dict(zip(keys, packed[2:].tolist()))
+
+        elapsed = time.perf_counter() - t0
+        tok_s = (state["tokens"] - tokens0) / max(elapsed, 1e-9)
+        stats_out = {"loss": step_loss, "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tok_s}
+        if totals.get("valid"):
+            stats_out["kept_frac"] = totals.get("kept", totals["valid"]) / totals["valid"]
+            if "kl_sum" in totals:
+                stats_out["kl"] = totals["kl_sum"] / totals["valid"]
+        if grad_norm is not None:
+            stats_out["grad_norm"] = float(grad_norm)
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}", kept=f"{stats_out.get('kept_frac', 1.0):.2f}",
+                        tok_s=f"{tok_s:.0f}", refresh=False)
+        if writer is not None and (state["step"] % train_cfg.log_every == 0 or state["step"] == steps):
+            for key, value in stats_out.items():
+                writer.add_scalar(f"{desc}/{key}", value, state["step"])
+        if state["step"] % train_cfg.save_every == 0 or state["step"] == steps:
+            state["seconds"] = seconds0 + elapsed
+            save_checkpoint(acc, ckpt_dir, state)
+    bar.close()
+    if writer is not None:
+        writer.close()
+    elapsed = time.perf_counter() - t0
+    seconds = seconds0 + elapsed
+    model.eval()
+    unwrapped = acc.unwrap_model(model)
+    acc.wait_for_everyone()
+    acc.free_memory()  # forget this stage's model/optimizer so a next stage checkpoints only its own
+    return {"model": unwrapped, "steps": state["step"], "total_steps": steps, "losses": state["losses"],
+            "tokens": state["tokens"], "stats": stats_out, "seconds": seconds,
+            "tokens_per_s": (state["tokens"] - tokens0) / max(elapsed, 1e-9)}
