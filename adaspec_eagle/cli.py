@@ -13,6 +13,13 @@ from . import AdaspecError, __version__
 # Modules that contribute subcommands, in help order. Each defines register_cli(subparsers).
 COMMAND_MODULES = (
     "adaspec_eagle.models_cli",
+    "adaspec_eagle.data_cli",
+    "adaspec_eagle.train_draft_lm",
+    "adaspec_eagle.train_head",
+    "adaspec_eagle.generate_cli",
+    "adaspec_eagle.bench",
+    "adaspec_eagle.export",
+    "adaspec_eagle.bench_loss",
 )
 
 

@@ -5,9 +5,11 @@ rejected with the key's dotted name; the resolved config is written next to ever
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import types
 import typing
 from dataclasses import dataclass, field
@@ -168,6 +170,8 @@ class HeadRecipe:
     """Path of a trained reference head (for stage=draft)."""
     features: Literal["cached", "online"] = "cached"
     """'cached': run the target once, store features on disk (memory-mapped), reuse for both stages."""
+    feature_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    """Storage dtype of cached features (recorded in the cache manifest)."""
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -341,3 +345,59 @@ def save_resolved(cfg, folder: str | os.PathLike, name: str = "config.yaml") -> 
     tmp.write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(cfg))), sort_keys=False))
     os.replace(tmp, path)
     return path
+
+
+def _diff_keys(old, new, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [d for k in keys for d in _diff_keys(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+@contextlib.contextmanager
+def claim_output_dir(folder: str | os.PathLike, cfg, overwrite: bool = False):
+    """Make `folder` this run's own for the duration of the block.
+
+    Refuses (before anything is written) a folder that holds a different run (its resolved config differs; the
+    differing keys are named) or unrelated files, unless `overwrite`, which empties the folder; and refuses a folder another live process
+    is writing to (an exclusive lock, so two runs never interleave). The same config resumes. Only the main
+    process of a distributed launch checks and locks."""
+    folder = Path(folder)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process and folder.exists() and not overwrite:
+        saved = folder / "config.yaml"
+        if saved.is_file():
+            old = yaml.safe_load(saved.read_text()) or {}
+            new = json.loads(json.dumps(to_dict(cfg)))
+            differ = _diff_keys(old, new)
+            if differ:
+                raise AdaspecError(f"output folder {str(folder)!r} holds a different run (config differs at "
+                                   f"{', '.join(differ[:6])}); choose another output_dir, or pass --overwrite to "
+                                   "delete that run and start afresh.")
+        elif any(p.name != ".lock" for p in folder.iterdir()):
+            raise AdaspecError(f"output folder {str(folder)!r} exists and holds files that are not an adaspec-eagle "
+                               "run; choose another output_dir (or pass --overwrite).")
+    folder.mkdir(parents=True, exist_ok=True)
+    if not main_process:
+        yield folder
+        return
+    import fcntl
+
+    lock = open(folder / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise AdaspecError(f"another run is writing to {str(folder)!r} right now; wait for it to finish or choose "
+                           "another output_dir.") from None
+    try:
+        if overwrite:  # start afresh: nothing of the previous run may be resumed with another config
+            for p in folder.iterdir():
+                if p.name != ".lock":
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield folder
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()

@@ -293,7 +293,7 @@ def tiny_tokenizer(chat: bool = True):
 
     vocab = {tok: i for i, tok in enumerate(TINY_SPECIALS + _TINY_CHARS)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"<\|im_start\|>|<\|im_end\|>|<\|endoftext\|>|."),
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"<\|im_start\|>|<\|im_end\|>|<\|endoftext\|>|[\s\S]"),
                                               behavior="isolated")
     core.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
