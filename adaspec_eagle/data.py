@@ -153,11 +153,14 @@ def recover_json_array(text: str) -> tuple[list, int]:
         items.append(obj)
 
 
-@functools.lru_cache(maxsize=2)
 def load_sharegpt(path: str | None = None) -> tuple[tuple[tuple[dict, ...], ...], SourceInfo]:
     """(conversations, info) from the ShareGPT file (default: the installed package's). Cached in-process:
-    the recovery walk over ~125M characters takes about a second."""
-    path = path or sharegpt_path()
+    the recovery walk over ~125M characters takes 1 to 3 s. Treat the result as read-only."""
+    return _load_sharegpt(os.path.abspath(path or sharegpt_path()))
+
+
+@functools.lru_cache(maxsize=2)
+def _load_sharegpt(path: str) -> tuple[tuple[tuple[dict, ...], ...], SourceInfo]:
     start = time.perf_counter()
     with open(path, encoding="utf-8") as f:
         items, tail = recover_json_array(f.read())
@@ -171,10 +174,10 @@ def load_sharegpt(path: str | None = None) -> tuple[tuple[tuple[dict, ...], ...]
         else:
             chats.append(chat)
     del items
-    info.notes.append(f"recovered {info.records} complete records in {time.perf_counter() - start:.1f} s")
     if tail:
-        info.notes.append(f"the file is truncated: skipped an incomplete last record ({tail} characters)")
-    info.notes.append(f"{len(chats)} conversations kept")
+        info.notes.append(f"the file is truncated: recovered every complete record, skipped the incomplete "
+                          f"last one ({tail} characters)")
+    info.notes.append(f"read in {time.perf_counter() - start:.1f} s; {len(chats)} conversations kept")
     return tuple(chats), info
 
 
@@ -215,20 +218,23 @@ def read_records(path: str) -> list:
     return records
 
 
-def examples_from_records(records: list, info: SourceInfo) -> list[dict]:
-    """Generic records -> examples: {"messages"}, {"conversations"} (ShareGPT) or {"prompt", "completion"}."""
+def examples_from_records(records: list, info: SourceInfo, eos: str) -> list[dict]:
+    """Generic records -> examples: {"messages"}, {"conversations"} (ShareGPT) or {"prompt", "completion"}
+    (the completion gets `eos` appended, as the tasks' do, so the model learns to stop)."""
     examples = []
     for i, rec in enumerate(records):
         if isinstance(rec, dict) and ("messages" in rec or "conversations" in rec):
-            conv = chat_from_messages(rec["messages"]) if "messages" in rec else chat_from_sharegpt(rec["conversations"])
-            chat, why = conv
+            if "messages" in rec:
+                chat, why = chat_from_messages(rec["messages"])
+            else:
+                chat, why = chat_from_sharegpt(rec["conversations"])
             if chat is None:
                 info.dropped_malformed += why == "malformed"
                 info.dropped_empty += why == "empty"
                 continue
             examples.append({"messages": chat})
         elif isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str):
-            examples.append({"prompt": rec["prompt"], "completion": rec["completion"]})
+            examples.append({"prompt": rec["prompt"], "completion": rec["completion"] + eos})
         else:
             keys = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
             raise AdaspecError(f"{info.where}, record {i + 1}: unrecognised format ({keys}); expected "
@@ -343,7 +349,7 @@ def load_examples(cfg: DataConfig, eos: str) -> tuple[list[dict], SourceInfo]:
         info = SourceInfo(os.path.basename(path), path)
         records = read_records(path)
         info.records = len(records)
-        return examples_from_records(records, info), info
+        return examples_from_records(records, info, eos), info
     raise AdaspecError(f"unknown dataset {name!r}: use sharegpt, {', '.join(TASKS)}, humaneval, or a local "
                        ".json/.jsonl file.")
 
@@ -386,20 +392,23 @@ def _special_strings(tokenizer) -> list[str]:
     return sorted((s for s in specials if s), key=len, reverse=True)
 
 
-def chat_segments(tokenizer, messages) -> list[tuple[str, bool]]:
+def chat_segments(tokenizer, messages, max_chars: int | None = None) -> list[tuple[str, bool]]:
     """Split the rendered chat into (text, trainable) pieces whose concatenation is the full render.
 
     An assistant turn's trainable span starts after its header (the render of the earlier turns with the
     generation prompt) and ends at the end of its own render with trailing whitespace removed, so it covers
     the content and the end-of-turn token (`<|im_end|>`, `<|eot_id|>`, `</s>` ...) but not the newline after.
     Templates that rewrite earlier turns break the prefix property; then the content is searched for in the
-    full render and extended over an end-of-turn special token that follows it."""
+    full render and extended over an end-of-turn special token that follows it. With `max_chars`, turns that
+    start beyond that many characters get no span (the caller cuts the text there)."""
     full = render_chat(tokenizer, messages)
     spans, cursor = [], 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         head = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        if max_chars is not None and max(cursor, len(head)) >= max_chars:
+            break
         turn = render_chat(tokenizer, messages[: i + 1])
         if full.startswith(head) and full.startswith(turn) and len(head) >= cursor and len(turn.rstrip()) > len(head):
             start, end = len(head), len(turn.rstrip())
@@ -449,12 +458,39 @@ def tokenize_segments(tokenizer, segments: list[tuple[str, bool]], add_special_t
     return ids, mask
 
 
-def encode_example(tokenizer, example: dict) -> tuple[list[int], list[bool]]:
-    """One example -> (input_ids, loss_mask) before truncation."""
-    if "messages" in example:
-        return tokenize_segments(tokenizer, chat_segments(tokenizer, example["messages"]))
-    return tokenize_segments(tokenizer, [(example["prompt"], False), (example["completion"], True)],
-                             add_special_tokens=True)
+CHARS_PER_TOKEN_GUESS = 8
+
+
+def _cut_segments(segments: list[tuple[str, bool]], max_chars: int) -> list[tuple[str, bool]]:
+    out, n = [], 0
+    for text, trainable in segments:
+        if n >= max_chars:
+            break
+        out.append((text[: max_chars - n], trainable))
+        n += len(text)
+    return out
+
+
+def encode_example(tokenizer, example: dict, max_length: int | None = None) -> tuple[list[int], list[bool]]:
+    """One example -> (input_ids, loss_mask), not yet truncated.
+
+    With `max_length`, a long chat is rendered and tokenized only up to (max_length + 64) * 8 characters
+    (speed: ShareGPT conversations run to 100k characters); when that yields too few tokens (text denser than
+    8 characters a token) the whole chat is tokenized. The first max_length ids match the full tokenization
+    except when one pre-token (e.g. a 10k-character blob) straddles the cut."""
+    if "messages" not in example:
+        return tokenize_segments(tokenizer, [(example["prompt"], False), (example["completion"], True)],
+                                 add_special_tokens=True)
+    messages = example["messages"]
+    if max_length is not None:
+        max_chars = (max_length + 64) * CHARS_PER_TOKEN_GUESS
+        segments = chat_segments(tokenizer, messages, max_chars)
+        if sum(len(text) for text, _ in segments) <= max_chars:
+            return tokenize_segments(tokenizer, segments)
+        ids, mask = tokenize_segments(tokenizer, _cut_segments(segments, max_chars))
+        if len(ids) > max_length + 32:  # the cut lies well beyond the kept tokens
+            return ids, mask
+    return tokenize_segments(tokenizer, chat_segments(tokenizer, messages))
 
 
 def truncate(ids: list[int], mask: list[bool], max_length: int, trim_prompt: bool = False, bos_id=None):
@@ -513,6 +549,9 @@ def build_dataset(cfg: DataConfig, tokenizer, split: str = "train") -> SampleLis
     if split not in ("train", "heldout"):
         raise AdaspecError(f"split must be 'train' or 'heldout', got {split!r}.")
     examples, source = load_examples(cfg, tokenizer.eos_token or "")
+    if not examples:
+        raise AdaspecError(f"no trainable tokens: {source.line()}; none has an assistant turn or completion to "
+                           "train on. Give chats with assistant turns, or prompt/completion pairs.")
     heldout, train = split_order(len(examples), cfg.holdout, cfg.seed)
     order, limit = (heldout, None) if split == "heldout" else (train, cfg.num_samples)
     if not order:
@@ -523,14 +562,15 @@ def build_dataset(cfg: DataConfig, tokenizer, split: str = "train") -> SampleLis
     for idx in order:
         if limit is not None and len(out) >= limit:
             break
-        ids, mask = encode_example(tokenizer, examples[idx])
+        ids, mask = encode_example(tokenizer, examples[idx], cfg.max_length)
         if len(ids) > cfg.max_length:
             summary.truncated += 1
             ids, mask = truncate(ids, mask, cfg.max_length, "prompt" in examples[idx], tokenizer.bos_token_id)
         if not any(mask):
             summary.dropped_no_target += 1
             continue
-        out.append({"input_ids": torch.tensor(ids, dtype=torch.long), "loss_mask": torch.tensor(mask, dtype=torch.bool)})
+        out.append({"input_ids": torch.tensor(ids, dtype=torch.long),  # (T,)
+                    "loss_mask": torch.tensor(mask, dtype=torch.bool)})  # (T,)
         summary.tokens += len(ids)
         summary.targets += sum(mask)
     summary.samples = len(out)
