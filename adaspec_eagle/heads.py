@@ -6,17 +6,19 @@ target's own layers). Parameter names are exactly the checkpoint keys of DESIGN.
 is the EAGLE / EAGLE-3 layout and export is a rename at most.
 
 The target's input embedding (both heads) and `lm_head` (EAGLE-1) are *referenced, not owned*: they are kept in
-a plain tuple attribute, so they are not parameters, buffers or state-dict entries of the head. Consequences:
-`head.state_dict()` holds only head weights; optimizers, DDP/FSDP (`accelerate.prepare(head)`) and saving see
-only the head; `head.to(device)` does not move the target (move the target yourself; `embed`/`logits` move
-activations to the target module's device and back). The target modules are called as modules (never their raw
-weights), so hooks of a sharded target (e.g. ZeRO-3 parameter gathering) still run; no gradient reaches them.
+a plain holder attribute (`_TargetRef`), so they are not parameters, buffers or state-dict entries of the head.
+Consequences: `head.state_dict()` holds only head weights; optimizers, DDP/FSDP (`accelerate.prepare(head)`) and
+saving see only the head; `copy.deepcopy(head)` shares the target; `head.to(device)` does not move the target
+(move the target yourself; `embed`/`logits` move activations to the target module's device and back). The target
+modules are called as modules, so hooks of a sharded target (e.g. ZeRO-3 parameter gathering) still run; no
+gradient reaches them.
 
 Forward contract (INTERFACES.md): `head(hidden_in (B,T,H), input_ids (B,T), position_ids=None,
 attention_mask=None, cache=None) -> hidden_out (B,T,H)`; `head.logits(hidden_out) -> (B,T,V_target)`.
 attention_mask: None (causal, offset by the cache length), a 2-D (B, P+T) padding mask (1 = real token, combined
-with causal), or a 4-D (B|1, 1, T, P+T) mask: bool (True = attend) or additive float (0 / -inf). cache: a
-transformers `DynamicCache`; the head's single layer is layer 0 of it.
+with causal), or a 4-D (B|1, 1, T, P+T) mask: bool or integer (True/1 = attend) or additive float (0 / -inf).
+cache: a transformers `DynamicCache`; the head's single layer is layer 0 of it. position_ids: (B, T) or (T,);
+default past .. past+T-1.
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ def head_config(target_config, vocab_size: int, attn_implementation: str = "sdpa
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads, hidden_act="silu",
         max_position_embeddings=max_pos, rms_norm_eps=eps, rope_parameters=rope_parameters,
         attention_bias=False, mlp_bias=False, tie_word_embeddings=False,
-        bos_token_id=getattr(target_config, "bos_token_id", None), pad_token_id=getattr(target_config, "pad_token_id", None),
+        bos_token_id=getattr(target_config, "bos_token_id", None),
+        pad_token_id=getattr(target_config, "pad_token_id", None),
         eos_token_id=(eos[0] if len(eos) == 1 else eos) or None)
     set_attn_implementation(cfg, attn_implementation)
     return cfg
@@ -121,14 +124,18 @@ def prepare_mask(attention_mask, batch: int, length: int, past: int, dtype: torc
             raise AdaspecError(f"2-D attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, past + "
                                f"length) = ({batch}, {total}).")
         q = torch.arange(length, device=device)[:, None] + past
-        causal = torch.arange(total, device=device)[None, :] <= q  # (T, P+T)
+        keys = torch.arange(total, device=device)[None, :]
+        causal = keys <= q  # (T, P+T)
         mask = causal[None, None] & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+        mask = mask | (keys == q)[None, None]  # a padded query sees itself: no all-masked row (NaN in sdpa)
     elif attention_mask.dim() == 4:
         b, one, t, k = attention_mask.shape
         if b not in (1, batch) or one != 1 or t != length or k != total:
             raise AdaspecError(f"4-D attention_mask has shape {tuple(attention_mask.shape)}; expected "
                                f"({batch} or 1, 1, {length}, {total}) = (batch, 1, length, past + length).")
         mask = attention_mask.to(device)
+        if not mask.is_floating_point():
+            mask = mask.bool()  # integer 1/0 masks mean attend / not, like bool ones
     else:
         raise AdaspecError(f"attention_mask must be None, 2-D (B, P+T) or 4-D (B, 1, T, P+T); got "
                            f"{attention_mask.dim()}-D.")
@@ -156,6 +163,17 @@ def _run_layer(layer: LlamaDecoderLayer, attn_input, residual, position_embeddin
 # Heads
 
 
+class _TargetRef:
+    """The target modules a head uses without owning them: not registered with the head, and shared (not
+    copied) by `copy.deepcopy(head)`, e.g. when a trainer snapshots a head."""
+
+    def __init__(self, *modules: nn.Module):
+        self.modules = modules
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 class _HeadBase(nn.Module):
     """What both heads share: the referenced target embedding, rotary positions, mask handling."""
 
@@ -165,12 +183,24 @@ class _HeadBase(nn.Module):
     def __init__(self, config: LlamaConfig, embed_tokens: nn.Module):
         super().__init__()
         self.config = config
-        self._target_modules = (embed_tokens,)  # a tuple: referenced, not registered (see module docstring)
+        self._target = _TargetRef(embed_tokens)  # referenced, not registered (see the module docstring)
         self.rotary_emb = LlamaRotaryEmbedding(config)  # only non-persistent buffers: not in the state dict
+        self._inv_freq_fp32 = self.rotary_emb.inv_freq.detach().clone()
+        self.target_identity = None  # set by build_head / load_head; recorded by save_head
+        self.target_layer_ids = None  # EAGLE-3: HF hidden_states indices fused by `project`
+
+    def _apply(self, fn, *args, **kwargs):
+        # `.to(bf16)` would round the RoPE frequencies; keep them fp32 (HF computes RoPE in fp32 too).
+        out = super()._apply(fn, *args, **kwargs)
+        rot = self.rotary_emb
+        if rot.inv_freq.dtype != torch.float32:
+            rot.inv_freq = self._inv_freq_fp32.to(rot.inv_freq.device)
+            rot.original_inv_freq = self._inv_freq_fp32.to(rot.inv_freq.device)
+        return out
 
     @property
     def target_embed(self) -> nn.Module:
-        return self._target_modules[0]
+        return self._target.modules[0]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -210,7 +240,7 @@ class EagleHead(_HeadBase):
 
     def __init__(self, config: LlamaConfig, embed_tokens: nn.Module, lm_head: nn.Module, fc_bias: bool = True):
         super().__init__(config, embed_tokens)
-        self._target_modules = (embed_tokens, lm_head)
+        self._target = _TargetRef(embed_tokens, lm_head)
         hidden = config.hidden_size
         self.fc = nn.Linear(2 * hidden, hidden, bias=fc_bias)
         layer = LlamaDecoderLayer(config, layer_idx=0)
@@ -219,7 +249,7 @@ class EagleHead(_HeadBase):
 
     @property
     def target_lm_head(self) -> nn.Module:
-        return self._target_modules[1]
+        return self._target.modules[1]
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """EAGLE-1 reads the target's last hidden state as is: (B, T, H) -> (B, T, H)."""
@@ -238,7 +268,8 @@ class EagleHead(_HeadBase):
         weight = head.weight
         hidden = hidden_out.to(device=weight.device, dtype=weight.dtype)
         if weight.requires_grad:  # a target left trainable by the caller: still never train it from here
-            return F.linear(hidden, weight.detach(), None if head.bias is None else head.bias.detach())
+            bias = getattr(head, "bias", None)
+            return F.linear(hidden, weight.detach(), None if bias is None else bias.detach())
         return head(hidden)
 
 
@@ -306,7 +337,8 @@ def draft_to_target_logits(draft_logits: torch.Tensor, draft_ids: torch.Tensor, 
     return full.index_copy(-1, draft_ids, draft_logits)
 
 
-def build_draft_vocab(token_counts: torch.Tensor, draft_vocab_size: int, keep_ids=()) -> tuple[torch.Tensor, torch.Tensor]:
+def build_draft_vocab(token_counts: torch.Tensor, draft_vocab_size: int,
+                      keep_ids=()) -> tuple[torch.Tensor, torch.Tensor]:
     """EAGLE-3's draft vocabulary: the `draft_vocab_size` most frequent target ids (ties to the lower id), always
     including `keep_ids` (EOS and friends), sorted by id.
 
@@ -334,11 +366,12 @@ def _target_vocab(target_model) -> int:
     return int(target_model.get_input_embeddings().weight.shape[0])
 
 
-def build_head(target_model, head_cfg, token_counts=None, attn_implementation: str = "sdpa"):
+def build_head(target_model, head_cfg, token_counts=None, attn_implementation: str = "sdpa", keep_ids=()):
     """A fresh head for `target_model` (fp32 parameters, default init of the Llama modules).
 
     head_cfg: `config.HeadConfig`. token_counts (V,) sets the EAGLE-3 draft vocabulary (`build_draft_vocab`,
-    keeping the target's EOS/BOS/PAD ids); without it the draft vocabulary is the whole target vocabulary."""
+    always keeping the EOS/BOS/PAD ids of the target's config and generation config, plus `keep_ids`, e.g. the
+    tokenizer's special tokens); without it the draft vocabulary is the whole target vocabulary."""
     vocab = _target_vocab(target_model)
     cfg = head_config(target_model.config, vocab, attn_implementation)
     embed = target_model.get_input_embeddings()
@@ -349,7 +382,9 @@ def build_head(target_model, head_cfg, token_counts=None, attn_implementation: s
                                "EAGLE-1 head; use a causal LM.")
         head = EagleHead(cfg, embed, lm_head, fc_bias=head_cfg.fc_bias)
     elif head_cfg.kind == "eagle3":
-        keep = [*_id_list(cfg.eos_token_id), *_id_list(cfg.bos_token_id), *_id_list(cfg.pad_token_id)]
+        gen = getattr(target_model, "generation_config", None)
+        keep = [*_id_list(cfg.eos_token_id), *_id_list(cfg.bos_token_id), *_id_list(cfg.pad_token_id),
+                *_id_list(getattr(gen, "eos_token_id", None)), *(int(i) for i in keep_ids)]
         if token_counts is None:
             if head_cfg.draft_vocab_size < vocab:
                 warnings.warn(f"no token counts given: the EAGLE-3 draft vocabulary is the whole target vocabulary "
@@ -366,7 +401,9 @@ def build_head(target_model, head_cfg, token_counts=None, attn_implementation: s
         head.set_draft_vocab(d2t, t2d)
     else:
         raise AdaspecError(f"unknown head kind {head_cfg.kind!r}; use 'eagle1' or 'eagle3'.")
-    head.target_layer_ids = feature_layer_ids(int(target_model.config.num_hidden_layers)) if head.uses_fused else None
+    if head.uses_fused:
+        head.target_layer_ids = feature_layer_ids(int(target_model.config.num_hidden_layers))
+    head.target_identity = target_identity(target_model)
     return head
 
 
@@ -376,25 +413,29 @@ def build_head(target_model, head_cfg, token_counts=None, attn_implementation: s
 ARCHITECTURES = {"eagle1": "LlamaForCausalLM", "eagle3": "LlamaForCausalLMEagle3"}
 
 
+CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+               "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_parameters",
+               "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range")
+
+
 def head_config_dict(head, architectures: str | None = None) -> dict:
-    """The LlamaConfig-compatible config.json of a head (EAGLE / EAGLE-3 layout) without the adaspec section."""
-    cfg = head.config.to_dict()
-    for key in ("_attn_implementation", "_attn_implementation_autoset", "transformers_version", "dtype",
-                "torch_dtype", "_name_or_path"):
-        cfg.pop(key, None)
-    cfg["architectures"] = [architectures or ARCHITECTURES[head.kind]]
-    cfg["model_type"] = "llama"
-    cfg["num_hidden_layers"] = 1
-    cfg["torch_dtype"] = str(head.dtype).replace("torch.", "")
+    """The LlamaConfig-compatible config.json of a head (EAGLE / EAGLE-3 layout) without the adaspec section:
+    the fields the engines read, each explicit (no reliance on LlamaConfig defaults)."""
+    full = head.config.to_dict()
+    cfg = {"architectures": [architectures or ARCHITECTURES[head.kind]], "model_type": "llama",
+           "num_hidden_layers": 1, "tie_word_embeddings": False,
+           **{k: full[k] for k in CONFIG_KEYS if k in full},
+           "torch_dtype": str(head.dtype).replace("torch.", "")}
     rope = cfg.get("rope_parameters") or {}
-    cfg["rope_theta"] = float(rope.get("rope_theta", 10000.0))  # what older engines read
-    if rope.get("rope_type", "default") != "default":
-        cfg["rope_scaling"] = dict(rope)
+    cfg["rope_theta"] = float(rope.get("rope_theta", 10000.0))  # what engines on transformers 4 read
+    cfg["rope_scaling"] = dict(rope) if rope.get("rope_type", "default") != "default" else None
     if head.kind == "eagle3":
+        # The fused layers are recorded as HF hidden_states indices in adaspec.target_layer_ids, not in
+        # eagle_config: vLLM and SGLang read eagle_aux_hidden_state_layer_ids one layer apart (export.py).
         cfg["draft_vocab_size"] = head.draft_vocab_size
-        if getattr(head, "target_layer_ids", None):
-            # engines name the captured layers by decoder-layer index: HF hidden_states[i] = output of layer i-1
-            cfg["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": [i - 1 for i in head.target_layer_ids]}
+        cfg["bias"] = False
+    else:
+        cfg["bias"] = head.fc.bias is not None  # EAGLE's EaModel builds fc with config["bias"]
     return cfg
 
 
@@ -419,12 +460,24 @@ def atomic_folder(folder):
         shutil.rmtree(old, ignore_errors=True)
 
 
+def unwrap_head(model):
+    """The head inside DDP / FSDP / DeepSpeed (`.module`) or torch.compile (`._orig_mod`) wrappers."""
+    while not isinstance(model, _HeadBase):
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            raise AdaspecError(f"{type(model).__name__} is not an EAGLE head (EagleHead / Eagle3Head) or a wrapper "
+                               "of one; pass the head built by build_head or load_head.")
+        model = inner
+    return model
+
+
 def save_head(head, folder, meta: dict | None = None, target_model=None) -> Path:
     """Write `config.json` (EAGLE / EAGLE-3 layout + an "adaspec" section: kind, target identity, meta) and
     `model.safetensors` into `folder`, atomically. The target identity is taken from `target_model` when
-    given, else from the head's own target reference (its embedding's model is not known, so pass the target)."""
+    given, else the identity recorded by `build_head` / `load_head`."""
     from safetensors.torch import save_file
 
+    head = unwrap_head(head)
     adaspec = {"format_version": FORMAT_VERSION, "kind": head.kind, "fc_bias": head.fc.bias is not None,
                "meta": dict(meta or {})}
     if target_model is not None:
@@ -517,6 +570,24 @@ def read_head_config(folder) -> dict:
         raise AdaspecError(f"{str(path)!r} is not valid JSON ({e}); re-export the head.") from None
 
 
+def _fused_layer_ids(adaspec: dict, saved: dict, num_layers: int) -> tuple[int, ...]:
+    """HF hidden_states indices an EAGLE-3 head fuses: ours as recorded; a foreign head's
+    eagle_config.eagle_aux_hidden_state_layer_ids read as SGLang/SpecForge do (ids of the layers whose *output*
+    is taken, so HF index = id + 1); the engines' default (2, N//2, N-3) otherwise."""
+    if adaspec.get("target_layer_ids"):
+        return tuple(int(i) for i in adaspec["target_layer_ids"])
+    aux = (saved.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+    default = feature_layer_ids(num_layers)
+    if not aux:
+        return default
+    ids = tuple(int(i) + 1 for i in aux)
+    if ids != default:
+        warnings.warn(f"reading eagle_aux_hidden_state_layer_ids={list(aux)} the SGLang way (layer outputs: HF "
+                      f"hidden_states {list(ids)}); a head trained for vLLM's convention would need {list(aux)}.",
+                      stacklevel=3)
+    return ids
+
+
 def load_head(folder, target_model, strict_target: bool = True, attn_implementation: str = "sdpa",
               dtype: torch.dtype | None = None):
     """Load a head saved by `save_head` or exported / published in the EAGLE, EAGLE-3, SGLang or vLLM layout
@@ -539,7 +610,8 @@ def load_head(folder, target_model, strict_target: bool = True, attn_implementat
         raise AdaspecError(f"head {str(folder)!r} has no 'fc.weight'; it is not an EAGLE head.")
     if fc.shape[0] != hidden or int(saved.get("hidden_size", hidden)) != hidden:
         raise AdaspecError(f"head {str(folder)!r} has hidden size {fc.shape[0]} but the target "
-                           f"{target_identity(target_model)['name']!r} has {hidden}; use the target it was trained for.")
+                           f"{target_identity(target_model)['name']!r} has {hidden}; use the target it was trained "
+                           "for.")
     head_vocab = int(state["t2d"].numel()) if "t2d" in state else int(saved.get("vocab_size", vocab))
     if head_vocab != vocab:
         raise AdaspecError(f"head {str(folder)!r} was built for a vocabulary of {head_vocab} tokens but the target has "
@@ -551,10 +623,7 @@ def load_head(folder, target_model, strict_target: bool = True, attn_implementat
         head = EagleHead(cfg, embed, target_model.get_output_embeddings(), fc_bias="fc.bias" in state)
     else:
         head = Eagle3Head(cfg, embed, draft_vocab_size=int(state["lm_head.weight"].shape[0]))
-        layer_ids = adaspec.get("target_layer_ids")
-        aux = (saved.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
-        head.target_layer_ids = (tuple(layer_ids) if layer_ids else tuple(i + 1 for i in aux) if aux
-                                 else feature_layer_ids(int(target_model.config.num_hidden_layers)))
+        head.target_layer_ids = _fused_layer_ids(adaspec, saved, int(target_model.config.num_hidden_layers))
         if "d2t" not in state:  # a full-vocabulary EAGLE-3 head
             state["d2t"] = torch.zeros(head.draft_vocab_size, dtype=torch.int64)
             state["t2d"] = torch.ones(vocab, dtype=torch.bool)
