@@ -3,7 +3,7 @@
 Stored per token, flattened over samples (memory-mapped numpy arrays, one file per key):
   input_ids (int32), loss_mask (uint8), features (T, H) = last hidden state after the final norm (EAGLE-1/2) and,
   for EAGLE-3, fused (T, 3H) = HF hidden_states at `models.feature_layer_ids`, in fp16 / bf16 / fp32.
-  numpy has no bfloat16: bf16 is stored as its uint16 bit pattern and viewed back.
+  numpy has no bfloat16: bf16 is stored as its 16-bit pattern (int16) and viewed back.
 No logits are stored ([T, 49152] per sample is far too big): the teacher distribution is recomputed as
 target lm_head(features), exact for these post-final-norm features (up to the storage dtype).
 
@@ -27,7 +27,7 @@ import torch
 from . import AdaspecError
 from .models import target_forward_features, target_identity
 
-STORAGE = {"fp16": (np.float16, torch.float16), "bf16": (np.uint16, torch.bfloat16), "fp32": (np.float32, torch.float32)}
+STORAGE = {"fp16": (np.float16, torch.float16), "bf16": (np.int16, torch.bfloat16), "fp32": (np.float32, torch.float32)}
 FORMAT_VERSION = 1
 
 
@@ -42,21 +42,13 @@ def data_fingerprint(samples: Sequence[dict]) -> str:
 
 
 def pad_batch(samples: Sequence[dict], pad_id: int = 0) -> dict:
-    """Right-pad a list of samples into a batch: input_ids (B, T) with pad_id, loss_mask / attention_mask (B, T)
-    bool, float keys (T, D) -> (B, T, D) with zeros. Right padding keeps the causal mask valid for heads."""
-    T = max(len(s["input_ids"]) for s in samples)
-    B = len(samples)
-    out = {"input_ids": torch.full((B, T), pad_id, dtype=torch.long),
-           "attention_mask": torch.zeros(B, T, dtype=torch.bool), "loss_mask": torch.zeros(B, T, dtype=torch.bool)}
-    for b, s in enumerate(samples):
-        n = len(s["input_ids"])
-        out["input_ids"][b, :n] = torch.as_tensor(s["input_ids"], dtype=torch.long)
-        out["attention_mask"][b, :n] = True
-        out["loss_mask"][b, :n] = torch.as_tensor(s["loss_mask"], dtype=torch.bool)
-    for key in samples[0]:
-        if key in out:
-            continue
-        value = samples[0][key]
+    """`data.collate` (right-padded input_ids / attention_mask / loss_mask (B, T)) plus every float key of the
+    samples, (T, D) each -> (B, T, D) zero-padded. Right padding keeps the heads' causal mask valid."""
+    from .data import collate
+
+    out = collate(samples, pad_id)
+    B, T = out["input_ids"].shape
+    for key, value in samples[0].items():
         if isinstance(value, torch.Tensor) and value.is_floating_point():
             x = torch.zeros(B, T, value.shape[-1], dtype=value.dtype)  # (B, T, D)
             for b, s in enumerate(samples):
@@ -98,14 +90,13 @@ def build_cache(target, samples: Sequence[dict], folder: str | os.PathLike, *, d
         batch = pad_batch([samples[i] for i in idx], pad_id)
         with torch.no_grad():
             out = target_forward_features(target, batch["input_ids"].to(device),
-                                          batch["attention_mask"].long().to(device), eagle3_layers=fused)
+                                          batch["attention_mask"].to(device), eagle3_layers=fused)
         for key in dims:
             x = out[key].to(torch_dtype).cpu()  # (B, T, D)
             for b, i in enumerate(idx):
                 n = int(lengths[i])
-                row = x[b, :n]
-                arrays[key][offsets[i]:offsets[i] + n] = (row.view(torch.int16).numpy().view(np.uint16)
-                                                          if dtype == "bf16" else row.numpy())
+                row = x[b, :n]  # (n, D)
+                arrays[key][offsets[i]:offsets[i] + n] = row.view(torch.int16).numpy() if dtype == "bf16" else row.numpy()
         bar.update(int(lengths[idx].sum()))
     bar.close()
     for a in arrays.values():

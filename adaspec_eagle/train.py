@@ -182,7 +182,8 @@ def train(model: torch.nn.Module, dataset: Sequence, loss_fn: LossFn, *, collate
     out_dir gets `checkpoints/` and `tb/`. A checkpoint there is resumed from. `stop_at` ends the call after that
     step without a final checkpoint (as a kill would), for tests of resume.
 
-    Returns {"steps", "losses" (one per step), "tokens", "stats" (last logged), "seconds", "tokens_per_s"}.
+    Returns {"model" (unwrapped), "steps", "total_steps", "losses" (one per step, from the first step also
+    after a resume), "tokens" (non-padding tokens seen), "stats" (last step), "seconds", "tokens_per_s"}.
     """
     from tqdm.auto import tqdm
 
