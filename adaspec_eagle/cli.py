@@ -12,6 +12,7 @@ from . import AdaspecError, __version__
 
 # Modules that contribute subcommands, in help order. Each defines register_cli(subparsers).
 COMMAND_MODULES = (
+    "adaspec_eagle.demo",
     "adaspec_eagle.models_cli",
     "adaspec_eagle.data_cli",
     "adaspec_eagle.train_draft_lm",
