@@ -55,6 +55,10 @@ def forward(model, input_ids: torch.Tensor, cache, position_ids: torch.Tensor | 
     kwargs = {cache_kwarg(model): cache}
     if output_hidden_states:
         kwargs["output_hidden_states"] = True
+    device = model.device
+    input_ids = input_ids.to(device)
+    position_ids = None if position_ids is None else position_ids.to(device)
+    attention_mask = None if attention_mask is None else attention_mask.to(device)
     return model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=True,
                  **kwargs)
 

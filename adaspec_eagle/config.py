@@ -70,7 +70,8 @@ class DataConfig:
     seed: int = 0
     """Seed of the deterministic train / held-out split."""
     self_distill: bool = False
-    """Replace the assistant answers with the target's own greedy answers (generated once, cached)."""
+    """Train on the target's own greedy answers (regen.py: the first user turn of each chat / each prompt is
+    answered by the target, train and held-out splits, cached resumably in OUT/regen.jsonl)."""
 
     def __post_init__(self):
         _check(self.max_length >= 8, "data.max_length", self.max_length, ">= 8")
@@ -381,20 +382,36 @@ def claim_output_dir(folder: str | os.PathLike, cfg, overwrite: bool = False):
     if not main_process:
         yield folder
         return
-    import fcntl
-
-    lock = open(folder / ".lock", "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.close()
-        raise AdaspecError(f"another run is writing to {str(folder)!r} right now; wait for it to finish or choose "
-                           "another output_dir.") from None
-    try:
+    with output_lock(folder):
         if overwrite:  # start afresh: nothing of the previous run may be resumed with another config
             for p in folder.iterdir():
                 if p.name != ".lock":
                     shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        yield folder
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | os.PathLike):
+    """Hold an exclusive, non-blocking lock on `folder`/.lock for the block (created with the folder if needed);
+    an AdaspecError if another live process holds it. The kernel drops the lock when its holder dies (even by
+    SIGKILL), so a crashed run never blocks the next one."""
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip()
+        lock.close()
+        who = f" (process {holder})" if holder else ""
+        raise AdaspecError(f"another run{who} is writing to {str(folder)!r} right now; wait for it to finish or "
+                           "choose another output_dir.") from None
+    try:
+        lock.seek(0)
+        lock.truncate()
         lock.write(str(os.getpid()))
         lock.flush()
         yield folder

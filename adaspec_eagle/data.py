@@ -539,16 +539,19 @@ class SampleList(list):
     source: SourceInfo
 
 
-def build_dataset(cfg: DataConfig, tokenizer, split: str = "train") -> SampleList:
+def build_dataset(cfg: DataConfig, tokenizer, split: str = "train", examples=None) -> SampleList:
     """Samples {"input_ids": LongTensor (T,), "loss_mask": BoolTensor (T,)} of the train or held-out split.
 
     The held-out split is the first `cfg.holdout` examples of a permutation fixed by `cfg.seed`; training takes
     the rest in permutation order until `cfg.num_samples` samples with at least one target token are found,
     so changing num_samples never moves a held-out example into training. Sequences are cut to
-    `cfg.max_length`; samples left without target tokens are skipped (and counted)."""
+    `cfg.max_length`; samples left without target tokens are skipped (and counted).
+
+    `examples`: (examples, SourceInfo) to use instead of `load_examples(cfg)`, e.g. with the target's own answers
+    (`regen.self_distill_examples`); a None example is skipped (not answered)."""
     if split not in ("train", "heldout"):
         raise AdaspecError(f"split must be 'train' or 'heldout', got {split!r}.")
-    examples, source = load_examples(cfg, tokenizer.eos_token or "")
+    examples, source = examples or load_examples(cfg, tokenizer.eos_token or "")
     if not examples:
         raise AdaspecError(f"no trainable tokens: {source.line()}; none has an assistant turn or completion to "
                            "train on. Give chats with assistant turns, or prompt/completion pairs.")
@@ -562,6 +565,8 @@ def build_dataset(cfg: DataConfig, tokenizer, split: str = "train") -> SampleLis
     for idx in order:
         if limit is not None and len(out) >= limit:
             break
+        if examples[idx] is None:
+            continue
         ids, mask = encode_example(tokenizer, examples[idx], cfg.max_length)
         if len(ids) > cfg.max_length:
             summary.truncated += 1

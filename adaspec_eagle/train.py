@@ -16,10 +16,16 @@ Data order: the loop does its own sharding instead of a prepared DataLoader. Epo
 world-th batch. The micro-batch stream is a pure function of (seed, n, batch_size, world), so a resumed run
 continues from micro-batch step * grad_accum with the same data as an uninterrupted one.
 
-Checkpoints: every `save_every` steps, `accelerator.save_state` into `checkpoints/.tmp-step-N`, then one
-`os.replace` to `checkpoints/step-N` (a crash mid-save leaves only a tmp folder, ignored and cleaned), then older
+Checkpoints: every `save_every` steps, `accelerator.save_state` into `checkpoints/.tmp-step-N`, every file
+fsynced, then one `os.replace` to `checkpoints/step-N` (a crash or SIGKILL mid-save leaves only a tmp folder,
+ignored and cleaned; a full disk raises an AdaspecError and leaves the previous checkpoint), then older
 checkpoints are deleted. Resume loads the newest complete one (model, optimizer, RNG states, fp16 scaler) and
-the loop state (`trainer_state.json`: step, losses so far, tokens).
+the loop state (`trainer_state.json`: step, losses so far, tokens); an unreadable one is an AdaspecError.
+
+Faults: SIGINT/SIGTERM end the current step, save a checkpoint and raise `TrainingInterrupted` (an
+AdaspecError: exit status 2, "run the same command again to resume"); a second signal stops at once (the last
+complete checkpoint stays). A non-finite loss (or, outside fp16, gradient norm) raises an AdaspecError naming
+the step, before anything of that step is saved.
 
 Frozen models (the target, a reference): `prepare_frozen` places them; under DeepSpeed ZeRO-3 it wraps them in
 an inference-only DeepSpeed engine (parameters partitioned across ranks, gathered layer by layer in forward), the
@@ -29,16 +35,20 @@ on the build machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
+from . import AdaspecError
 from .config import OptimConfig, TrainConfig
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -143,21 +153,60 @@ def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
 
 
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder`, and the folders themselves, to the disk (before a rename publishes it)."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(root))
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (a rename into it) to the disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(accelerator, folder: Path, state: dict) -> Path:
-    """Atomic: write into a tmp folder, rename, then delete older checkpoints."""
+    """Atomic: write into a tmp folder, fsync, rename, then delete older checkpoints. A failed write (disk full)
+    deletes the tmp folder and raises an AdaspecError; the previous checkpoint is untouched."""
     step = state["step"]
     tmp, final = folder / f".tmp-step-{step:07d}", folder / f"step-{step:07d}"
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        # torch.save, not safetensors: heads share (tied) target tensors, which safetensors refuses.
+        accelerator.save_state(str(tmp), safe_serialization=False)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / "trainer_state.json").write_text(json.dumps(state))
+            fsync_tree(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            fsync_dir(folder)
+    except OSError as e:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(folder)
+        kept = f"the previous checkpoint {str(previous)!r} is intact" if previous else "no earlier checkpoint exists"
+        raise AdaspecError(f"could not write the step-{step} checkpoint into {str(folder)!r} ({e}); {kept}. Free "
+                           "disk space (or fix the folder's permissions) and run the same command again to resume."
+                           ) from e
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    # torch.save, not safetensors: heads share (tied) target tensors, which safetensors refuses.
-    accelerator.save_state(str(tmp), safe_serialization=False)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps(state))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
         for old in folder.iterdir():
             if old != final and (old.name.startswith("step-") or old.name.startswith(".tmp-step-")):
                 shutil.rmtree(old, ignore_errors=True)
@@ -165,8 +214,83 @@ def save_checkpoint(accelerator, folder: Path, state: dict) -> Path:
     return final
 
 
+def load_checkpoint(accelerator, ckpt: Path) -> dict:
+    """Load model/optimizer/RNG states of `ckpt` into the prepared objects; return its loop state. An unreadable
+    (corrupt, truncated, foreign) checkpoint is an AdaspecError naming it and the way out."""
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("trainer_state.json has no integer 'step'")
+        accelerator.load_state(str(ckpt))
+    except Exception as e:  # torch.load / json / shape mismatches all mean: this checkpoint cannot be resumed
+        raise AdaspecError(f"cannot resume from checkpoint {str(ckpt)!r}: it is corrupt, truncated or from another "
+                           f"model ({type(e).__name__}: {str(e)[:300]}). Delete that folder to start the stage "
+                           "afresh (or pass --overwrite to restart the whole run).") from None
+    return state
+
+
+@contextlib.contextmanager
+def _closing(*things):
+    """Close the progress bar and the TensorBoard writer (flushing its events) also when training raises."""
+    try:
+        yield
+    finally:
+        for thing in things:
+            if thing is not None:
+                thing.close()
+
+
+class TrainingInterrupted(AdaspecError):
+    """SIGINT/SIGTERM stopped training after a checkpoint was saved; rerunning the command resumes."""
+
+
+class _StopSignals:
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each step (the first signal); a second signal
+    raises KeyboardInterrupt at once. Only in the main thread (where Python delivers signals)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The loop
+
+def check_finite(loss: float, grad_norm, step: int, steps: int, desc: str, ckpt_dir: Path, precision: str) -> None:
+    """AdaspecError if the step's loss (or, outside fp16, whose scaler skips such steps, its gradient norm) is
+    NaN/inf. Raised before the step is recorded or saved: the newest checkpoint stays the last good one."""
+    what = None
+    if not math.isfinite(loss):
+        what = f"the loss is {loss}"
+    elif grad_norm is not None and precision != "fp16" and not math.isfinite(float(grad_norm)):
+        what = f"the gradient norm is {float(grad_norm)}"
+    if what is None:
+        return
+    last = latest_checkpoint(ckpt_dir)
+    kept = (f"the last good checkpoint is {str(last)!r}" if last is not None else "no checkpoint was saved yet")
+    raise AdaspecError(f"training ({desc}) diverged: {what} at step {step} of {steps}; stopped without saving that "
+                       f"step ({kept}). Resuming with the same settings will likely diverge again: lower optim.lr, "
+                       "raise optim.warmup_steps, set optim.max_grad_norm, use precision bf16/fp32 instead of fp16, "
+                       "or check the training data.")
+
 
 LossFn = Callable[[torch.nn.Module, dict, float], "tuple[torch.Tensor, dict]"]
 
@@ -202,8 +326,7 @@ def train(model: torch.nn.Module, dataset: Sequence, loss_fn: LossFn, *, collate
     state = {"step": 0, "losses": [], "tokens": 0, "total_steps": steps, "seconds": 0.0}
     last = latest_checkpoint(ckpt_dir)
     if last is not None:
-        acc.load_state(str(last))
-        state = json.loads((last / "trainer_state.json").read_text())
+        state = load_checkpoint(acc, last)
         state["total_steps"] = steps
 
     writer = None
@@ -215,68 +338,73 @@ def train(model: torch.nn.Module, dataset: Sequence, loss_fn: LossFn, *, collate
                dynamic_ncols=True)
     t0, tokens0, seconds0, stats_out = time.perf_counter(), state["tokens"], state.get("seconds", 0.0), {}
     model.train()
-    while state["step"] < steps and (stop_at is None or state["step"] < stop_at):
-        step = state["step"]
-        micro = [collate([dataset[i] for i in micro_batch_indices(step * gas + j, n, train_cfg.batch_size,
-                                                                   train_cfg.seed, rank, world)])
-                 for j in range(gas)]
-        micro = [to_device(b, acc.device) for b in micro]
-        counts = torch.tensor([float(sum(count_items(b) for b in micro))], device=acc.device)
-        num_items_global = acc.reduce(counts, reduction="sum").item() if world > 1 else counts.item()
-        num_items = max(num_items_global, 1.0) / (world * gas)
-        for group in optimizer.param_groups:
-            group["lr"] = optim_cfg.lr * lr_multiplier(step, steps, optim_cfg)
+    with _StopSignals() as stop, _closing(bar, writer):
+        while state["step"] < steps and (stop_at is None or state["step"] < stop_at):
+            step = state["step"]
+            micro = [collate([dataset[i] for i in micro_batch_indices(step * gas + j, n, train_cfg.batch_size,
+                                                                       train_cfg.seed, rank, world)])
+                     for j in range(gas)]
+            micro = [to_device(b, acc.device) for b in micro]
+            counts = torch.tensor([float(sum(count_items(b) for b in micro))], device=acc.device)
+            num_items_global = acc.reduce(counts, reduction="sum").item() if world > 1 else counts.item()
+            num_items = max(num_items_global, 1.0) / (world * gas)
+            for group in optimizer.param_groups:
+                group["lr"] = optim_cfg.lr * lr_multiplier(step, steps, optim_cfg)
 
-        sums: dict[str, float] = {}
-        loss_sum, tokens = 0.0, 0
-        for batch in micro:
-            with acc.accumulate(model):
-                with acc.autocast():
-                    loss, stats = loss_fn(model, batch, num_items)
-                acc.backward(loss)
-                grad_norm = None
-                if acc.sync_gradients and optim_cfg.max_grad_norm > 0:
-                    grad_norm = acc.clip_grad_norm_(params, optim_cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach().float().item() / gas
-            mask = batch.get("attention_mask")
-            tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-            for key, value in stats.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
+            sums: dict[str, float] = {}
+            loss_sum, tokens = 0.0, 0
+            for batch in micro:
+                with acc.accumulate(model):
+                    with acc.autocast():
+                        loss, stats = loss_fn(model, batch, num_items)
+                    acc.backward(loss)
+                    grad_norm = None
+                    if acc.sync_gradients and optim_cfg.max_grad_norm > 0:
+                        grad_norm = acc.clip_grad_norm_(params, optim_cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach().float().item() / gas
+                mask = batch.get("attention_mask")
+                tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
 
-        keys = sorted(sums)
-        packed = torch.tensor([loss_sum, float(tokens)] + [sums[k] for k in keys], device=acc.device,
-                              dtype=torch.float64)
-        if world > 1:
-            packed = acc.reduce(packed, reduction="sum")
-        step_loss = packed[0].item() / world  # each rank's loss_sum is its share of the global mean
-        state["tokens"] += int(packed[1].item())
-        state["losses"].append(step_loss)
-        state["step"] = step + 1
-        totals = dict(zip(keys, packed[2:].tolist()))
+            keys = sorted(sums)
+            packed = torch.tensor([loss_sum, float(tokens), float(stop.received is not None)]
+                                  + [sums[k] for k in keys], device=acc.device, dtype=torch.float64)
+            if world > 1:  # one reduce: every rank sees the same loss and the same stop decision
+                packed = acc.reduce(packed, reduction="sum")
+            step_loss = packed[0].item() / world  # each rank's loss_sum is its share of the global mean
+            check_finite(step_loss, grad_norm, step + 1, steps, desc, ckpt_dir, train_cfg.precision)
+            state["tokens"] += int(packed[1].item())
+            state["losses"].append(step_loss)
+            state["step"] = step + 1
+            interrupted = packed[2].item() > 0
+            totals = dict(zip(keys, packed[3:].tolist()))
 
-        elapsed = time.perf_counter() - t0
-        tok_s = (state["tokens"] - tokens0) / max(elapsed, 1e-9)
-        stats_out = {"loss": step_loss, "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tok_s}
-        if totals.get("valid"):
-            stats_out["kept_frac"] = totals.get("kept", totals["valid"]) / totals["valid"]
-            if "kl_sum" in totals:
-                stats_out["kl"] = totals["kl_sum"] / totals["valid"]
-        if grad_norm is not None:
-            stats_out["grad_norm"] = float(grad_norm)
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", kept=f"{stats_out.get('kept_frac', 1.0):.2f}",
-                        tok_s=f"{tok_s:.0f}", refresh=False)
-        if writer is not None and (state["step"] % train_cfg.log_every == 0 or state["step"] == steps):
-            for key, value in stats_out.items():
-                writer.add_scalar(f"{desc}/{key}", value, state["step"])
-        if state["step"] % train_cfg.save_every == 0 or state["step"] == steps:
-            state["seconds"] = seconds0 + elapsed
-            save_checkpoint(acc, ckpt_dir, state)
-    bar.close()
-    if writer is not None:
-        writer.close()
+            elapsed = time.perf_counter() - t0
+            tok_s = (state["tokens"] - tokens0) / max(elapsed, 1e-9)
+            stats_out = {"loss": step_loss, "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tok_s}
+            if totals.get("valid"):
+                stats_out["kept_frac"] = totals.get("kept", totals["valid"]) / totals["valid"]
+                if "kl_sum" in totals:
+                    stats_out["kl"] = totals["kl_sum"] / totals["valid"]
+            if grad_norm is not None:
+                stats_out["grad_norm"] = float(grad_norm)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", kept=f"{stats_out.get('kept_frac', 1.0):.2f}",
+                            tok_s=f"{tok_s:.0f}", refresh=False)
+            if writer is not None and (state["step"] % train_cfg.log_every == 0 or state["step"] == steps):
+                for key, value in stats_out.items():
+                    writer.add_scalar(f"{desc}/{key}", value, state["step"])
+            if state["step"] % train_cfg.save_every == 0 or state["step"] == steps or interrupted:
+                state["seconds"] = seconds0 + elapsed
+                saved = save_checkpoint(acc, ckpt_dir, state)
+            if interrupted:  # (also after the last step: the rerun finds the stage's steps done and goes on)
+                raise TrainingInterrupted(
+                    f"training ({desc}) interrupted by {stop.received or 'a signal on another process'} after step "
+                    f"{state['step']} of {steps}; a checkpoint is saved in {str(saved)!r}. Run the same command "
+                    "again to resume from it.")
     elapsed = time.perf_counter() - t0
     seconds = seconds0 + elapsed
     model.eval()

@@ -22,6 +22,7 @@ data); no feature loss.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -268,12 +269,31 @@ def evaluate_head(head, target, heldout, batch_size: int = 8, pad_id: int = 0) -
 # The pipeline
 
 
-def load_samples(cfg: HeadRecipe, tokenizer):
-    """(train, heldout) lists of {"input_ids", "loss_mask"} from the recipe's data section."""
+def load_samples(cfg: HeadRecipe, tokenizer, target=None, accelerator=None, fresh: bool = False,
+                 progress: bool = True, log=print):
+    """(train, heldout) lists of {"input_ids", "loss_mask"} from the recipe's data section.
+
+    data.self_distill: both splits carry the target's greedy answers (regen.py; the main process generates
+    them into OUT/regen.jsonl, resumable; `fresh` starts that cache over). The held-out answers are regenerated
+    too, so held-out agreement is measured on the target's own outputs, as acceptance is."""
     from .data import build_dataset
 
-    train = build_dataset(cfg.data, tokenizer, "train")
-    heldout = build_dataset(cfg.data, tokenizer, "heldout") if cfg.data.holdout > 0 else []
+    examples = None
+    if cfg.data.self_distill:
+        from .regen import CACHE_NAME, self_distill_examples
+
+        main = accelerator is None or accelerator.is_main_process
+        kw = dict(batch_size=cfg.train.batch_size, log=log)
+        if main:
+            examples = self_distill_examples(cfg.data, tokenizer, target, Path(cfg.output_dir) / CACHE_NAME,
+                                             progress=progress, fresh=fresh, **kw)
+        if accelerator is not None and accelerator.num_processes > 1:
+            accelerator.wait_for_everyone()
+            if not main:  # every answer is in the cache now
+                examples = self_distill_examples(cfg.data, tokenizer, target, Path(cfg.output_dir) / CACHE_NAME,
+                                                 progress=False, **kw)
+    train = build_dataset(cfg.data, tokenizer, "train", examples)
+    heldout = build_dataset(cfg.data, tokenizer, "heldout", examples) if cfg.data.holdout > 0 else []
     return train, heldout
 
 
@@ -321,15 +341,21 @@ def run_pipeline(cfg: HeadRecipe, resume: bool = False, overwrite: bool = False,
 
     Layout of OUT = cfg.output_dir: config.yaml (resolved), features/ (cache), reference/ adaspec/ kd/ (heads,
     `heads.save_head`), runs/<stage>/ (config.yaml, checkpoints/, tb/, result.json once complete),
-    results.json. Every check a user can fail happens before anything is written."""
+    results.json, .lock. Every check a user can fail happens before anything is written; then the main process
+    locks OUT (`config.output_lock`) until it returns, so a second run into OUT is refused, not interleaved."""
+    from .config import output_lock
+
+    with contextlib.ExitStack() as held:
+        return _run_pipeline(cfg, resume, overwrite, stop_at, progress, log,
+                             claim=lambda: held.enter_context(output_lock(cfg.output_dir)))
+
+
+def _run_pipeline(cfg: HeadRecipe, resume, overwrite, stop_at, progress, log, claim) -> dict:
     from . import heads as heads_mod
     from .features import build_cache, cache_problem, open_cache, pad_batch
     from .train import make_accelerator, prepare_frozen, train
 
     stages = stages_to_run(cfg)
-    if cfg.data.self_distill:
-        raise AdaspecError("data.self_distill (training on the target's own answers) is not implemented yet; "
-                           "set data.self_distill=false.")
     out = Path(cfg.output_dir)
     ref_path = None
     if "adaspec" in stages and "reference" not in stages:
@@ -344,7 +370,21 @@ def run_pipeline(cfg: HeadRecipe, resume: bool = False, overwrite: bool = False,
     accelerator = make_accelerator(cfg.train)
     target, tokenizer = load_target(cfg.target, cfg.train.precision)
     target = prepare_frozen(accelerator, target)
-    train_set, heldout = load_samples(cfg, tokenizer)
+    if cfg.data.self_distill:  # the target answers the prompts now (OUT/regen.jsonl, resumable): the one write
+        # before the checks below, which need the answered data; so check the folder and hold its lock first
+        if accelerator.num_processes > 1 and _is_partitioned(target.get_output_embeddings()):
+            raise AdaspecError("data.self_distill under multi-process ZeRO-3 is not supported (the main process "
+                               "alone generates the answers); use a DDP / ZeRO-2 config.")
+        check_outputs(cfg, stages, resume, overwrite)
+        if accelerator.is_main_process:
+            claim()
+    train_set, heldout = load_samples(cfg, tokenizer, target, accelerator, fresh=overwrite, progress=progress,
+                                      log=log if accelerator.is_main_process else (lambda m: None))
+    context = getattr(target.config, "max_position_embeddings", None)
+    longest = max((len(s["input_ids"]) for s in [*train_set, *heldout]), default=0)
+    if context and longest > context:
+        raise AdaspecError(f"the data holds samples of {longest} tokens but target {cfg.target!r} has a context of "
+                           f"{context} positions; set data.max_length={context} (or lower).")
     n_valid = sum(int(head_valid_mask(torch.as_tensor(s["loss_mask"])[None]).sum()) for s in train_set)
     if n_valid == 0:
         raise AdaspecError(f"the training data slice has no trainable head positions ({len(train_set)} samples; a "
@@ -379,6 +419,8 @@ def run_pipeline(cfg: HeadRecipe, resume: bool = False, overwrite: bool = False,
 
     # --- write
     main = accelerator.is_main_process
+    if main and not cfg.data.self_distill:  # (self_distill: claimed above)
+        claim()
     if overwrite and main:
         for name in ["features", "features-heldout", "runs", *STAGE_DIRS.values(), "config.yaml", "results.json"]:
             p = out / name
@@ -447,7 +489,12 @@ def run_pipeline(cfg: HeadRecipe, resume: bool = False, overwrite: bool = False,
                         "steps": run["steps"], "tokens": run["tokens"],
                         "data": {**to_dict(cfg.data), "samples": len(train_set)},
                         "reference": str(ref_path or out / "reference") if stage == "adaspec" else None}
-                heads_mod.save_head(head, head_dir, meta)
+                try:
+                    heads_mod.save_head(head, head_dir, meta)
+                except OSError as e:  # disk full: save_head wrote into a temp folder, now deleted
+                    raise AdaspecError(f"could not write the {stage} head to {str(head_dir)!r} ({e}); nothing "
+                                       "half-written was left there. Free disk space and run the same command "
+                                       "again: it resumes from the stage's last checkpoint.") from e
                 save_resolved(cfg, head_dir, "adaspec_config.yaml")
                 (run_dir / "result.json").write_text(json.dumps(records[stage]))
             accelerator.wait_for_everyone()

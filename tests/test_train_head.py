@@ -236,7 +236,7 @@ def test_shipped_recipes_load():
     from accelerate.commands.config.config_args import load_config_from_file
 
     heads = sorted(glob.glob(str(ROOT / "recipes" / "heads" / "*.yaml")))
-    assert len(heads) == 3
+    assert {"tiny", "smollm2-135m", "phi-2"} <= {Path(p).stem for p in heads}  # and every recipe there loads
     for path in heads:
         load_recipe(HeadRecipe, path)
     kinds = {Path(p).stem: load_config_from_file(p).distributed_type.value

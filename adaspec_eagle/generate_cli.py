@@ -1,0 +1,132 @@
+"""`adaspec-eagle generate`: speculative generation from the command line, streaming the text and ending with
+the step statistics.
+
+    adaspec-eagle generate --target smollm2-135m --draft-lm layers=10 "Write a haiku about the sea"
+    adaspec-eagle generate --target smollm2-135m --head runs/head/draft --total-tokens auto "Hello"
+"""
+
+from __future__ import annotations
+
+import sys
+
+from . import AdaspecError
+
+
+def _prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
+    if chat and getattr(tokenizer, "chat_template", None):
+        enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True)
+        return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+    return tokenizer(prompt)["input_ids"]
+
+
+def _eos_ids(target, tokenizer) -> list[int]:
+    ids = set()
+    for value in (getattr(target.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        ids.update([value] if isinstance(value, int) else list(value or []))
+    return sorted(ids)
+
+
+class _Streamer:
+    """Prints the decoded text as tokens arrive (decoding the whole output so multi-token characters render)."""
+
+    def __init__(self, tokenizer, out=sys.stdout):
+        self.tokenizer, self.out, self.ids, self.printed = tokenizer, out, [], ""
+
+    def __call__(self, tokens: list[int]) -> None:
+        self.ids.extend(tokens)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.startswith(self.printed):
+            self.out.write(text[len(self.printed):])
+            self.out.flush()
+            self.printed = text
+
+
+def format_stats(stats: dict) -> str:
+    lines = [
+        f"steps {stats['steps']}  new tokens {stats['new_tokens']}  tau {stats['tau']:.2f} tokens/forward  "
+        f"draft acceptance {stats['draft_acceptance']:.1%} ({stats['accepted_drafts']}/{stats['drafted_tokens']})",
+        f"time {stats['total_time_s']:.2f}s = prefill {stats['prefill_time_s']:.2f}s + draft "
+        f"{stats['draft_time_s']:.2f}s + verify {stats['verify_time_s']:.2f}s  ->  {stats['tokens_per_s']:.1f} tok/s",
+    ]
+    if "tree" in stats:
+        lines.append(f"tree {stats['tree']}")
+    return "\n".join(lines)
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .config import TreeConfig
+    from .models import load_model
+    from .speculative import DraftLMDrafter, HeadDrafter, plain_generate, speculative_generate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target, tokenizer = load_model(args.target, dtype=args.dtype, device=args.device)
+    if args.head:
+        from .heads import load_head
+
+        drafter = HeadDrafter(load_head(args.head, target))
+    elif args.draft_lm:
+        from .draft_lm import init_draft
+
+        drafter = DraftLMDrafter(init_draft(args.draft_lm, target, tokenizer, dtype=args.dtype).eval())
+    else:
+        drafter = None
+    ids = _prompt_ids(tokenizer, args.prompt, not args.no_chat)
+    eos = _eos_ids(target, tokenizer)
+    stream = _Streamer(tokenizer)
+    common = dict(max_new_tokens=args.max_new_tokens, eos_token_id=eos, stop_strings=args.stop or None,
+                  tokenizer=tokenizer, on_tokens=stream)
+    if drafter is None:
+        if args.temperature > 0:
+            raise AdaspecError("plain decoding here is greedy only; give --head or --draft-lm to sample.")
+        _, stats = plain_generate(target, ids, **common)
+    else:
+        total = args.total_tokens
+        if total == "auto":
+            from .speculative import tune_tree_budget
+
+            tuned = tune_tree_budget(target, drafter, ids, TreeConfig(depth=args.depth, topk=args.topk,
+                                                                      shape=args.tree_shape))
+            print(f"[auto tree budget: {tuned['total_tokens']} tokens; {tuned['summary']}]", file=sys.stderr)
+            total = tuned["total_tokens"]
+        elif not str(total).isdigit():
+            raise AdaspecError(f"--total-tokens {total!r}: expected a positive integer or 'auto'.")
+        tree = TreeConfig(depth=args.depth, topk=args.topk, total_tokens=int(total), shape=args.tree_shape)
+        _, stats = speculative_generate(target, ids, drafter, temperature=args.temperature, top_p=args.top_p,
+                                        tree=tree, seed=args.seed, **common)
+        stats["tree"] = f"{tree.shape} depth={tree.depth} topk={tree.topk} total_tokens={tree.total_tokens}"
+    print("\n")
+    print(format_stats(stats), file=sys.stderr if args.stats_to_stderr else sys.stdout)
+    return 0
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with tree speculative decoding (streams, then statistics)",
+                       description="Generate with tree speculative decoding: a draft head (--head) or a draft LM "
+                                   "(--draft-lm) proposes a token tree the target verifies in one forward. Batch "
+                                   "size 1. Without a drafter: plain greedy decoding by the same engine.")
+    p.add_argument("prompt", help="the user message (the chat template is applied for chat targets)")
+    p.add_argument("--target", default="smollm2-135m", help="registry name, folder, .gguf file or tiny-<family>")
+    drafter = p.add_mutually_exclusive_group()
+    drafter.add_argument("--head", help="folder of a trained EAGLE / EAGLE-3 head for this target")
+    drafter.add_argument("--draft-lm", help="draft LM: registry name, folder, or layers=N (the target's first N "
+                                            "layers)")
+    p.add_argument("--tree-shape", choices=("dynamic", "static", "chain"), default="dynamic")
+    p.add_argument("--depth", type=int, default=6, help="draft levels (the chain length for --tree-shape chain)")
+    p.add_argument("--topk", type=int, default=8, help="children per expanded node")
+    p.add_argument("--total-tokens", default="48", help="draft tokens verified per step, or 'auto' to measure "
+                                                        "this machine and pick the fastest budget")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (identical to plain greedy)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, without the chat template")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--stats-to-stderr", action="store_true", help="print the statistics on stderr")
+    p.set_defaults(func=cmd_generate)

@@ -1,0 +1,396 @@
+"""The speculative decoding loop and its two drafters (a small draft LM, an EAGLE head) behind one interface.
+
+One step: the drafter grows a token tree rooted at the last accepted token (`tree.build_tree`); the target scores
+the whole tree in one forward with a 4-D tree mask and explicit positions over its own cache; verification
+(`verify.py`) picks the accepted path and the next token; the target's cache (and the drafter's) is compacted to
+the accepted path, everything else discarded. Batch size 1 throughout.
+
+Cache invariant (target and draft LM alike): the cache holds every accepted token except the last one (the
+"pending" root of the next tree), whose logits the next verify forward computes together with the tree's.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace as dataclasses_replace
+
+import torch
+
+from . import AdaspecError, compat
+from .config import TreeConfig
+from .tree import DraftTree, build_tree, tree_mask
+from .verify import greedy_verify, stochastic_verify, warp_probs
+
+
+def _fit_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(..., V_d) -> (..., vocab): drop padding rows of a larger embedding, -inf for ids a smaller one lacks."""
+    v = logits.shape[-1]
+    if v == vocab:
+        return logits
+    if v > vocab:
+        return logits[..., :vocab]
+    pad = logits.new_full((*logits.shape[:-1], vocab - v), float("-inf"))
+    return torch.cat([logits, pad], dim=-1)
+
+
+class Drafter:
+    """What the loop needs from a drafter. `features` says which target hidden states it reads:
+    None, "last" (final-norm last layer, EAGLE-1/2) or a tuple of HF hidden_states indices to concatenate
+    (EAGLE-3's fused layers)."""
+
+    features: None | str | tuple[int, ...] = None
+
+    def reset(self, target) -> None:
+        """Forget any previous sequence (called once per generate)."""
+
+    def add_features(self, features: torch.Tensor) -> None:
+        """(k, F) target features of the next k accepted positions (contiguous since the last call)."""
+
+    def root_logits(self, seq: torch.Tensor) -> torch.Tensor | None:
+        """seq: (T,) every accepted token, the last being the tree root. Catch the drafter's cache up and return
+        its logits (V,) for the token after the root, or None when it cannot draft (then the step decodes one
+        token)."""
+        raise NotImplementedError
+
+    def expand(self, tokens, depth, parent_slots, visible) -> torch.Tensor:
+        """One batched forward of tree nodes (see `tree.ExpandFn`) -> logits (n, V)."""
+        raise NotImplementedError
+
+    def commit(self, tree: DraftTree, path: list[int]) -> None:
+        """The target accepted `path` (tree node indices from the root): drop the rejected tree nodes."""
+
+
+class DraftLMDrafter(Drafter):
+    """A small causal LM sharing the target's tokenizer. Keeps its own cache of the accepted prefix plus the
+    accepted tree nodes it already forwarded (their keys/values equal a sequential forward's)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.vocab = None
+
+    def reset(self, target) -> None:
+        self.vocab = int(target.get_output_embeddings().weight.shape[0])
+        self.cache = compat.new_cache(self.model.config)
+        self.base = 0  # cached tokens before the tree (the root included once fed)
+
+    @torch.no_grad()
+    def root_logits(self, seq):
+        done = compat.cache_length(self.cache)
+        out = compat.forward(self.model, seq[None, done:], self.cache)  # (1, T-done) catch-up, causal
+        self.base = len(seq)
+        return _fit_vocab(out.logits[0, -1].float().cpu(), self.vocab)  # (V,)
+
+    @torch.no_grad()
+    def expand(self, tokens, depth, parent_slots, visible):
+        allowed = tree_mask(visible, self.base)  # (1, 1, n, base + S + n)
+        mask = compat.additive_mask(allowed, self.model.dtype)
+        position_ids = (depth + self.base - 1)[None]  # (1, n): the root sits at base - 1
+        out = compat.forward(self.model, tokens[None], self.cache, position_ids, mask)
+        return _fit_vocab(out.logits[0].float().cpu(), self.vocab)  # (n, V)
+
+    def commit(self, tree, path):
+        slots = [int(tree.slots[n]) for n in path[1:]]
+        kept = slots[:next((i for i, s in enumerate(slots) if s < 0), len(slots))]
+        compat.compact_cache(self.cache, self.base, torch.tensor(kept, dtype=torch.long))
+
+
+class HeadDrafter(Drafter):
+    """An EAGLE head (EAGLE-1/2 `EagleHead` or EAGLE-3 `Eagle3Head`). The head's pair at position t is
+    (feature f_t, token x_{t+1}) (as in training); its cache holds the pairs of accepted tokens only, built from
+    true target features: tree nodes run on the head's own outputs and are always discarded."""
+
+    def __init__(self, head):
+        self.head = head
+        self.features = tuple(head.target_layer_ids) if getattr(head, "uses_fused", False) else "last"
+
+    def reset(self, target) -> None:
+        self.cache = compat.new_cache()
+        self.feats = None  # (k, F) target features not yet fed, for positions done .. done + k - 1
+        self.done = 0  # pairs in the cache = positions 0 .. done-1
+        self.hidden = None
+
+    def add_features(self, features):
+        self.feats = features if self.feats is None else torch.cat([self.feats, features])
+
+    @torch.no_grad()
+    def root_logits(self, seq):
+        # Pairs for positions done .. T-2: (f_t, x_{t+1}); the last one is (f_{T-2}, root).
+        n = len(seq) - 1 - self.done
+        if n <= 0 or self.feats is None or self.feats.shape[0] < n:
+            return None
+        hidden_in = self.head.project(self.feats[None, :n])  # (1, n, H)
+        position_ids = torch.arange(self.done, self.done + n)[None]
+        out = self.head(hidden_in, seq[None, self.done + 1:], position_ids, None, self.cache)  # (1, n, H)
+        self.feats = self.feats[n:]
+        self.done += n
+        self.root_hidden = out[:, -1:]  # (1, 1, H)
+        self.tree_hidden = out[:, :0]  # (1, S, H) outputs of forwarded tree nodes, by slot
+        return self.head.logits(self.root_hidden)[0, 0].float().cpu()  # (V,)
+
+    @torch.no_grad()
+    def expand(self, tokens, depth, parent_slots, visible):
+        prev = torch.cat([self.root_hidden, self.tree_hidden], dim=1)  # (1, 1 + S, H)
+        hidden_in = prev[:, parent_slots + 1]  # (1, n, H): parent slot -1 is the root
+        allowed = tree_mask(visible, self.done)  # (1, 1, n, done + S + n)
+        position_ids = (depth + self.done - 1)[None]  # the root's pair sits at done - 1
+        out = self.head(hidden_in, tokens[None], position_ids, allowed, self.cache)  # (1, n, H)
+        self.tree_hidden = torch.cat([self.tree_hidden, out], dim=1)
+        return self.head.logits(out)[0].float().cpu()  # (n, V)
+
+    def commit(self, tree, path):
+        compat.truncate_cache(self.cache, self.done)
+
+
+def _select_features(out, kind, path: torch.Tensor) -> torch.Tensor:
+    """Target features of the accepted nodes: (a, H) last layer, or (a, 3H) fused layers."""
+    hs = out.hidden_states
+    if kind == "last":
+        return hs[-1][0, path]
+    return torch.cat([hs[i][0, path] for i in kind], dim=-1)
+
+
+def _stop_index(tokens: list[int], eos: set[int], stop_strings, tokenizer) -> int | None:
+    """Length to keep when `tokens` (the new tokens so far) hit EOS or a stop string, else None."""
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return i + 1
+    if stop_strings:
+        text = tokenizer.decode(tokens, skip_special_tokens=False)
+        if any(s in text for s in stop_strings):
+            for n in range(1, len(tokens) + 1):
+                text = tokenizer.decode(tokens[:n], skip_special_tokens=False)
+                if any(s in text for s in stop_strings):
+                    return n
+    return None
+
+
+def _eos_set(target, eos_token_id) -> set[int]:
+    if eos_token_id is None:
+        eos_token_id = getattr(target.generation_config, "eos_token_id", None) if hasattr(
+            target, "generation_config") else None
+    if eos_token_id is None:
+        return set()
+    return {int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple, set)) else [eos_token_id])}
+
+
+def _check_args(prompt_ids, max_new_tokens, temperature, top_p, stop_strings, tokenizer) -> list[int]:
+    ids = prompt_ids.flatten().tolist() if isinstance(prompt_ids, torch.Tensor) else list(prompt_ids)
+    if isinstance(prompt_ids, torch.Tensor) and prompt_ids.dim() == 2 and prompt_ids.shape[0] != 1:
+        raise AdaspecError(f"speculative decoding runs batch size 1; got prompt_ids of shape "
+                           f"{tuple(prompt_ids.shape)}. Call it once per prompt.")
+    if not ids:
+        raise AdaspecError("the prompt is empty; give at least one token (e.g. the BOS token).")
+    if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
+        raise AdaspecError(f"need max_new_tokens >= 0, temperature >= 0 and 0 < top_p <= 1; got {max_new_tokens}, "
+                           f"{temperature}, {top_p}.")
+    if stop_strings and tokenizer is None:
+        raise AdaspecError("stop_strings need the tokenizer to decode the output; pass tokenizer=.")
+    return ids
+
+
+@torch.no_grad()
+def speculative_generate(target, prompt_ids, drafter: Drafter, max_new_tokens: int = 128,
+                         temperature: float = 0.0, top_p: float = 1.0, tree: TreeConfig | None = None,
+                         eos_token_id=None, stop_strings=None, tokenizer=None, seed: int = 0, on_tokens=None):
+    """Generate with tree speculative decoding. Batch size 1 (one prompt, (T,) or (1, T) ids).
+
+    temperature 0 is greedy (output identical to plain greedy decoding); > 0 samples from the target's
+    distribution at that temperature and top_p, exactly (recursive rejection sampling). eos_token_id: an id or
+    ids (default: the target's generation config); generation stops after emitting one, or once the text
+    contains a stop string. on_tokens(list[int]) is called with the tokens emitted at each step (streaming).
+
+    Returns (new token ids, stats): stats has steps, accepted_lengths (tokens emitted per target forward,
+    bonus included), tau (their mean), drafted_tokens / accepted_drafts / draft_acceptance, per-step
+    draft_times_s and verify_times_s (target forward + verification + cache compaction) and their totals,
+    prefill_time_s, total_time_s and tokens_per_s."""
+    ids = _check_args(prompt_ids, max_new_tokens, temperature, top_p, stop_strings, tokenizer)
+    tree_cfg = tree or TreeConfig()
+    eos = _eos_set(target, eos_token_id)
+    generator = torch.Generator().manual_seed(seed)
+    def sample(logits):  # a chain's child drawn from the draft distribution (stochastic mode only)
+        q = warp_probs(logits.cpu(), temperature, top_p)  # (V,)
+        return int(torch.multinomial(q, 1, generator=generator)), q
+
+    t_start = time.perf_counter()
+    cache = compat.new_cache(target.config)
+    drafter.reset(target)
+    kind = drafter.features
+    seq = torch.tensor(ids, dtype=torch.long)
+    if len(ids) > 1:
+        out = compat.forward(target, seq[None, :-1], cache, output_hidden_states=kind is not None)
+        if kind is not None:
+            drafter.add_features(_select_features(out, kind, torch.arange(len(ids) - 1)))
+    stats = {"steps": 0, "accepted_lengths": [], "drafted_tokens": 0, "accepted_drafts": 0, "draft_time_s": 0.0,
+             "verify_time_s": 0.0, "draft_times_s": [], "verify_times_s": [],
+             "prefill_time_s": time.perf_counter() - t_start}
+    new: list[int] = []
+    while len(new) < max_new_tokens:
+        t0 = time.perf_counter()
+        root = int(seq[-1])
+        root_logits = drafter.root_logits(seq)
+        draft = (DraftTree.root_only(root) if root_logits is None
+                 else build_tree(root, root_logits, drafter.expand, tree_cfg, sample if temperature > 0 else None))
+        t1 = time.perf_counter()
+        start = compat.cache_length(cache)  # == len(seq) - 1
+        allowed = tree_mask(draft.ancestors(), start)  # (1, 1, N+1, start + N+1)
+        out = compat.forward(target, draft.tokens[None], cache, (draft.depth + start)[None],
+                             compat.additive_mask(allowed, target.dtype), output_hidden_states=kind is not None)
+        logits = out.logits[0].float().cpu()  # (N+1, V)
+        if temperature > 0:
+            path, nxt = stochastic_verify(draft, logits, temperature, top_p, generator)
+        else:
+            path, nxt = greedy_verify(draft, logits)
+        path_t = torch.tensor(path, dtype=torch.long)
+        compat.compact_cache(cache, start, path_t)
+        drafter.commit(draft, path)
+        if kind is not None:
+            drafter.add_features(_select_features(out, kind, path_t))
+        emitted = draft.tokens[path_t[1:]].tolist() + [nxt]
+        t2 = time.perf_counter()
+        stats["draft_times_s"].append(t1 - t0)
+        stats["verify_times_s"].append(t2 - t1)  # target forward + verification + cache compaction
+        stats["verify_time_s"] += t2 - t1
+        stats["draft_time_s"] += t1 - t0
+        stats["steps"] += 1
+        stats["accepted_lengths"].append(len(emitted))
+        stats["drafted_tokens"] += draft.size
+        stats["accepted_drafts"] += len(path) - 1
+        seq = torch.cat([seq, torch.tensor(emitted)])
+        room = max_new_tokens - len(new)
+        stop = _stop_index(new + emitted, eos, stop_strings, tokenizer)
+        keep = min(room, len(emitted) if stop is None else stop - len(new))
+        new.extend(emitted[:keep])
+        if on_tokens is not None and keep > 0:
+            on_tokens(emitted[:keep])
+        if stop is not None:
+            break
+    return new, _finish(stats, new, t_start)
+
+
+def _finish(stats: dict, new: list[int], t_start: float) -> dict:
+    stats["total_time_s"] = time.perf_counter() - t_start
+    stats["new_tokens"] = len(new)
+    lengths = stats["accepted_lengths"]
+    stats["tau"] = sum(lengths) / len(lengths) if lengths else 0.0
+    stats["draft_acceptance"] = stats["accepted_drafts"] / stats["drafted_tokens"] if stats["drafted_tokens"] else 0.0
+    stats["tokens_per_s"] = len(new) / stats["total_time_s"] if stats["total_time_s"] > 0 else 0.0
+    return stats
+
+
+@torch.no_grad()
+def plain_generate(target, prompt_ids, max_new_tokens: int = 128, eos_token_id=None, stop_strings=None,
+                   tokenizer=None, on_tokens=None):
+    """Plain greedy decoding with a cache, one target forward per token (batch size 1): the baseline that
+    speculative output must equal. Returns (new token ids, stats) with the same timing keys."""
+    ids = _check_args(prompt_ids, max_new_tokens, 0.0, 1.0, stop_strings, tokenizer)
+    eos = _eos_set(target, eos_token_id)
+    t_start = time.perf_counter()
+    cache = compat.new_cache(target.config)
+    logits = compat.forward(target, torch.tensor([ids]), cache).logits[0, -1].cpu()
+    stats = {"steps": 0, "accepted_lengths": [], "drafted_tokens": 0, "accepted_drafts": 0, "draft_time_s": 0.0,
+             "verify_time_s": 0.0, "prefill_time_s": time.perf_counter() - t_start}
+    new: list[int] = []
+    while len(new) < max_new_tokens:
+        tok = int(logits.argmax())
+        new.append(tok)
+        stats["steps"] += 1
+        stats["accepted_lengths"].append(1)
+        if on_tokens is not None:
+            on_tokens([tok])
+        if _stop_index(new, eos, stop_strings, tokenizer) is not None or len(new) >= max_new_tokens:
+            break
+        t0 = time.perf_counter()
+        logits = compat.forward(target, torch.tensor([[tok]]), cache).logits[0, -1].cpu()
+        stats["verify_time_s"] += time.perf_counter() - t0
+    return new, _finish(stats, new, t_start)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tree budget auto-tuning
+
+
+class _CommitRecorder:
+    """Forwards to a drafter and keeps (tree, accepted path) of every step."""
+
+    def __init__(self, inner):
+        self.inner, self.steps = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def commit(self, tree, path):
+        self.steps.append((tree, path))
+        return self.inner.commit(tree, path)
+
+
+def accepted_within_budget(tree: DraftTree, path: list[int], budget: int) -> int:
+    """Draft tokens of `path` that a tree pruned to its `budget` best nodes by score would still accept.
+
+    Pruning keeps an ancestor-closed top set (`tree.top_budget`) and greedy acceptance on a subtree is the
+    accepted path cut at the first missing node, so this is exact for greedy dynamic trees and chains."""
+    order = torch.sort(tree.scores[1:], descending=True, stable=True).indices + 1  # best first
+    rank = torch.empty(tree.size + 1, dtype=torch.long)
+    rank[order] = torch.arange(tree.size)
+    kept = 0
+    for node in path[1:]:
+        if int(rank[node]) >= budget:
+            break
+        kept += 1
+    return kept
+
+
+@torch.no_grad()
+def measure_verify_cost(target, prefix_len: int, sizes, repeats: int = 3) -> dict[int, float]:
+    """Seconds of one target verify forward of n draft tokens (+ the root) after `prefix_len` cached tokens, for
+    each n in `sizes` (median of `repeats`, after one warm-up)."""
+    vocab = int(target.get_input_embeddings().weight.shape[0])
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(0, vocab, (1, max(prefix_len, 1)), generator=g)
+    cache = compat.new_cache(target.config)
+    compat.forward(target, prefix, cache)
+    start = compat.cache_length(cache)
+    costs = {}
+    for n in sizes:
+        parents = torch.arange(-1, n)  # a chain: the cost depends on the token count, not the shape
+        allowed = tree_mask(DraftTree(torch.zeros(n + 1, dtype=torch.long), parents, torch.arange(n + 1),
+                                      torch.zeros(n + 1), parents).ancestors(), start)
+        mask = compat.additive_mask(allowed, target.dtype)
+        tokens = torch.randint(0, vocab, (1, n + 1), generator=g)
+        times = []
+        for r in range(repeats + 1):
+            t0 = time.perf_counter()
+            compat.forward(target, tokens, cache, (torch.arange(n + 1) + start)[None], mask)
+            if target.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            compat.truncate_cache(cache, start)
+        costs[n] = sorted(times[1:])[len(times[1:]) // 2]
+    return costs
+
+
+def tune_tree_budget(target, drafter: Drafter, prompt_ids, tree: TreeConfig, sizes=(4, 8, 16, 24, 32, 48, 64, 96),
+                     profile_tokens: int = 32, eos_token_id=None) -> dict:
+    """Pick the tree budget (total_tokens) that maximises expected tokens per second on this machine.
+
+    Measures (1) the acceptance profile: a greedy run of `profile_tokens` tokens from the prompt with the largest
+    budget, giving for every budget n the mean tokens per step tau(n) had the tree been cut to its n best nodes
+    (`accepted_within_budget`); (2) the draft time per step of that run; (3) the target's verify cost c(n) at
+    this prompt length (`measure_verify_cost`). Returns {"total_tokens", "table": [(n, tau, cost_s,
+    tokens_per_s)], "draft_s", "summary"} maximising tau(n) / (draft_s + c(n))."""
+    sizes = sorted({int(n) for n in sizes if n >= 1})
+    big = dataclasses_replace(tree, total_tokens=max(sizes))
+    rec = _CommitRecorder(drafter)
+    _, stats = speculative_generate(target, prompt_ids, rec, profile_tokens, tree=big, eos_token_id=eos_token_id)
+    if not rec.steps:
+        raise AdaspecError("auto-tuning needs at least one decoding step; raise profile_tokens or check the prompt.")
+    draft_s = stats["draft_time_s"] / stats["steps"]
+    n_prompt = len(prompt_ids.flatten().tolist() if isinstance(prompt_ids, torch.Tensor) else prompt_ids)
+    costs = measure_verify_cost(target, n_prompt + profile_tokens // 2, sizes)
+    table = []
+    for n in sizes:
+        tau = sum(1 + accepted_within_budget(t, p, n) for t, p in rec.steps) / len(rec.steps)
+        table.append((n, tau, costs[n], tau / (draft_s + costs[n])))
+    best = max(table, key=lambda row: row[3])
+    summary = (f"tau {best[1]:.2f}, verify {best[2] * 1e3:.0f} ms, draft {draft_s * 1e3:.0f} ms/step, "
+               f"expected {best[3]:.1f} tok/s; " + ", ".join(f"{n}:{tps:.1f}" for n, _, _, tps in table))
+    return {"total_tokens": best[0], "table": table, "draft_s": draft_s, "summary": summary}

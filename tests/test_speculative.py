@@ -1,0 +1,274 @@
+"""The speculative engine on tiny random models of every family: greedy output equals plain greedy token for
+token (both drafters, every tree shape), drafter caches and compacted target caches equal recomputation, the
+sampled output follows the target's distribution, stopping rules; one slow test on the real SmolLM2."""
+
+import copy
+
+import pytest
+import torch
+
+from adaspec_eagle import AdaspecError, compat
+from adaspec_eagle.config import HeadConfig, TreeConfig
+from adaspec_eagle.heads import build_head
+from adaspec_eagle.models import TINY_FAMILIES, tiny_model, tiny_tokenizer
+from adaspec_eagle.speculative import DraftLMDrafter, HeadDrafter, plain_generate, speculative_generate
+from adaspec_eagle.tree import ancestor_matrix, tree_mask
+from adaspec_eagle.verify import warp_probs
+from test_verify import chi_square_ok
+
+SHAPES = {
+    "chain": TreeConfig(depth=4, topk=1, total_tokens=4, shape="chain"),
+    "static": TreeConfig(depth=4, topk=3, total_tokens=10, shape="static"),
+    "dynamic": TreeConfig(depth=4, topk=3, total_tokens=10, shape="dynamic"),
+}
+
+
+def noisy_copy(model, scale=0.3, seed=1):
+    """A draft that agrees with the target often but not always."""
+    draft = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * p.std().clamp(min=1e-3))
+    return draft
+
+
+def prompt(seed=1, length=12, vocab=102):
+    return torch.randint(5, vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+_TARGETS = {}
+
+
+def target_of(family):
+    if family not in _TARGETS:
+        _TARGETS[family] = tiny_model(family, seed=0)
+    return _TARGETS[family]
+
+
+def make_drafter(kind, target):
+    if kind == "draft_lm":
+        return DraftLMDrafter(noisy_copy(target))
+    torch.manual_seed(0)
+    return HeadDrafter(build_head(target, HeadConfig(kind=kind)).eval())
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_greedy_equals_plain_greedy(family):
+    target = target_of(family)
+    ids = prompt()
+    ref, _ = plain_generate(target, ids, 16, eos_token_id=[])
+    hf = target.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)[0, len(ids):].tolist()
+    assert ref == hf  # the baseline itself equals transformers' greedy generate
+    for kind in ("draft_lm", "eagle1", "eagle3"):
+        for shape, cfg in SHAPES.items():
+            out, stats = speculative_generate(target, ids, make_drafter(kind, target), 16, tree=cfg, eos_token_id=[])
+            assert out == ref, (family, kind, shape)
+            assert sum(stats["accepted_lengths"]) >= 16 and stats["steps"] == len(stats["accepted_lengths"])
+            if kind == "draft_lm":
+                assert 0 < stats["accepted_drafts"] < stats["drafted_tokens"], (kind, shape)  # accepts and rejects
+
+
+@pytest.mark.parametrize("shape", ["chain", "static"])
+def test_perfect_drafter_gets_everything_accepted(shape):
+    target = target_of("llama")
+    out, stats = speculative_generate(target, prompt(), DraftLMDrafter(target), 21, tree=SHAPES[shape],
+                                      eos_token_id=[])
+    assert stats["accepted_lengths"][:-1] == [5] * (len(stats["accepted_lengths"]) - 1)
+    assert stats["steps"] == 5 and stats["tau"] == pytest.approx(25 / 5)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_compacted_cache_equals_recomputed(family):
+    target = target_of(family)
+    ids = torch.tensor(prompt(seed=3, length=9))
+    #   root = ids[-1]; tree: 1,2 children of root; 3 child of 2; 4 child of 1; 5 child of 3
+    tokens = torch.tensor([int(ids[-1]), 11, 12, 13, 14, 15])
+    parents = torch.tensor([-1, 0, 0, 2, 1, 3])
+    depth = torch.tensor([0, 1, 1, 2, 2, 3])
+    cache = compat.new_cache(target.config)
+    with torch.no_grad():
+        compat.forward(target, ids[None, :-1], cache)
+        start = compat.cache_length(cache)
+        mask = compat.additive_mask(tree_mask(ancestor_matrix(parents), start), target.dtype)
+        compat.forward(target, tokens[None], cache, (depth + start)[None], mask)
+        path = torch.tensor([0, 2, 3, 5])
+        compat.compact_cache(cache, start, path)
+        fresh = compat.new_cache(target.config)
+        compat.forward(target, torch.cat([ids[:-1], tokens[path]])[None], fresh)
+    assert compat.cache_length(cache) == compat.cache_length(fresh) == len(ids) + 3
+    for a, b in zip(cache.layers, fresh.layers):
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-4)
+
+
+class Recorder:
+    """Wraps a drafter; keeps each step's sequence, root logits, expansion logits by slot and the tree."""
+
+    def __init__(self, inner):
+        self.inner, self.steps = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def root_logits(self, seq):
+        out = self.inner.root_logits(seq)
+        self.steps.append({"seq": seq.clone(), "root": out, "expanded": []})
+        return out
+
+    def expand(self, *args):
+        out = self.inner.expand(*args)
+        self.steps[-1]["expanded"].append(out)
+        return out
+
+    def commit(self, tree, path):
+        self.steps[-1]["tree"] = tree
+        return self.inner.commit(tree, path)
+
+
+def _check_step(step, reference) -> int:
+    """Every root and tree-node logit the drafter produced in `step` equals `reference(seq + path tokens)`
+    computed from scratch: its cache was caught up and compacted correctly, and tree masks / positions are
+    right. Returns the number of tree nodes checked."""
+    if step["root"] is None:
+        return 0
+    torch.testing.assert_close(step["root"], reference(step["seq"]), atol=1e-4, rtol=1e-4)
+    tree, checked = step["tree"], 0
+    by_slot = torch.cat(step["expanded"]) if step["expanded"] else None
+    for node in range(1, tree.size + 1):
+        slot = int(tree.slots[node])
+        if slot < 0:
+            continue
+        chain, p = [], node
+        while p > 0:
+            chain.append(int(tree.tokens[p]))
+            p = int(tree.parents[p])
+        seq = torch.cat([step["seq"], torch.tensor(chain[::-1])])
+        torch.testing.assert_close(by_slot[slot], reference(seq), atol=1e-4, rtol=1e-4)
+        checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_draft_lm_logits_equal_recomputation(family):
+    target = target_of(family)
+    drafter = DraftLMDrafter(noisy_copy(target))
+    rec = Recorder(drafter)
+    out, _ = speculative_generate(target, prompt(), rec, 20, tree=SHAPES["dynamic"], eos_token_id=[])
+    with torch.no_grad():
+        checked = sum(_check_step(step, lambda seq: drafter.model(seq[None]).logits[0, -1]) for step in rec.steps)
+    assert checked > 0
+
+
+@pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
+def test_head_logits_equal_recomputation(kind):
+    """The head's pair at position t is (f_t, x_{t+1}): true target features for accepted tokens, the head's own
+    output for tree nodes. Recomputed per step with a fresh cache, one token at a time."""
+    target = target_of("qwen2")
+    drafter = make_drafter(kind, target)
+    head = drafter.head
+    rec = Recorder(drafter)
+    speculative_generate(target, prompt(), rec, 10, tree=SHAPES["dynamic"], eos_token_id=[])
+    checked = 0
+    for step in rec.steps:
+        accepted = step["seq"]
+        t0 = len(accepted)
+        with torch.no_grad():
+            hs = target(accepted[None], output_hidden_states=True).hidden_states
+        feats = hs[-1] if kind == "eagle1" else torch.cat([hs[i] for i in head.target_layer_ids], -1)
+
+        @torch.no_grad()
+        def reference(seq, feats=feats, accepted=accepted, t0=t0):
+            cache = compat.new_cache()
+            h = head(head.project(feats[:, :t0 - 1]), accepted[None, 1:], torch.arange(t0 - 1)[None], None, cache)
+            h = h[:, -1:]  # the root's pair (f_{t0-2}, root) at position t0 - 2
+            for i, tok in enumerate(seq[t0:].tolist()):
+                h = head(h, torch.tensor([[tok]]), torch.tensor([[t0 - 1 + i]]), None, cache)
+            return head.logits(h)[0, -1].float()
+
+        checked += _check_step(step, reference)
+    assert checked > 0
+
+
+def test_sampling_matches_target_distribution():
+    """Joint distribution of the first two sampled tokens (a vocabulary of 8) against exact target
+    probabilities, with a draft that is often rejected (chain: SpecInfer rule; dynamic tree: top-k rule)."""
+    vocab = 8
+    target = tiny_model("llama", seed=0, vocab_size=vocab)
+    ids = prompt(seed=5, length=6, vocab=vocab)
+    temperature, top_p = 0.8, 0.95
+    with torch.no_grad():
+        p1 = warp_probs(target(torch.tensor([ids])).logits[0, -1], temperature, top_p)  # (V,)
+        rows = torch.tensor([ids + [x] for x in range(vocab)])
+        p2 = warp_probs(target(rows).logits[:, -1], temperature, top_p)  # (V, V)
+    joint = (p1[:, None] * p2).flatten()
+    trees = {"chain": TreeConfig(depth=2, topk=1, total_tokens=2, shape="chain"),
+             "dynamic": TreeConfig(depth=2, topk=2, total_tokens=4, shape="dynamic")}
+    for shape, cfg in trees.items():
+        drafter = DraftLMDrafter(noisy_copy(target, 0.3, seed=2))  # overlaps the target by ~0.4
+        counts = torch.zeros(vocab * vocab)
+        drafted = accepted = 0
+        for seed in range(450):
+            out, stats = speculative_generate(target, ids, drafter, 2, temperature=temperature, top_p=top_p,
+                                              tree=cfg, eos_token_id=[], seed=seed)
+            counts[out[0] * vocab + out[1]] += 1
+            drafted += stats["drafted_tokens"]
+            accepted += stats["accepted_drafts"]
+        ok, stat, crit = chi_square_ok(counts, joint)
+        assert ok, (shape, stat, crit)
+        assert 0.1 * drafted < accepted < 0.9 * drafted, (shape, accepted, drafted)  # accepts and rejects
+
+
+def test_eos_stop_strings_and_max_tokens():
+    target = target_of("llama")
+    tok = tiny_tokenizer()
+    ids = prompt()
+    ref, _ = plain_generate(target, ids, 30, eos_token_id=[])
+    drafter = DraftLMDrafter(noisy_copy(target))
+    out, _ = speculative_generate(target, ids, drafter, 7, tree=SHAPES["dynamic"], eos_token_id=[])
+    assert out == ref[:7]
+    eos = ref[9]
+    first = ref.index(eos)
+    out, _ = speculative_generate(target, ids, drafter, 30, tree=SHAPES["dynamic"], eos_token_id=eos)
+    assert out == ref[:first + 1]
+    text = tok.decode(ref)
+    stop = text[12:15]
+    out, _ = speculative_generate(target, ids, drafter, 30, tree=SHAPES["chain"], eos_token_id=[],
+                                  stop_strings=[stop], tokenizer=tok)
+    n = next(k for k in range(1, 31) if stop in tok.decode(ref[:k]))
+    assert out == ref[:n]
+    plain, _ = plain_generate(target, ids, 30, eos_token_id=[], stop_strings=[stop], tokenizer=tok)
+    assert plain == out
+    streamed = []
+    out, _ = speculative_generate(target, ids, drafter, 11, tree=SHAPES["static"], eos_token_id=[],
+                                  on_tokens=streamed.extend)
+    assert streamed == out == ref[:11]
+
+
+def test_user_errors():
+    target = target_of("llama")
+    drafter = DraftLMDrafter(target)
+    with pytest.raises(AdaspecError, match="batch size 1"):
+        speculative_generate(target, torch.ones(2, 4, dtype=torch.long), drafter, 4)
+    with pytest.raises(AdaspecError, match="tokenizer"):
+        speculative_generate(target, [5, 6], drafter, 4, stop_strings=["x"])
+    with pytest.raises(AdaspecError, match="empty"):
+        speculative_generate(target, [], drafter, 4)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_equality(smollm2):
+    model, tok = smollm2
+    draft = copy.deepcopy(model)
+    draft.model.layers = draft.model.layers[:6]  # a draft derived from the target: its first 6 layers
+    draft.config.num_hidden_layers = 6
+    torch.manual_seed(0)
+    head = build_head(model, HeadConfig(kind="eagle1")).eval()
+    small = TreeConfig(depth=3, topk=3, total_tokens=8, shape="dynamic")
+    for text in ("The capital of France is", "def fibonacci(n):"):
+        ids = tok(text)["input_ids"]
+        ref, _ = plain_generate(model, ids, 24, eos_token_id=[])
+        for drafter in (DraftLMDrafter(draft), HeadDrafter(head)):
+            out, stats = speculative_generate(model, ids, drafter, 24, tree=small, eos_token_id=[])
+            assert out == ref, (text, type(drafter).__name__, tok.decode(out), tok.decode(ref))
