@@ -173,6 +173,28 @@ def _eos_set(target, eos_token_id) -> set[int]:
     return {int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple, set)) else [eos_token_id])}
 
 
+def context_length(config) -> int | None:
+    """The target's maximum number of positions, where its config states one."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def fit_to_context(target, n_prompt: int, max_new_tokens: int, margin: int = 0) -> int:
+    """max_new_tokens cut so that prompt + output (+ `margin` draft positions) stays inside the target's
+    context: generation then stops cleanly at the context end. A prompt that already fills it is refused."""
+    limit = context_length(target.config)
+    if limit is None:
+        return max_new_tokens
+    if n_prompt + margin >= limit:
+        raise AdaspecError(f"the prompt has {n_prompt} tokens but the target's context is {limit} positions"
+                           + (f" (and {margin} are kept free for draft tokens)" if margin else "")
+                           + "; shorten the prompt.")
+    return min(max_new_tokens, limit - n_prompt - margin)
+
+
 def _check_args(prompt_ids, max_new_tokens, temperature, top_p, stop_strings, tokenizer) -> list[int]:
     ids = prompt_ids.flatten().tolist() if isinstance(prompt_ids, torch.Tensor) else list(prompt_ids)
     if isinstance(prompt_ids, torch.Tensor) and prompt_ids.dim() == 2 and prompt_ids.shape[0] != 1:
@@ -202,9 +224,11 @@ def speculative_generate(target, prompt_ids, drafter: Drafter, max_new_tokens: i
     Returns (new token ids, stats): stats has steps, accepted_lengths (tokens emitted per target forward,
     bonus included), tau (their mean), drafted_tokens / accepted_drafts / draft_acceptance, per-step
     draft_times_s and verify_times_s (target forward + verification + cache compaction) and their totals,
-    prefill_time_s, total_time_s and tokens_per_s."""
+    prefill_time_s, total_time_s and tokens_per_s. Generation stops `tree.depth + 1` positions before the end
+    of the target's context (draft tokens need positions too)."""
     ids = _check_args(prompt_ids, max_new_tokens, temperature, top_p, stop_strings, tokenizer)
     tree_cfg = tree or TreeConfig()
+    max_new_tokens = fit_to_context(target, len(ids), max_new_tokens, margin=tree_cfg.depth + 1)
     eos = _eos_set(target, eos_token_id)
     generator = torch.Generator().manual_seed(seed)
     def sample(logits):  # a chain's child drawn from the draft distribution (stochastic mode only)
@@ -281,8 +305,10 @@ def _finish(stats: dict, new: list[int], t_start: float) -> dict:
 def plain_generate(target, prompt_ids, max_new_tokens: int = 128, eos_token_id=None, stop_strings=None,
                    tokenizer=None, on_tokens=None):
     """Plain greedy decoding with a cache, one target forward per token (batch size 1): the baseline that
-    speculative output must equal. Returns (new token ids, stats) with the same timing keys."""
+    speculative output must equal. Returns (new token ids, stats) with the same timing keys. Stops at the end of
+    the target's context."""
     ids = _check_args(prompt_ids, max_new_tokens, 0.0, 1.0, stop_strings, tokenizer)
+    max_new_tokens = fit_to_context(target, len(ids), max_new_tokens)
     eos = _eos_set(target, eos_token_id)
     t_start = time.perf_counter()
     cache = compat.new_cache(target.config)

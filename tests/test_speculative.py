@@ -272,3 +272,22 @@ def test_smollm2_greedy_equality(smollm2):
         for drafter in (DraftLMDrafter(draft), HeadDrafter(head)):
             out, stats = speculative_generate(model, ids, drafter, 24, tree=small, eos_token_id=[])
             assert out == ref, (text, type(drafter).__name__, tok.decode(out), tok.decode(ref))
+
+
+def test_generation_stops_cleanly_at_the_context_end():
+    from adaspec_eagle import AdaspecError
+    from adaspec_eagle.config import TreeConfig
+    from adaspec_eagle.models import tiny_model
+    from adaspec_eagle.speculative import DraftLMDrafter, plain_generate, speculative_generate
+
+    target = tiny_model("llama", max_position_embeddings=40)
+    draft = tiny_model("llama", seed=1, num_layers=1, max_position_embeddings=40)
+    prompt = list(range(5, 35))  # 30 of 40 positions
+    plain, _ = plain_generate(target, prompt, max_new_tokens=100, eos_token_id=[])
+    assert len(plain) == 10
+    tree = TreeConfig(depth=3, topk=2, total_tokens=6)
+    spec, _ = speculative_generate(target, prompt, DraftLMDrafter(draft), max_new_tokens=100, tree=tree,
+                                   eos_token_id=[])
+    assert len(spec) == 40 - 30 - (3 + 1) and spec == plain[:len(spec)]
+    with pytest.raises(AdaspecError, match="the prompt has 40 tokens but the target's context is 40 positions"):
+        plain_generate(target, list(range(5, 45)), max_new_tokens=4)

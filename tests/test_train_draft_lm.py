@@ -84,3 +84,24 @@ def test_refusals_before_anything_is_written(tmp_path, task_file, monkeypatch):
     with pytest.raises(AdaspecError, match="tokenizers differ"):
         run(cfg, progress=False)
     assert not (tmp_path / "fresh").exists()
+
+
+def test_disk_full_while_saving_a_stage_leaves_nothing_half_written(tmp_path, monkeypatch):
+    import errno
+
+    from adaspec_eagle.models import load_model
+    from adaspec_eagle.train_draft_lm import save_model_atomic
+
+    model, tok = load_model("tiny-llama-l1")
+    folder = tmp_path / "reference"
+    save_model_atomic(model, tok, folder, {"stage": "reference"})
+    before = (folder / "model.safetensors").read_bytes()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(type(tok), "save_pretrained", full)
+    with pytest.raises(AdaspecError, match="could not write the reference model .*No space left"):
+        save_model_atomic(model, tok, folder, {"stage": "reference"})
+    assert (folder / "model.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["reference"]
