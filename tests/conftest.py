@@ -7,7 +7,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: the suite runs tiny matmuls, where a second thread only adds spin-waits (measured 5-50x slower on
+# a loaded 2-core machine).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

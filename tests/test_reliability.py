@@ -17,6 +17,7 @@ import torch
 from adaspec_eagle import AdaspecError
 from adaspec_eagle.cli import main
 from adaspec_eagle.config import HeadConfig, HeadRecipe, LossConfig, OptimConfig, TrainConfig, load_recipe, output_lock
+from _helpers import samples
 from adaspec_eagle.features import pad_batch
 from adaspec_eagle.heads import build_head
 from adaspec_eagle.models import tiny_model
@@ -27,27 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes" / "heads" / "tiny.yaml")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Helpers: the training loop on a tiny head (in-process), and the train-head pipeline on a tiny target
-
-
-def samples(n=10, T=20, seed=0, vocab=102):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        length = T - (i % 3)
-        mask = torch.zeros(length, dtype=torch.bool)
-        mask[length // 2:] = True
-        out.append({"input_ids": torch.randint(5, vocab, (length,), generator=g), "loss_mask": mask})
-    return out
 
 
 def setup_head():
@@ -64,7 +47,7 @@ def setup_head():
 
 def run_train(head, loss_fn, out, data=None, **kw):
     tcfg = TrainConfig(**{"batch_size": 4, "max_steps": 6, "save_every": 2, "log_every": 1, **kw})
-    return train(head, data or samples(), loss_fn, collate=lambda s: pad_batch(s, 0),
+    return train(head, data or samples(10, T=20), loss_fn, collate=lambda s: pad_batch(s, 0),
                  count_items=lambda b: int(head_valid_mask(b["loss_mask"], b["attention_mask"]).sum()),
                  train_cfg=tcfg, optim_cfg=OptimConfig(lr=3e-3, warmup_steps=1), out_dir=out, progress=False)
 

@@ -17,32 +17,13 @@ from adaspec_eagle.config import HeadConfig, HeadRecipe, LossConfig, OptimConfig
 from adaspec_eagle.features import build_cache, data_fingerprint, open_cache, pad_batch
 from adaspec_eagle.heads import build_head, save_head
 from adaspec_eagle.models import TINY_FAMILIES, load_model, target_forward_features, tiny_model
+from _helpers import samples
 from adaspec_eagle.train import lr_multiplier, micro_batch_indices, train
 from adaspec_eagle.train_head import evaluate_head, head_loss, head_valid_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes" / "heads" / "tiny.yaml")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine: a second thread only adds spin-waits.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def samples(n=8, T=24, seed=0, vocab=102):
-    """Random token sequences; the second half of each is 'assistant' (loss) tokens."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        length = T - (i % 3)
-        mask = torch.zeros(length, dtype=torch.bool)
-        mask[length // 2:] = True
-        out.append({"input_ids": torch.randint(5, vocab, (length,), generator=g), "loss_mask": mask})
-    return out
 
 
 def head_setup(family="llama", loss=None, fl=0.1):
