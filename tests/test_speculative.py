@@ -291,3 +291,24 @@ def test_generation_stops_cleanly_at_the_context_end():
     assert len(spec) == 40 - 30 - (3 + 1) and spec == plain[:len(spec)]
     with pytest.raises(AdaspecError, match="the prompt has 40 tokens but the target's context is 40 positions"):
         plain_generate(target, list(range(5, 45)), max_new_tokens=4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2-135m-adaspec", "smollm2-135m-kd"])
+def test_shipped_heads_are_lossless_and_accept_drafts(smollm2, name):
+    """The heads in heads/ load against the bundled target, keep greedy output exact, and (being trained)
+    get drafts accepted: a random head accepts almost nothing (see test_smollm2_greedy_equality)."""
+    from pathlib import Path
+
+    from adaspec_eagle.heads import load_head
+
+    model, tok = smollm2
+    head = load_head(Path(__file__).resolve().parents[1] / "heads" / name, model)
+    text = tok.apply_chat_template([{"role": "user", "content": "Write a short poem about the sea."}],
+                                   add_generation_prompt=True, tokenize=False)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    ref, _ = plain_generate(model, ids, 32, eos_token_id=[])
+    out, stats = speculative_generate(model, ids, HeadDrafter(head), 32, eos_token_id=[],
+                                      tree=TreeConfig(depth=3, topk=4, total_tokens=8))
+    assert out == ref
+    assert stats["tau"] > 1.2, stats["tau"]
