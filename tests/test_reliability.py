@@ -368,3 +368,34 @@ def test_tree_budget_out_of_range(key, value, message):
 
     with pytest.raises(AdaspecError, match=message):
         from_dict(TreeConfig, {key: value})
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
+def test_memory_stays_flat_over_a_long_generation_run():
+    """Many speculative generations in a row: resident memory stops growing after warm-up (no cache or
+    statistics growth across calls), and each call's target cache holds exactly the accepted sequence."""
+    import gc
+
+    from adaspec_eagle.config import TreeConfig
+    from adaspec_eagle.speculative import DraftLMDrafter, speculative_generate
+
+    target = tiny_model("llama", seed=0)
+    drafter = DraftLMDrafter(tiny_model("llama", seed=1, num_layers=1))
+    tree = TreeConfig(depth=3, topk=3, total_tokens=8)
+
+    def run(n):
+        for i in range(n):
+            out, stats = speculative_generate(target, [5 + i % 7, 9, 11], drafter, 64, tree=tree, eos_token_id=[])
+            assert len(out) == 64
+        gc.collect()
+        return _rss_mib()
+
+    run(4)  # warm-up: allocator pools, lazy imports
+    first = run(6)
+    second = run(18)
+    assert second - first < 8.0, (first, second)
