@@ -356,13 +356,6 @@ class BenchConfig:
             raise AdaspecError("--baseline engine is greedy only; with --temperature > 0 use --baseline hf.")
 
 
-def _eos_ids(target, tokenizer) -> list[int]:
-    ids = set()
-    for value in (getattr(target.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        ids.update([value] if isinstance(value, int) else list(value or []))
-    return sorted(ids)
-
-
 def build_methods(cfg: BenchConfig, target, tokenizer, eos_ids: list[int]) -> list[Method]:
     """The baseline(s) first (the first is the speedup reference), then each drafter (its tree, and a greedy
     gamma=4 chain with --alpha-protocol), then the peers."""
@@ -410,11 +403,12 @@ def run_bench(cfg: BenchConfig) -> dict:
     from tqdm import tqdm
 
     from .models import load_model
+    from .speculative import eos_ids as stop_ids
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     target, tokenizer = load_model(cfg.target, dtype=cfg.dtype, device=cfg.device)
-    eos_ids = _eos_ids(target, tokenizer)
+    eos_ids = stop_ids(target, tokenizer)
     suites = [load_suite(s, tokenizer, cfg.num_prompts) for s in cfg.suites]
     names = [s["name"] for s in suites]
     if len(set(names)) != len(names):

@@ -20,13 +20,6 @@ def _prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
     return tokenizer(prompt)["input_ids"]
 
 
-def _eos_ids(target, tokenizer) -> list[int]:
-    ids = set()
-    for value in (getattr(target.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        ids.update([value] if isinstance(value, int) else list(value or []))
-    return sorted(ids)
-
-
 class _Streamer:
     """Prints the decoded text as tokens arrive (decoding the whole output so multi-token characters render)."""
 
@@ -59,7 +52,7 @@ def cmd_generate(args) -> int:
 
     from .config import TreeConfig
     from .models import load_model
-    from .speculative import DraftLMDrafter, HeadDrafter, plain_generate, speculative_generate
+    from .speculative import DraftLMDrafter, HeadDrafter, eos_ids, plain_generate, speculative_generate
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -75,7 +68,7 @@ def cmd_generate(args) -> int:
     else:
         drafter = None
     ids = _prompt_ids(tokenizer, args.prompt, not args.no_chat)
-    eos = _eos_ids(target, tokenizer)
+    eos = eos_ids(target, tokenizer)
     stream = _Streamer(tokenizer)
     common = dict(max_new_tokens=args.max_new_tokens, eos_token_id=eos, stop_strings=args.stop or None,
                   tokenizer=tokenizer, on_tokens=stream)

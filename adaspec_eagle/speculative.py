@@ -164,6 +164,14 @@ def _stop_index(tokens: list[int], eos: set[int], stop_strings, tokenizer) -> in
     return None
 
 
+def eos_ids(target, tokenizer) -> list[int]:
+    """The ids that end a generation: the target's generation-config EOS ids and the tokenizer's EOS."""
+    ids = set()
+    for value in (getattr(target.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        ids.update([value] if isinstance(value, int) else list(value or []))
+    return sorted(ids)
+
+
 def _eos_set(target, eos_token_id) -> set[int]:
     if eos_token_id is None:
         eos_token_id = getattr(target.generation_config, "eos_token_id", None) if hasattr(
