@@ -441,13 +441,17 @@ def head_config_dict(head, architectures: str | None = None) -> dict:
 
 @contextmanager
 def atomic_folder(folder):
-    """Yield a temporary sibling folder; on success it replaces `folder` in one rename (an old folder is moved
-    aside first and deleted after). On error the temporary folder is deleted and `folder` is untouched."""
+    """Yield a temporary sibling folder; on success its files are fsynced and it replaces `folder` in one rename
+    (an old folder is moved aside first and deleted after). On error the temporary folder is deleted and `folder`
+    is untouched."""
+    from .train import fsync_dir, fsync_tree
+
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
         yield tmp
+        fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -456,6 +460,7 @@ def atomic_folder(folder):
         old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(folder, old)
     os.replace(tmp, folder)
+    fsync_dir(folder.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

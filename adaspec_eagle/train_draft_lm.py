@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -84,26 +82,19 @@ def top1_agreement(draft, target, samples, vocab: int, batch_size: int = 8) -> f
 
 
 def save_model_atomic(model, tokenizer, folder: Path, meta: dict) -> None:
-    """save_pretrained into a temp folder, fsync, then one rename: a crash or a full disk leaves the old folder
-    (or none), never a half-written model that looks complete."""
-    from .train import fsync_dir, fsync_tree
+    """save_pretrained through `heads.atomic_folder` (temp folder, fsync, one rename): a crash or a full disk
+    leaves the old folder (or none), never a half-written model that looks complete."""
+    from .heads import atomic_folder
 
-    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "adaspec.json").write_text(json.dumps(meta, indent=2))
-        fsync_tree(tmp)
+        with atomic_folder(folder) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "adaspec.json").write_text(json.dumps(meta, indent=2))
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise AdaspecError(f"could not write the {meta.get('stage')} model to {str(folder)!r}: {e}. Free disk space "
                            "and rerun the same command: finished stages are kept, this one resumes from its last "
                            "checkpoint.") from None
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    fsync_dir(folder.parent)
 
 
 def _stage_done(folder: Path) -> bool:
