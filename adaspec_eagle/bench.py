@@ -295,14 +295,15 @@ def parse_drafter(spec: str) -> DrafterSpec:
     return DrafterSpec(label or f"{kind}:{Path(source.rstrip('/')).name or source}", kind, source)
 
 
-def load_drafter(spec: DrafterSpec, target, tokenizer, dtype: str):
-    """-> (engine drafter, draft LM model or None). The draft LM also serves transformers' assisted generation."""
+def load_drafter(spec: DrafterSpec, target, tokenizer, dtype: str, draft_vocab: int | str | None = "auto"):
+    """-> (engine drafter, draft LM model or None). The draft LM also serves transformers' assisted generation.
+    draft_vocab: an EAGLE-1/2 head's frequency-restricted draft vocabulary (`speculative.HeadDrafter`)."""
     from . import speculative
 
     if spec.kind == "head":
         from .heads import load_head
 
-        return speculative.HeadDrafter(load_head(spec.source, target)), None
+        return speculative.HeadDrafter(load_head(spec.source, target), draft_vocab=draft_vocab), None
     from .draft_lm import init_draft
 
     draft = init_draft(spec.source, target, tokenizer, dtype=dtype).eval()
@@ -326,8 +327,10 @@ class BenchConfig:
     warmup: int = 1
     depth: int = 6
     topk: int = 8
-    total_tokens: int = 48
+    total_tokens: int | str = 48
+    """Draft tokens verified per step, or "auto": tuned per drafter on the first prompt of the first suite."""
     tree_shape: str = "dynamic"
+    draft_vocab: int | str = "auto"
     peers: list[str] = field(default_factory=lambda: ["assisted", "prompt_lookup"])
     prompt_lookup_tokens: int = 10
     alpha_protocol: bool = False
@@ -343,6 +346,10 @@ class BenchConfig:
         checks = [(self.num_prompts >= 1, "--num-prompts", ">= 1"), (self.max_new_tokens >= 1, "--max-new-tokens",
                   ">= 1"), (self.temperature >= 0, "--temperature", ">= 0"), (0 < self.top_p <= 1, "--top-p",
                   "in (0, 1]"), (self.repeats >= 1, "--repeats", ">= 1"), (self.warmup >= 0, "--warmup", ">= 0")]
+        if self.total_tokens != "auto":
+            if not str(self.total_tokens).isdigit() or not 1 <= int(self.total_tokens) <= 1024:
+                raise AdaspecError(f"--total-tokens {self.total_tokens!r}: expected an integer in 1..1024 or 'auto'.")
+            self.total_tokens = int(self.total_tokens)
         for ok, flag, expected in checks:
             if not ok:
                 raise AdaspecError(f"{flag} is out of range: expected {expected}.")
@@ -356,9 +363,10 @@ class BenchConfig:
             raise AdaspecError("--baseline engine is greedy only; with --temperature > 0 use --baseline hf.")
 
 
-def build_methods(cfg: BenchConfig, target, tokenizer, eos_ids: list[int]) -> list[Method]:
+def build_methods(cfg: BenchConfig, target, tokenizer, eos_ids: list[int], tune_prompt=None) -> list[Method]:
     """The baseline(s) first (the first is the speedup reference), then each drafter (its tree, and a greedy
-    gamma=4 chain with --alpha-protocol), then the peers."""
+    gamma=4 chain with --alpha-protocol), then the peers. total_tokens="auto": each drafter's tree budget and
+    depth are tuned on `tune_prompt` (`speculative.tune_tree_budget`) before anything is timed."""
     from .config import TreeConfig
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
@@ -367,7 +375,9 @@ def build_methods(cfg: BenchConfig, target, tokenizer, eos_ids: list[int]) -> li
     for b in cfg.baseline:
         methods.append(hf_generate_method("plain-hf", "plain", target, eos_ids, pad_id, **common) if b == "hf" else
                        engine_plain_method("plain-engine", target, tokenizer, eos_ids=eos_ids, **common))
-    tree = TreeConfig(depth=cfg.depth, topk=cfg.topk, total_tokens=cfg.total_tokens, shape=cfg.tree_shape)
+    auto = cfg.total_tokens == "auto"
+    tree = TreeConfig(depth=cfg.depth, topk=cfg.topk, total_tokens=1 if auto else cfg.total_tokens,
+                      shape=cfg.tree_shape)
     chain = TreeConfig(shape="chain", depth=PAPER_GAMMA, topk=1, total_tokens=PAPER_GAMMA)
     specs = [parse_drafter(d) for d in cfg.drafters]
     labels = [s.label for s in specs]
@@ -376,9 +386,22 @@ def build_methods(cfg: BenchConfig, target, tokenizer, eos_ids: list[int]) -> li
                            "--drafter kd=head:heads/kd --drafter adaspec=head:heads/adaspec.")
     draft_lms = []
     for spec in specs:
-        drafter, draft_lm = load_drafter(spec, target, tokenizer, cfg.dtype)
+        drafter, draft_lm = load_drafter(spec, target, tokenizer, cfg.dtype, cfg.draft_vocab)
         info = {"drafter": spec.kind, "source": spec.source}
-        methods.append(engine_method(spec.label, target, tokenizer, drafter, tree, eos_ids=eos_ids, info=info,
+        if getattr(drafter, "draft_vocab_size", None):
+            info["draft_vocab"] = drafter.draft_vocab_size
+        own_tree = tree
+        if auto:
+            from .speculative import tune_tree_budget
+
+            if tune_prompt is None:
+                raise AdaspecError("--total-tokens auto needs a prompt to tune on.")
+            tuned = tune_tree_budget(target, drafter, tune_prompt, tree, eos_token_id=eos_ids)
+            own_tree = TreeConfig(depth=tuned["depth"], topk=cfg.topk, total_tokens=tuned["total_tokens"],
+                                  shape=cfg.tree_shape)
+            info["tuned_tree"] = {"total_tokens": tuned["total_tokens"], "depth": tuned["depth"],
+                                  "summary": tuned["summary"]}
+        methods.append(engine_method(spec.label, target, tokenizer, drafter, own_tree, eos_ids=eos_ids, info=info,
                                      **common))
         if cfg.alpha_protocol and (tree.shape, tree.depth, tree.topk) != ("chain", PAPER_GAMMA, 1):
             methods.append(engine_method(f"{spec.label} [chain γ={PAPER_GAMMA}]", target, tokenizer, drafter,
@@ -413,7 +436,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     names = [s["name"] for s in suites]
     if len(set(names)) != len(names):
         raise AdaspecError(f"suites {names} repeat a name; give each suite once.")
-    methods = build_methods(cfg, target, tokenizer, eos_ids)
+    methods = build_methods(cfg, target, tokenizer, eos_ids, tune_prompt=suites[0]["prompts"][0])
 
     for _ in range(cfg.warmup):  # compile / allocate / fill caches; not recorded
         for m in methods:
@@ -456,7 +479,7 @@ def command_line(cfg: BenchConfig) -> str:
     args += ["--num-prompts", cfg.num_prompts, "--max-new-tokens", cfg.max_new_tokens, "--temperature",
              cfg.temperature, "--top-p", cfg.top_p, "--repeats", cfg.repeats, "--warmup", cfg.warmup, "--depth",
              cfg.depth, "--topk", cfg.topk, "--total-tokens", cfg.total_tokens, "--tree-shape", cfg.tree_shape,
-             "--peers", ",".join(cfg.peers) or "none", "--prompt-lookup-tokens", cfg.prompt_lookup_tokens,
+             "--draft-vocab", cfg.draft_vocab, "--peers", ",".join(cfg.peers) or "none", "--prompt-lookup-tokens", cfg.prompt_lookup_tokens,
              "--baseline", ",".join(cfg.baseline), "--dtype", cfg.dtype, "--device", cfg.device, "--seed", cfg.seed,
              "--out", cfg.out]
     args += ["--alpha-protocol"] if cfg.alpha_protocol else []
@@ -475,10 +498,13 @@ def _csv(value: str) -> list[str]:
 
 
 def cmd_bench(args) -> int:
+    from .speculative import parse_draft_vocab
+
     cfg = BenchConfig(target=args.target, drafters=args.drafter or [], suites=args.suite or ["sharegpt"],
                       num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, repeats=args.repeats, warmup=args.warmup, depth=args.depth, topk=args.topk,
-                      total_tokens=args.total_tokens, tree_shape=args.tree_shape, peers=_csv(args.peers),
+                      total_tokens=args.total_tokens, tree_shape=args.tree_shape,
+                      draft_vocab=parse_draft_vocab(args.draft_vocab), peers=_csv(args.peers),
                       prompt_lookup_tokens=args.prompt_lookup_tokens, alpha_protocol=args.alpha_protocol,
                       baseline=_csv(args.baseline), dtype=args.dtype, device=args.device, threads=args.threads,
                       seed=args.seed, out=args.out, progress=not args.no_progress)
@@ -511,8 +537,11 @@ def register_cli(sub) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of every method before timing")
     p.add_argument("--depth", type=int, default=6, help="draft tree depth")
     p.add_argument("--topk", type=int, default=8, help="children per expanded node")
-    p.add_argument("--total-tokens", type=int, default=48, help="draft tokens verified per step")
+    p.add_argument("--total-tokens", default="48", help="draft tokens verified per step, or 'auto': tuned per "
+                   "drafter (budget and depth) for this machine on the first prompt of the first suite")
     p.add_argument("--tree-shape", choices=("dynamic", "static", "chain"), default="dynamic")
+    p.add_argument("--draft-vocab", default="auto", help="EAGLE-1/2 heads: draft from the N most frequent training "
+                   "tokens (lossless); 0 = whole vocabulary; auto = 16384 when the head has token counts")
     p.add_argument("--peers", default="assisted,prompt_lookup",
                    help="comma list of assisted (transformers assisted generation, draft-LM drafters only) and "
                         "prompt_lookup; 'none' for neither")

@@ -177,13 +177,20 @@ def markdown_table(record: dict) -> str:
     and machine (DESIGN.md section 6)."""
     cfg, mach = record["config"], record["machine"]
     tree = cfg["tree"]
+    vocabs = {str(m["draft_vocab"]) for m in record["methods"] if m.get("draft_vocab")}
     lines = [f"Command: `{record['command']}`", ""] if record.get("command") else []
     lines += [
         f"Target `{cfg['target']}` ({cfg['dtype']}, {mach['device']}), temperature {cfg['temperature']}"
         + (f", top-p {cfg['top_p']}" if cfg["temperature"] > 0 else "")
         + f", max {cfg['max_new_tokens']} new tokens, {cfg['repeats']} repeat(s) after {cfg['warmup']} warm-up.",
-        f"Draft tree: {tree['shape']}, depth {tree['depth']}, top-k {tree['topk']}, {tree['total_tokens']} tokens "
-        "a step." + (f" α: the paper's, from greedy chain drafting with γ={PAPER_GAMMA} (rows marked chain)."
+        f"Draft tree: {tree['shape']}, depth {tree['depth']}, top-k {tree['topk']}, " + (
+            f"{tree['total_tokens']} tokens a step." if tree["total_tokens"] != "auto" else
+            "budget and depth tuned per drafter on the first prompt (" + "; ".join(
+                f"{m['name']}: {m['tuned_tree']['total_tokens']} tokens, depth {m['tuned_tree']['depth']}"
+                for m in record["methods"] if m.get("tuned_tree")) + ").")
+        + (f" Heads draft from the {', '.join(sorted(vocabs))} most frequent training tokens "
+                     "(lossless; the target verifies every token)." if vocabs else "")
+        + (f" α: the paper's, from greedy chain drafting with γ={PAPER_GAMMA} (rows marked chain)."
                       if any(m.get("alpha_gamma") for m in record["methods"]) else ""),
         f"Speedup: tokens/s over `{record['reference']}` in the same run, same prompts (median [min–max] over "
         "repeats). τ counts the bonus token; for transformers' methods it is new tokens / target forwards.",
@@ -202,7 +209,35 @@ def markdown_table(record: dict) -> str:
             lines.append(f"| {suite} | {n} | {name} | {_fmt(res['tau'])} | {alpha} | "
                          f"{_fmt(res['accepted_per_drafted'], 3)} | {_fmt_spread(res['tokens_per_s'], 1)} | "
                          f"{_fmt_spread(res['speedup'])} | {lossless} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + time_split_table(record)) + "\n"
+
+
+def time_split_table(record: dict) -> list[str]:
+    """Markdown lines: where each engine method's time went (draft and verify per step, prefill), against the
+    reference's time per token; `bound` = τ × reference ms/token / (draft + verify ms/step), the speedup the
+    step costs allow before prefill and loop overhead (empty when no method has a split)."""
+    rows = []
+    for suite, by_method in record["results"].items():
+        ref = by_method.get(record["reference"]) or {}
+        ref_tps = (ref.get("tokens_per_s") or {}).get("median")
+        ref_ms = 1000.0 / ref_tps if ref_tps else None
+        for name, res in by_method.items():
+            split, steps = res.get("time_split_s"), res.get("steps")
+            if not split or not steps:
+                continue
+            runs = sum(len(row["seconds"]) for row in res["per_prompt"])  # prompts x repeats
+            draft = 1000.0 * split.get("draft_time_s", 0.0) / steps  # steps and split: all prompts and repeats
+            verify = 1000.0 * split.get("verify_time_s", 0.0) / steps
+            prefill = 1000.0 * split.get("prefill_time_s", 0.0) / max(1, runs)
+            bound = res["tau"] * ref_ms / (draft + verify) if (ref_ms and res.get("tau") and draft + verify) else None
+            rows.append(f"| {suite} | {name} | {steps} | {_fmt(draft, 1)} | {_fmt(verify, 1)} | {_fmt(prefill, 0)} | "
+                        f"{_fmt(ref_ms, 1)} | {_fmt(bound)} | {_fmt_spread(res['speedup'])} |")
+    if not rows:
+        return []
+    return ["", f"Where the time goes (engine methods, all prompts and repeats; bound = τ × reference ms/token / "
+                f"(draft + verify ms/step); reference `{record['reference']}`):", "",
+            "| suite | method | steps | draft ms/step | verify ms/step | prefill ms/prompt | reference ms/token | "
+            "bound | speedup |", "|---|---|---:|---:|---:|---:|---:|---:|---:|", *rows]
 
 
 def _speculative(record: dict) -> list[str]:

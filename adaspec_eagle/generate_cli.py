@@ -23,8 +23,8 @@ def _prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
 class _Streamer:
     """Prints the decoded text as tokens arrive (decoding the whole output so multi-token characters render)."""
 
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tokenizer, self.out, self.ids, self.printed = tokenizer, out, [], ""
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.out, self.ids, self.printed = tokenizer, out or sys.stdout, [], ""
 
     def __call__(self, tokens: list[int]) -> None:
         self.ids.extend(tokens)
@@ -52,7 +52,8 @@ def cmd_generate(args) -> int:
 
     from .config import TreeConfig
     from .models import load_model
-    from .speculative import DraftLMDrafter, HeadDrafter, eos_ids, plain_generate, speculative_generate
+    from .speculative import (DraftLMDrafter, HeadDrafter, eos_ids, parse_draft_vocab, plain_generate,
+                              speculative_generate)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -60,7 +61,7 @@ def cmd_generate(args) -> int:
     if args.head:
         from .heads import load_head
 
-        drafter = HeadDrafter(load_head(args.head, target))
+        drafter = HeadDrafter(load_head(args.head, target), draft_vocab=parse_draft_vocab(args.draft_vocab))
     elif args.draft_lm:
         from .draft_lm import init_draft
 
@@ -83,14 +84,17 @@ def cmd_generate(args) -> int:
 
             tuned = tune_tree_budget(target, drafter, ids, TreeConfig(depth=args.depth, topk=args.topk,
                                                                       shape=args.tree_shape))
-            print(f"[auto tree budget: {tuned['total_tokens']} tokens; {tuned['summary']}]", file=sys.stderr)
-            total = tuned["total_tokens"]
+            print(f"[auto tree budget: {tuned['total_tokens']} tokens, depth {tuned['depth']}; {tuned['summary']}]",
+                  file=sys.stderr)
+            total, args.depth = tuned["total_tokens"], tuned["depth"]
         elif not str(total).isdigit():
             raise AdaspecError(f"--total-tokens {total!r}: expected a positive integer or 'auto'.")
         tree = TreeConfig(depth=args.depth, topk=args.topk, total_tokens=int(total), shape=args.tree_shape)
         _, stats = speculative_generate(target, ids, drafter, temperature=args.temperature, top_p=args.top_p,
                                         tree=tree, seed=args.seed, **common)
         stats["tree"] = f"{tree.shape} depth={tree.depth} topk={tree.topk} total_tokens={tree.total_tokens}"
+        if getattr(drafter, "draft_vocab_size", None):
+            stats["tree"] += f" draft_vocab={drafter.draft_vocab_size}"
     print("\n")
     print(format_stats(stats), file=sys.stderr if args.stats_to_stderr else sys.stdout)
     return 0
@@ -107,6 +111,9 @@ def register_cli(sub) -> None:
     drafter.add_argument("--head", help="folder of a trained EAGLE / EAGLE-3 head for this target")
     drafter.add_argument("--draft-lm", help="draft LM: registry name, folder, or layers=N (the target's first N "
                                             "layers)")
+    p.add_argument("--draft-vocab", default="auto", help="EAGLE-1/2 heads: draft from the N most frequent training "
+                   "tokens only (lossless, a cheaper draft step); 0 = the whole vocabulary; auto = "
+                   "16384 when the head folder has token_counts.safetensors")
     p.add_argument("--tree-shape", choices=("dynamic", "static", "chain"), default="dynamic")
     p.add_argument("--depth", type=int, default=6, help="draft levels (the chain length for --tree-shape chain)")
     p.add_argument("--topk", type=int, default=8, help="children per expanded node")

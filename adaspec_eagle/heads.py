@@ -476,9 +476,55 @@ def unwrap_head(model):
     return model
 
 
-def save_head(head, folder, meta: dict | None = None, target_model=None) -> Path:
+TOKEN_COUNTS_FILE = "token_counts.safetensors"
+
+
+def _write_token_counts(path: Path, counts) -> None:
+    from safetensors.torch import save_file
+
+    counts = torch.as_tensor(counts).flatten().to(torch.int64).contiguous()
+    save_file({"counts": counts}, str(path), metadata={"what": "target-token frequencies of the training data"})
+
+
+def write_token_counts(folder, counts) -> Path:
+    """Add (or replace) a head folder's `token_counts.safetensors`: (V,) counts of the target tokens the head was
+    trained on, which rank the frequency-restricted draft vocabulary (`speculative.HeadDrafter(draft_vocab=N)`).
+    Written to a temporary file and renamed into place."""
+    from .train import fsync_dir
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise AdaspecError(f"{str(folder)!r} is not a head folder (no config.json).")
+    tmp = folder / f".{TOKEN_COUNTS_FILE}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        _write_token_counts(tmp, counts)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, folder / TOKEN_COUNTS_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(folder)
+    return folder / TOKEN_COUNTS_FILE
+
+
+def read_token_counts(folder) -> torch.Tensor | None:
+    """(V,) int64 training-token counts saved with a head, or None for a head without them (e.g. a foreign one)."""
+    path = Path(folder) / TOKEN_COUNTS_FILE
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))["counts"]
+    except Exception as e:
+        raise AdaspecError(f"{str(path)!r} is corrupt ({type(e).__name__}: {e}); delete it (the head still loads "
+                           "without it) or write it again with heads.write_token_counts.") from None
+
+
+def save_head(head, folder, meta: dict | None = None, target_model=None, token_counts=None) -> Path:
     """Write `config.json` (EAGLE / EAGLE-3 layout + an "adaspec" section: kind, target identity, meta) and
-    `model.safetensors` into `folder`, atomically. The target identity is taken from `target_model` when
+    `model.safetensors` into `folder`, atomically, plus `token_counts.safetensors` when `token_counts` (V,) (the
+    training data's target-token frequencies) is given. The target identity is taken from `target_model` when
     given, else the identity recorded by `build_head` / `load_head`."""
     from safetensors.torch import save_file
 
@@ -497,6 +543,8 @@ def save_head(head, folder, meta: dict | None = None, target_model=None) -> Path
     with atomic_folder(folder) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
+        if token_counts is not None:
+            _write_token_counts(tmp / TOKEN_COUNTS_FILE, token_counts)
     return Path(folder)
 
 
@@ -641,5 +689,10 @@ def load_head(folder, target_model, strict_target: bool = True, attn_implementat
         raise AdaspecError(f"head {str(folder)!r} does not fit an {kind} head for this target: {e}") from None
     head.target_identity = recorded
     head.meta = adaspec.get("meta", {})
+    counts = read_token_counts(folder)
+    if counts is not None and counts.numel() != vocab:
+        raise AdaspecError(f"{str(Path(folder) / TOKEN_COUNTS_FILE)!r} has {counts.numel()} entries but the target "
+                           f"vocabulary has {vocab}; delete the file or write it again with the target's tokenizer.")
+    head.token_counts = counts
     device = target_model.get_input_embeddings().weight.device
     return head.to(device=device, dtype=dtype or torch.float32).eval()

@@ -94,14 +94,79 @@ class DraftLMDrafter(Drafter):
         compat.compact_cache(self.cache, self.base, torch.tensor(kept, dtype=torch.long))
 
 
+DEFAULT_DRAFT_VOCAB = 16384
+"""Draft vocabulary of an EAGLE-1/2 head drafter under "auto" (a third of SmolLM2's 49,152 ids; on held-out
+ShareGPT the 16,384 most frequent training tokens cover 94% of assistant tokens, the 8,192 most frequent 88%)."""
+
+
+def parse_draft_vocab(value) -> int | str:
+    """A `--draft-vocab` value: 'auto' or a non-negative integer (0 = the whole vocabulary)."""
+    value = str(value).strip()
+    if value == "auto":
+        return value
+    if not value.isdigit():
+        raise AdaspecError(f"--draft-vocab {value!r}: expected a non-negative integer (0 = the whole vocabulary) or "
+                           "'auto'.")
+    return int(value)
+
+
 class HeadDrafter(Drafter):
     """An EAGLE head (EAGLE-1/2 `EagleHead` or EAGLE-3 `Eagle3Head`). The head's pair at position t is
     (feature f_t, token x_{t+1}) (as in training); its cache holds the pairs of accepted tokens only, built from
     true target features: tree nodes run on the head's own outputs and are always discarded."""
 
-    def __init__(self, head):
+    def __init__(self, head, draft_vocab: int | str | None = None):
+        """draft_vocab: for an EAGLE-1/2 head, score only the `draft_vocab` most frequent training tokens (the
+        head's `token_counts`, plus the EOS / BOS / PAD ids) instead of the whole target lm_head: the drafting
+        lm_head, the bulk of a small target's draft step, shrinks by V / draft_vocab. Lossless (the target
+        verifies every token); a target token outside the set is simply never drafted. None, 0 or >= V: the
+        whole vocabulary; "auto": DEFAULT_DRAFT_VOCAB when the head has token counts, else the whole vocabulary.
+        EAGLE-3 heads already draft over their own vocabulary and ignore it."""
         self.head = head
         self.features = tuple(head.target_layer_ids) if getattr(head, "uses_fused", False) else "last"
+        self.draft_ids = self._weight = self._bias = None
+        if draft_vocab == "auto":
+            draft_vocab = DEFAULT_DRAFT_VOCAB if getattr(head, "token_counts", None) is not None else None
+        if draft_vocab and head.kind == "eagle1":
+            self._restrict(int(draft_vocab))
+
+    @property
+    def draft_vocab_size(self) -> int | None:
+        """Tokens the head drafts from (None: the whole target vocabulary or the EAGLE-3 head's own)."""
+        return None if self.draft_ids is None else int(self.draft_ids.numel())
+
+    def _restrict(self, size: int) -> None:
+        from .heads import _id_list, build_draft_vocab
+
+        lm_head = self.head.target_lm_head
+        vocab = int(lm_head.weight.shape[0])
+        if size < 1:
+            raise AdaspecError(f"draft_vocab={size}: expected a positive number of tokens (or None for all).")
+        if size >= vocab:
+            return
+        counts = getattr(self.head, "token_counts", None)
+        if counts is None:
+            raise AdaspecError(f"draft_vocab={size} needs the head's training-token counts (token_counts.safetensors "
+                               "in its folder, written by train-head); this head has none. Draft over the whole "
+                               "vocabulary (--draft-vocab 0) or add them with heads.write_token_counts.")
+        cfg = self.head.config
+        keep = [*_id_list(cfg.eos_token_id), *_id_list(cfg.bos_token_id), *_id_list(cfg.pad_token_id)]
+        d2t, _ = build_draft_vocab(counts, size, [i for i in keep if 0 <= i < vocab])
+        ids = torch.arange(d2t.numel()) + d2t  # (size,) target ids, ascending
+        self.draft_ids = ids.to(lm_head.weight.device)
+        self._weight = lm_head.weight.detach()[self.draft_ids].contiguous()  # (size, H)
+        bias = getattr(lm_head, "bias", None)
+        self._bias = None if bias is None else bias.detach()[self.draft_ids].contiguous()
+        self._vocab = vocab
+
+    def _logits(self, hidden_out: torch.Tensor) -> torch.Tensor:
+        """(1, n, H) head outputs -> (n, V) float logits on the CPU (-inf outside a restricted draft vocab)."""
+        if self._weight is None:
+            return self.head.logits(hidden_out)[0].float().cpu()
+        sub = torch.nn.functional.linear(hidden_out[0].to(self._weight.dtype), self._weight, self._bias)  # (n, Vd)
+        full = torch.full((sub.shape[0], self._vocab), float("-inf"))
+        full[:, self.draft_ids.cpu()] = sub.float().cpu()
+        return full
 
     def reset(self, target) -> None:
         self.cache = compat.new_cache()
@@ -125,7 +190,7 @@ class HeadDrafter(Drafter):
         self.done += n
         self.root_hidden = out[:, -1:]  # (1, 1, H)
         self.tree_hidden = out[:, :0]  # (1, S, H) outputs of forwarded tree nodes, by slot
-        return self.head.logits(self.root_hidden)[0, 0].float().cpu()  # (V,)
+        return self._logits(self.root_hidden)[0]  # (V,)
 
     @torch.no_grad()
     def expand(self, tokens, depth, parent_slots, visible):
@@ -135,7 +200,7 @@ class HeadDrafter(Drafter):
         position_ids = (depth + self.done - 1)[None]  # the root's pair sits at done - 1
         out = self.head(hidden_in, tokens[None], position_ids, allowed, self.cache)  # (1, n, H)
         self.tree_hidden = torch.cat([self.tree_hidden, out], dim=1)
-        return self.head.logits(out)[0].float().cpu()  # (n, V)
+        return self._logits(out)  # (n, V)
 
     def commit(self, tree, path):
         compat.truncate_cache(self.cache, self.done)
@@ -402,29 +467,36 @@ def measure_verify_cost(target, prefix_len: int, sizes, repeats: int = 3) -> dic
     return costs
 
 
-def tune_tree_budget(target, drafter: Drafter, prompt_ids, tree: TreeConfig, sizes=(4, 8, 16, 24, 32, 48, 64, 96),
+AUTO_BUDGETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+def tune_tree_budget(target, drafter: Drafter, prompt_ids, tree: TreeConfig, sizes=AUTO_BUDGETS,
                      profile_tokens: int = 32, eos_token_id=None) -> dict:
     """Pick the tree budget (total_tokens) that maximises expected tokens per second on this machine.
 
     Measures (1) the acceptance profile: a greedy run of `profile_tokens` tokens from the prompt with the largest
     budget, giving for every budget n the mean tokens per step tau(n) had the tree been cut to its n best nodes
-    (`accepted_within_budget`); (2) the draft time per step of that run; (3) the target's verify cost c(n) at
-    this prompt length (`measure_verify_cost`). Returns {"total_tokens", "table": [(n, tau, cost_s,
-    tokens_per_s)], "draft_s", "summary"} maximising tau(n) / (draft_s + c(n))."""
+    (`accepted_within_budget`); (2) the draft time per tree level of that run (a budget of n drafts at most
+    min(depth, n) levels, see `tree.build_tree`); (3) the target's verify cost c(n) at this prompt length
+    (`measure_verify_cost`). Returns {"total_tokens", "depth", "table": [(n, tau, draft_s, verify_s,
+    tokens_per_s)], "summary"} maximising tau(n) / (draft(n) + c(n)); "depth" is min(tree.depth, n)."""
     sizes = sorted({int(n) for n in sizes if n >= 1})
     big = dataclasses_replace(tree, total_tokens=max(sizes))
     rec = _CommitRecorder(drafter)
     _, stats = speculative_generate(target, prompt_ids, rec, profile_tokens, tree=big, eos_token_id=eos_token_id)
     if not rec.steps:
         raise AdaspecError("auto-tuning needs at least one decoding step; raise profile_tokens or check the prompt.")
-    draft_s = stats["draft_time_s"] / stats["steps"]
+    levels = tree.depth if tree.shape != "chain" else min(tree.depth, max(sizes))
+    per_level = stats["draft_time_s"] / stats["steps"] / levels
     n_prompt = len(prompt_ids.flatten().tolist() if isinstance(prompt_ids, torch.Tensor) else prompt_ids)
     costs = measure_verify_cost(target, n_prompt + profile_tokens // 2, sizes)
     table = []
     for n in sizes:
         tau = sum(1 + accepted_within_budget(t, p, n) for t, p in rec.steps) / len(rec.steps)
-        table.append((n, tau, costs[n], tau / (draft_s + costs[n])))
-    best = max(table, key=lambda row: row[3])
-    summary = (f"tau {best[1]:.2f}, verify {best[2] * 1e3:.0f} ms, draft {draft_s * 1e3:.0f} ms/step, "
-               f"expected {best[3]:.1f} tok/s; " + ", ".join(f"{n}:{tps:.1f}" for n, _, _, tps in table))
-    return {"total_tokens": best[0], "table": table, "draft_s": draft_s, "summary": summary}
+        draft_s = per_level * (min(tree.depth, n) if tree.shape != "static" else levels)
+        table.append((n, tau, draft_s, costs[n], tau / (draft_s + costs[n])))
+    best = max(table, key=lambda row: row[4])
+    depth = min(tree.depth, best[0]) if tree.shape != "static" else tree.depth
+    summary = (f"tau {best[1]:.2f}, draft {best[2] * 1e3:.0f} ms + verify {best[3] * 1e3:.0f} ms a step, expected "
+               f"{best[4]:.1f} tok/s; " + ", ".join(f"{n}:{tps:.1f}" for n, _, _, _, tps in table))
+    return {"total_tokens": best[0], "depth": depth, "table": table, "summary": summary}

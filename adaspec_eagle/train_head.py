@@ -297,6 +297,15 @@ def load_samples(cfg: HeadRecipe, tokenizer, target=None, accelerator=None, fres
     return train, heldout
 
 
+def training_token_counts(samples, vocab: int) -> torch.Tensor:
+    """(vocab,) int64 counts of the loss-masked (assistant) target tokens of `samples`."""
+    counts = torch.zeros(vocab, dtype=torch.int64)
+    for s in samples:
+        ids = torch.as_tensor(s["input_ids"])[torch.as_tensor(s["loss_mask"]).bool()]
+        counts += torch.bincount(ids, minlength=vocab)[:vocab]
+    return counts
+
+
 def stages_to_run(cfg: HeadRecipe) -> list[str]:
     """Output stages in order: 'reference', then 'adaspec' or 'kd'."""
     draft = "kd" if cfg.loss.kind == "kd" else "adaspec"
@@ -391,17 +400,15 @@ def _run_pipeline(cfg: HeadRecipe, resume, overwrite, stop_at, progress, log, cl
                            "head position needs a target token two places on); raise data.num_samples or "
                            "data.max_length.")
     eagle3 = cfg.head.kind == "eagle3"
-    token_counts = None
-    if eagle3:  # the draft vocabulary: the most frequent trainable tokens of the training data
-        vocab = int(target.get_input_embeddings().weight.shape[0])
-        token_counts = sum(torch.bincount(torch.as_tensor(s["input_ids"])[torch.as_tensor(s["loss_mask"])],
-                                          minlength=vocab)[:vocab] for s in train_set)
+    # Trainable target-token frequencies: EAGLE-3's draft vocabulary, and saved with every head for the
+    # frequency-restricted drafting of `speculative.HeadDrafter(draft_vocab=N)`.
+    token_counts = training_token_counts(train_set, int(target.get_input_embeddings().weight.shape[0]))
     reference = heads_mod.load_head(str(ref_path), target) if ref_path is not None else None
     if reference is not None and reference.kind != cfg.head.kind:
         raise AdaspecError(f"reference head {str(ref_path)!r} is an {reference.kind} head but head.kind="
                            f"{cfg.head.kind!r}; train the reference with the same head kind.")
     if reference is not None and eagle3:
-        draft_ids = heads_mod.build_head(target, cfg.head, token_counts).draft_ids
+        draft_ids = heads_mod.build_head(target, cfg.head, token_counts).draft_ids  # eagle3 here
         if not torch.equal(reference.draft_ids.cpu(), draft_ids.cpu()):
             raise AdaspecError(f"reference head {str(ref_path)!r} has another draft vocabulary than this data "
                                "gives; train the reference on the same data and head.draft_vocab_size.")
@@ -463,7 +470,7 @@ def _run_pipeline(cfg: HeadRecipe, resume, overwrite, stop_at, progress, log, cl
                 save_resolved(cfg, run_dir)
             loss_cfg = cfg.loss if stage == "adaspec" else LossConfig(**{**to_dict(cfg.loss), "kind": "kd", "k": 1.0})
             torch.manual_seed(cfg.train.seed)  # every stage starts from the same head initialisation
-            head = heads_mod.build_head(target, cfg.head, token_counts)
+            head = heads_mod.build_head(target, cfg.head, token_counts if eagle3 else None)
             if reference is not None:
                 reference = reference.to(accelerator.device).requires_grad_(False).eval()
             stage_ref = reference if stage == "adaspec" else None
@@ -490,7 +497,7 @@ def _run_pipeline(cfg: HeadRecipe, resume, overwrite, stop_at, progress, log, cl
                         "data": {**to_dict(cfg.data), "samples": len(train_set)},
                         "reference": str(ref_path or out / "reference") if stage == "adaspec" else None}
                 try:
-                    heads_mod.save_head(head, head_dir, meta)
+                    heads_mod.save_head(head, head_dir, meta, token_counts=token_counts)
                 except OSError as e:  # disk full: save_head wrote into a temp folder, now deleted
                     raise AdaspecError(f"could not write the {stage} head to {str(head_dir)!r} ({e}); nothing "
                                        "half-written was left there. Free disk space and run the same command "

@@ -128,7 +128,9 @@ def build_tree(root_token: int, root_logits: torch.Tensor, expand: ExpandFn, cfg
     logits (V,) -> (token, probs (V,) it was drawn from); recorded in `draft_probs` for stochastic verification.
     """
     budget = cfg.total_tokens
-    depth_max = min(cfg.depth, budget) if cfg.shape == "chain" else cfg.depth
+    # A chain, or a dynamic tree's kept set (ancestor-closed, `top_budget`), never goes deeper than the budget:
+    # levels past it would be drafted and pruned.
+    depth_max = min(cfg.depth, budget) if cfg.shape in ("chain", "dynamic") else cfg.depth
     shape = static_shape(depth_max, cfg.topk, budget) if cfg.shape == "static" else None
     tokens, parents, depth, scores, slots = [root_token], [-1], [0], [0.0], [-1]
     ranks: list[tuple[int, ...]] = [()]

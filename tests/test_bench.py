@@ -93,6 +93,18 @@ def test_record_figures_by_hand():
     assert rec["lossless"] == {m["name"]: True for m in rec["methods"]}
 
 
+def test_time_split_table_by_hand():
+    rec = _fake_record()
+    assert R.time_split_table(rec) == []  # no engine split recorded: no table
+    # 8 steps over 2 prompts x 2 repeats; plain-hf runs at 10 tok/s (100 ms/token); tau 11/4.
+    rec["results"]["toy"]["head:x"]["time_split_s"] = {"draft_time_s": 0.8, "verify_time_s": 1.6,
+                                                      "prefill_time_s": 0.4, "wall_s": 3.0}
+    lines = R.time_split_table(rec)
+    # draft 100 ms/step, verify 200 ms/step, prefill 100 ms/prompt, bound 2.75 x 100 / 300 = 0.92
+    assert lines[-1] == "| toy | head:x | 8 | 100.0 | 200.0 | 100 | 100.0 | 0.92 | 1.50 [1.00–2.00] |"
+    assert "Where the time goes" in R.markdown_table(rec)
+
+
 def test_lossless_flag_and_mismatch_position():
     rec = _fake_record(mismatch=True)
     res = rec["results"]["toy"]["prompt-lookup(10)"]
@@ -246,7 +258,29 @@ def test_bench_cli_end_to_end_on_tiny_models(tmp_path):
     assert res["plain-hf"]["tau"] == pytest.approx(1.0) and res["plain-engine"]["tau"] == pytest.approx(1.0)
     for name in R.PLOTS:
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
-    assert "| prompts | 2 | head:h [chain γ=4] |" in (out / "bench.md").read_text()
+    md = (out / "bench.md").read_text()
+    assert "| prompts | 2 | head:h [chain γ=4] |" in md and "| prompts | head:h [chain γ=4] |" in md  # time split
+
+
+def test_bench_tunes_the_tree_per_drafter(tmp_path):
+    from adaspec_eagle.cli import main
+    from adaspec_eagle.speculative import AUTO_BUDGETS
+
+    head, out = _tiny_head(tmp_path / "h"), tmp_path / "bench"
+    rc = main(TINY + ["--drafter", "self=draft-lm:layers=1", "--drafter", f"head:{head}", "--suite",
+                      f"jsonl:{_prompts(tmp_path)}", "--repeats", "1", "--warmup", "0", "--total-tokens", "auto",
+                      "--peers", "none", "--out", str(out)])
+    assert rc == 0
+    rec = json.loads((out / "bench.json").read_text())
+    assert rec["config"]["tree"]["total_tokens"] == "auto" and all(rec["lossless"].values())
+    for m in rec["methods"][1:]:
+        tuned = m["tuned_tree"]
+        assert tuned["total_tokens"] in AUTO_BUDGETS and tuned["depth"] <= tuned["total_tokens"]
+        assert m["tree"]["total_tokens"] == tuned["total_tokens"] and m["tree"]["depth"] == tuned["depth"]
+    assert "tuned per drafter on the first prompt (self:" in (out / "bench.md").read_text()
+    assert "--total-tokens auto" in rec["command"]
+    with pytest.raises(AdaspecError, match="--total-tokens 'x'"):
+        B.BenchConfig(total_tokens="x")
 
 
 def test_bench_cli_sampling_and_errors(tmp_path, capsys):

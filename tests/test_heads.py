@@ -10,7 +10,8 @@ from transformers import DynamicCache
 
 from adaspec_eagle import AdaspecError
 from adaspec_eagle.config import HeadConfig
-from adaspec_eagle.heads import (Eagle3Head, EagleHead, build_draft_vocab, build_head, load_head, save_head)
+from adaspec_eagle.heads import (Eagle3Head, EagleHead, build_draft_vocab, build_head, load_head, read_token_counts,
+                                 save_head, write_token_counts)
 from adaspec_eagle.models import TINY_FAMILIES, TINY_VOCAB, target_forward_features, tiny_model
 
 torch.set_num_threads(2)
@@ -204,6 +205,26 @@ def test_save_load_round_trip(tmp_path, kind):
     with torch.no_grad():
         torch.testing.assert_close(loaded.logits(loaded(hin[:, :-1], ids[:, 1:])),
                                    head.logits(head(hin[:, :-1], ids[:, 1:])), atol=0, rtol=0)
+
+
+def test_token_counts_travel_with_the_head(tmp_path):
+    target, head = make("eagle1")
+    c = torch.arange(TINY_VOCAB, dtype=torch.int64) * 3
+    folder = save_head(head, tmp_path / "h", {}, token_counts=c)
+    assert torch.equal(read_token_counts(folder), c) and torch.equal(load_head(folder, target).token_counts, c)
+    bare = save_head(head, tmp_path / "bare", {})
+    assert read_token_counts(bare) is None and load_head(bare, target).token_counts is None
+    write_token_counts(bare, c + 1)  # added afterwards (atomic rename, no temp file left)
+    assert torch.equal(load_head(bare, target).token_counts, c + 1)
+    assert sorted(p.name for p in bare.iterdir()) == ["config.json", "model.safetensors", "token_counts.safetensors"]
+    write_token_counts(bare, torch.ones(5))
+    with pytest.raises(AdaspecError, match="has 5 entries but the target vocabulary has"):
+        load_head(bare, target)
+    (bare / "token_counts.safetensors").write_bytes(b"junk")
+    with pytest.raises(AdaspecError, match="corrupt"):
+        load_head(bare, target)
+    with pytest.raises(AdaspecError, match="not a head folder"):
+        write_token_counts(tmp_path / "nowhere", c)
 
 
 def test_load_checks_target_and_files(tmp_path):

@@ -220,6 +220,93 @@ def test_sampling_matches_target_distribution():
         assert 0.1 * drafted < accepted < 0.9 * drafted, (shape, accepted, drafted)  # accepts and rejects
 
 
+def restricted_head_drafter(target, size, seed=0):
+    """An EAGLE-1 head drafter that drafts from `size` ids only, ranked by made-up training counts."""
+    torch.manual_seed(seed)
+    head = build_head(target, HeadConfig(kind="eagle1")).eval()
+    vocab = target.config.vocab_size
+    head.token_counts = torch.randperm(vocab, generator=torch.Generator().manual_seed(seed)).to(torch.int64)
+    return HeadDrafter(head, draft_vocab=size)
+
+
+def test_restricted_draft_vocab_is_lossless_and_cheaper(monkeypatch):
+    target = target_of("llama")
+    ids = prompt()
+    ref, _ = plain_generate(target, ids, 16, eos_token_id=[])
+    drafter = restricted_head_drafter(target, 40)
+    assert drafter.draft_vocab_size == 40 and drafter._weight.shape == (40, target.config.hidden_size)
+    eos = target.config.eos_token_id
+    assert eos in drafter.draft_ids.tolist()  # EOS is always draftable
+    full = HeadDrafter(drafter.head)
+    hidden = torch.randn(1, 3, target.config.hidden_size)
+    a, b = drafter._logits(hidden), full._logits(hidden)
+    inside = torch.zeros(b.shape[-1], dtype=torch.bool)
+    inside[drafter.draft_ids] = True
+    torch.testing.assert_close(a[:, inside], b[:, inside])
+    assert torch.isneginf(a[:, ~inside]).all()
+    for shape, cfg in SHAPES.items():
+        out, stats = speculative_generate(target, ids, drafter, 16, tree=cfg, eos_token_id=[])
+        assert out == ref, shape
+    # what the choices mean, and the errors
+    assert HeadDrafter(drafter.head, draft_vocab=0).draft_vocab_size is None
+    assert HeadDrafter(drafter.head, draft_vocab=10_000).draft_vocab_size is None  # >= V: the whole vocabulary
+    assert HeadDrafter(drafter.head, draft_vocab="auto").draft_vocab_size is None  # 16384 >= 102 ids: all of them
+    monkeypatch.setattr("adaspec_eagle.speculative.DEFAULT_DRAFT_VOCAB", 50)
+    assert HeadDrafter(drafter.head, draft_vocab="auto").draft_vocab_size == 50  # with counts: the default
+    drafter.head.token_counts = None
+    assert HeadDrafter(drafter.head, draft_vocab="auto").draft_vocab_size is None
+    with pytest.raises(AdaspecError, match="needs the head's training-token counts"):
+        HeadDrafter(drafter.head, draft_vocab=40)
+    from adaspec_eagle.speculative import parse_draft_vocab
+
+    assert parse_draft_vocab("auto") == "auto" and parse_draft_vocab("8192") == 8192
+    with pytest.raises(AdaspecError, match="--draft-vocab"):
+        parse_draft_vocab("-3")
+
+
+def test_sampling_with_a_restricted_draft_vocab_matches_the_target():
+    """A head drafting from 4 of 8 ids (its proposal has no mass on the other 4): rejection sampling still gives
+    the target's distribution of the first two tokens."""
+    vocab = 8
+    target = tiny_model("llama", seed=0, vocab_size=vocab)
+    ids = prompt(seed=5, length=6, vocab=vocab)
+    temperature, top_p = 0.8, 1.0
+    with torch.no_grad():
+        p1 = warp_probs(target(torch.tensor([ids])).logits[0, -1], temperature, top_p)  # (V,)
+        rows = torch.tensor([ids + [x] for x in range(vocab)])
+        p2 = warp_probs(target(rows).logits[:, -1], temperature, top_p)  # (V, V)
+    joint = (p1[:, None] * p2).flatten()
+    drafter = restricted_head_drafter(target, 4, seed=3)
+    cfg = TreeConfig(depth=2, topk=1, total_tokens=2, shape="chain")
+    counts = torch.zeros(vocab * vocab)
+    for seed in range(450):
+        out, _ = speculative_generate(target, ids, drafter, 2, temperature=temperature, top_p=top_p, tree=cfg,
+                                      eos_token_id=[], seed=seed)
+        counts[out[0] * vocab + out[1]] += 1
+    ok, stat, crit = chi_square_ok(counts, joint)
+    assert ok, (stat, crit)
+
+
+def test_tree_budget_tuning_picks_the_best_measured_budget():
+    from adaspec_eagle.speculative import AUTO_BUDGETS, tune_tree_budget
+
+    target = target_of("llama")
+    drafter = make_drafter("draft_lm", target)
+    tuned = tune_tree_budget(target, drafter, prompt(), TreeConfig(depth=4, topk=3), profile_tokens=12,
+                             eos_token_id=[])
+    table = tuned["table"]
+    assert [row[0] for row in table] == list(AUTO_BUDGETS)
+    taus = [row[1] for row in table]
+    assert taus[0] >= 1 and all(a <= b + 1e-9 for a, b in zip(taus, taus[1:]))  # a bigger tree never accepts less
+    assert all(row[4] == pytest.approx(row[1] / (row[2] + row[3])) for row in table)
+    best = max(table, key=lambda row: row[4])
+    assert tuned["total_tokens"] == best[0] and tuned["depth"] == min(4, best[0])
+    assert table[0][2] < table[-1][2]  # a 1-token budget drafts one level, not four
+    out, _ = speculative_generate(target, prompt(), drafter, 12, eos_token_id=[],
+                                  tree=TreeConfig(depth=tuned["depth"], topk=3, total_tokens=tuned["total_tokens"]))
+    assert out == plain_generate(target, prompt(), 12, eos_token_id=[])[0]
+
+
 def test_eos_stop_strings_and_max_tokens():
     target = target_of("llama")
     tok = tiny_tokenizer()

@@ -8,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -175,6 +176,14 @@ def test_cli_both_stages_chain(tmp_path, capsys):
         assert cfg["adaspec"]["meta"]["stage"] == stage and cfg["adaspec"]["meta"]["steps"] == 3
         assert (out / "runs" / stage / "result.json").is_file()
     assert json.loads((out / "adaspec" / "config.json").read_text())["adaspec"]["meta"]["loss"] == "adaspec"
+    # both heads carry the trained-on (loss-masked) token counts that rank a restricted draft vocabulary
+    from adaspec_eagle.heads import read_token_counts
+
+    counts = read_token_counts(out / "reference")
+    assert counts is not None and counts.numel() == 102 and 0 < int(counts.sum())
+    assert torch.equal(counts, read_token_counts(out / "adaspec"))
+    train_ids = np.load(out / "features" / "input_ids.npy")[np.load(out / "features" / "loss_mask.npy").astype(bool)]
+    assert torch.equal(counts, torch.bincount(torch.as_tensor(train_ids, dtype=torch.long), minlength=102))
     assert (out / "features" / "manifest.json").is_file() and (out / "config.yaml").is_file()
     results = json.loads((out / "results.json").read_text())
     assert set(results["eval"]) == {"reference", "adaspec"} and results["eval"]["adaspec"]["positions"] > 0

@@ -89,6 +89,18 @@ def test_dynamic_tree_matches_eagle2_selection_and_masks():
     assert (tree.scores[1:] <= tree.scores[tree.parents[1:]]).all()
 
 
+def test_dynamic_tree_stops_at_the_budget_depth():
+    """A budget of n keeps an ancestor-closed set, so nothing deeper than n: levels past it are not drafted, and
+    the tree equals the one drafted to the full depth and pruned."""
+    for budget in (1, 2, 3):
+        deep, cut = ScriptedDrafter(seed=3), ScriptedDrafter(seed=3)
+        full = build_tree(1, deep.table[1], deep.expand, TreeConfig(depth=6, topk=2, total_tokens=budget))
+        assert len(deep.calls) == budget - 1  # root logits + (budget - 1) deeper levels
+        assert sorted(tuple(full.tokens[path_to(full.parents, n)[1:]].tolist()) for n in range(1, budget + 1)) == \
+            _brute_force_best(deep.table, 1, 6, 2, budget)
+        assert int(full.depth.max()) <= budget
+
+
 def test_chain_and_static_trees():
     drafter = ScriptedDrafter(seed=1)
     chain = build_tree(2, drafter.table[2], drafter.expand, TreeConfig(depth=4, topk=3, total_tokens=9, shape="chain"))
