@@ -103,9 +103,13 @@ def build_cache(target, samples: Sequence[dict], folder: str | os.PathLike, *, d
         a.flush()
     manifest = {"format": FORMAT_VERSION, "target": target_identity(target), "data": data_fingerprint(samples),
                 "dtype": dtype, "keys": dims, "samples": len(samples), "tokens": total}
+    from .train import fsync_dir, fsync_tree
+
     tmp = folder / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
+    fsync_tree(folder)  # the arrays reach the disk before the manifest says they are complete
     os.replace(tmp, folder / "manifest.json")  # last: its presence marks a complete cache
+    fsync_dir(folder)
     return FeatureCache(folder)
 
 

@@ -247,6 +247,16 @@ def check_target_identity(recorded: dict, model, what: str = "head") -> None:
 # Target features
 
 
+def check_samples_fit(samples, model, name: str) -> None:
+    """Refuse, before anything is written, data whose longest sample exceeds `model`'s context (positions past
+    it would silently train on garbage rotary / learned positions)."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    longest = max((len(s["input_ids"]) for s in samples), default=0)
+    if context and longest > context:
+        raise AdaspecError(f"the data holds samples of {longest} tokens but {name!r} has a context of {context} "
+                           f"positions; set data.max_length={context} (or lower).")
+
+
 def feature_layer_ids(num_hidden_layers: int) -> tuple[int, int, int]:
     """EAGLE-3's fused target layers as indices into HF `hidden_states`: (2, N//2, N-3)."""
     n = num_hidden_layers

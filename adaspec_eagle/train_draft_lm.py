@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from . import AdaspecError
 from .config import DraftLMRecipe, LossConfig, claim_output_dir, load_recipe, save_resolved
-from .models import load_model, target_identity
+from .models import check_samples_fit, load_model, target_identity
 
 STAGES = ("target", "reference", "draft")
 
@@ -113,6 +113,8 @@ def run(cfg: DraftLMRecipe, loss_kind: str = "adaspec", overwrite: bool = False,
     train_set = build_dataset(cfg.data, tok, "train")
     heldout = build_dataset(cfg.data, tok, "heldout") if cfg.data.holdout else []
     probe = init_draft(cfg.draft, target, tok)
+    check_samples_fit([*train_set, *heldout], target, f"target {cfg.target}")
+    check_samples_fit([*train_set, *heldout], probe, f"draft {cfg.draft}")
     vocab = min(target.get_input_embeddings().weight.shape[0], probe.get_input_embeddings().weight.shape[0])
     del probe
     if ("draft" in cfg.stages and loss_kind == "adaspec" and "reference" not in cfg.stages

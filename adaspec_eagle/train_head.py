@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from . import AdaspecError
 from .config import HeadRecipe, LossConfig, load_recipe, save_resolved, to_dict
+from .models import check_samples_fit
 
 STAGE_DIRS = {"reference": "reference", "adaspec": "adaspec", "kd": "kd"}
 
@@ -389,11 +390,7 @@ def _run_pipeline(cfg: HeadRecipe, resume, overwrite, stop_at, progress, log, cl
             claim()
     train_set, heldout = load_samples(cfg, tokenizer, target, accelerator, fresh=overwrite, progress=progress,
                                       log=log if accelerator.is_main_process else (lambda m: None))
-    context = getattr(target.config, "max_position_embeddings", None)
-    longest = max((len(s["input_ids"]) for s in [*train_set, *heldout]), default=0)
-    if context and longest > context:
-        raise AdaspecError(f"the data holds samples of {longest} tokens but target {cfg.target!r} has a context of "
-                           f"{context} positions; set data.max_length={context} (or lower).")
+    check_samples_fit([*train_set, *heldout], target, f"target {cfg.target}")
     n_valid = sum(int(head_valid_mask(torch.as_tensor(s["loss_mask"])[None]).sum()) for s in train_set)
     if n_valid == 0:
         raise AdaspecError(f"the training data slice has no trainable head positions ({len(train_set)} samples; a "

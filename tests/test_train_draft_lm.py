@@ -105,3 +105,13 @@ def test_disk_full_while_saving_a_stage_leaves_nothing_half_written(tmp_path, mo
         save_model_atomic(model, tok, folder, {"stage": "reference"})
     assert (folder / "model.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["reference"]
+
+
+def test_samples_longer_than_the_context_are_refused_before_writing(tmp_path):
+    long_task = tmp_path / "long.jsonl"
+    long_task.write_text("\n".join(json.dumps({"prompt": "Q: say ab.\n", "completion": "ab " * 400})
+                                   for _ in range(12)) + "\n")
+    cfg = _cfg(tmp_path, long_task, data={"dataset": str(long_task), "holdout": 2, "max_length": 2048})
+    with pytest.raises(AdaspecError, match="has a context of 1024 positions; set data.max_length=1024"):
+        run(cfg, progress=False)  # the tiny targets have 1024 positions
+    assert not (tmp_path / "out").exists()
