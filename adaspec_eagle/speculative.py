@@ -99,6 +99,20 @@ DEFAULT_DRAFT_VOCAB = 16384
 ShareGPT the 16,384 most frequent training tokens cover 94% of assistant tokens, the 8,192 most frequent 88%)."""
 
 
+def fast_draft_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype the restricted draft lm_head runs in: bf16 where the hardware has bf16 matmul (CUDA, or a CPU
+    whose oneDNN supports it: 3-4x faster than fp32 for this memory-bound product here), else the weight's own.
+    Lossless either way: it only ranks draft candidates; the target verifies in its own dtype."""
+    if weight.dtype in (torch.bfloat16, torch.float16):
+        return weight.dtype
+    if weight.device.type == "cuda":
+        return torch.bfloat16
+    try:
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else weight.dtype
+    except (AttributeError, RuntimeError):
+        return weight.dtype
+
+
 def parse_draft_vocab(value) -> int | str:
     """A `--draft-vocab` value: 'auto' or a non-negative integer (0 = the whole vocabulary)."""
     value = str(value).strip()
@@ -154,9 +168,10 @@ class HeadDrafter(Drafter):
         d2t, _ = build_draft_vocab(counts, size, [i for i in keep if 0 <= i < vocab])
         ids = torch.arange(d2t.numel()) + d2t  # (size,) target ids, ascending
         self.draft_ids = ids.to(lm_head.weight.device)
-        self._weight = lm_head.weight.detach()[self.draft_ids].contiguous()  # (size, H)
+        dtype = fast_draft_dtype(lm_head.weight)
+        self._weight = lm_head.weight.detach()[self.draft_ids].to(dtype).contiguous()  # (size, H)
         bias = getattr(lm_head, "bias", None)
-        self._bias = None if bias is None else bias.detach()[self.draft_ids].contiguous()
+        self._bias = None if bias is None else bias.detach()[self.draft_ids].to(dtype).contiguous()
         self._vocab = vocab
 
     def _logits(self, hidden_out: torch.Tensor) -> torch.Tensor:

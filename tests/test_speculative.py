@@ -242,7 +242,8 @@ def test_restricted_draft_vocab_is_lossless_and_cheaper(monkeypatch):
     a, b = drafter._logits(hidden), full._logits(hidden)
     inside = torch.zeros(b.shape[-1], dtype=torch.bool)
     inside[drafter.draft_ids] = True
-    torch.testing.assert_close(a[:, inside], b[:, inside])
+    tol = {} if drafter._weight.dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}  # bf16 ranking weights
+    torch.testing.assert_close(a[:, inside], b[:, inside], **tol)
     assert torch.isneginf(a[:, ~inside]).all()
     for shape, cfg in SHAPES.items():
         out, stats = speculative_generate(target, ids, drafter, 16, tree=cfg, eos_token_id=[])
