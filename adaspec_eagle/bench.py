@@ -363,6 +363,11 @@ class BenchConfig:
             raise AdaspecError("--baseline engine is greedy only; with --temperature > 0 use --baseline hf.")
 
 
+def chain_info(info: dict) -> dict:
+    """A drafter's info for its paper-alpha chain row: the same drafter, not its tuned tree."""
+    return {**{k: v for k, v in info.items() if k != "tuned_tree"}, "protocol": "paper alpha"}
+
+
 def build_methods(cfg: BenchConfig, target, tokenizer, eos_ids: list[int], tune_prompt=None) -> list[Method]:
     """The baseline(s) first (the first is the speedup reference), then each drafter (its tree, and a greedy
     gamma=4 chain with --alpha-protocol), then the peers. total_tokens="auto": each drafter's tree budget and
@@ -405,7 +410,7 @@ def build_methods(cfg: BenchConfig, target, tokenizer, eos_ids: list[int], tune_
                                      **common))
         if cfg.alpha_protocol and (tree.shape, tree.depth, tree.topk) != ("chain", PAPER_GAMMA, 1):
             methods.append(engine_method(f"{spec.label} [chain γ={PAPER_GAMMA}]", target, tokenizer, drafter,
-                                         chain, eos_ids=eos_ids, info=dict(info, protocol="paper alpha"), **common))
+                                         chain, eos_ids=eos_ids, info=chain_info(info), **common))
         if draft_lm is not None:
             draft_lms.append((spec, draft_lm))
     if "assisted" in cfg.peers:
