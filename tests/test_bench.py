@@ -269,11 +269,15 @@ def test_bench_tunes_the_tree_per_drafter(tmp_path):
     head, out = _tiny_head(tmp_path / "h"), tmp_path / "bench"
     rc = main(TINY + ["--drafter", "self=draft-lm:layers=1", "--drafter", f"head:{head}", "--suite",
                       f"jsonl:{_prompts(tmp_path)}", "--repeats", "1", "--warmup", "0", "--total-tokens", "auto",
-                      "--peers", "none", "--out", str(out)])
+                      "--peers", "none", "--alpha-protocol", "--out", str(out)])
     assert rc == 0
     rec = json.loads((out / "bench.json").read_text())
     assert rec["config"]["tree"]["total_tokens"] == "auto" and all(rec["lossless"].values())
+    chains = [m for m in rec["methods"] if m.get("protocol") == "paper alpha"]
+    assert len(chains) == 2 and all("tuned_tree" not in m and m["tree"]["shape"] == "chain" for m in chains)
     for m in rec["methods"][1:]:
+        if m in chains:
+            continue
         tuned = m["tuned_tree"]
         assert tuned["total_tokens"] in AUTO_BUDGETS and tuned["depth"] <= tuned["total_tokens"]
         assert m["tree"]["total_tokens"] == tuned["total_tokens"] and m["tree"]["depth"] == tuned["depth"]
