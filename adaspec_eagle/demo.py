@@ -23,7 +23,8 @@ def cmd_demo(args) -> int:
         raise AdaspecError(f"demo recipe {str(recipe)!r} not found: run the demo from a checkout of the repository "
                            "(bash scripts/run.sh demo) or pass --recipe.")
     out = args.output_dir
-    code = main(["train-head", "--recipe", str(recipe), "--output-dir", out] + list(args.overrides))
+    flags = ["--overwrite"] if args.overwrite else []
+    code = main(["train-head", "--recipe", str(recipe), "--output-dir", out, *flags] + list(args.overrides))
     if code:
         return code
     if args.no_bench:
@@ -48,6 +49,8 @@ def register_cli(sub) -> None:
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--prompts", type=int, default=4, help="held-out prompts for the benchmark")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--overwrite", action="store_true", help="replace an --output-dir that holds a run of another "
+                   "config (e.g. from an older recipe) instead of refusing it")
     p.add_argument("--no-bench", action="store_true", help="train and evaluate agreement only")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. train.epochs=1")
     p.set_defaults(func=cmd_demo)

@@ -22,3 +22,13 @@ def test_demo_end_to_end_on_a_tiny_target(tmp_path, capsys):
     record = json.loads((out / "bench" / "bench.json").read_text())
     assert all(record["lossless"][m] for m in record["lossless"])
     assert (Path(out) / "reference" / "model.safetensors").is_file()
+
+
+def test_demo_refuses_another_run_in_its_folder_unless_overwrite(tmp_path, capsys):
+    out = tmp_path / "demo"
+    base = ["demo", "--recipe", "recipes/heads/tiny.yaml", "--output-dir", str(out), "--no-bench",
+            "train.max_steps=2", "data.num_samples=8", "data.holdout=4"]
+    assert main(base) == 0
+    assert main(base + ["optim.lr=1e-4"]) == 2  # e.g. a folder left by an older recipe
+    assert "holds a different reference run" in capsys.readouterr().err
+    assert main(base[:1] + ["--overwrite"] + base[1:] + ["optim.lr=1e-4"]) == 0
