@@ -1,7 +1,7 @@
 """`adaspec-eagle demo`: the README's main job on its embedded default.
 
 Trains a KD reference head and an AdaSPEC head for the bundled SmolLM2-135M-Instruct on a ShareGPT slice
-(`recipes/heads/smollm2-135m.yaml`, about 20 minutes on a 2-core CPU; resumable: rerun to continue), prints each
+(`recipes/heads/smollm2-135m.yaml`, about 11 minutes on a 2-core CPU; resumable: rerun to continue), prints each
 head's held-out top-1 agreement with the target, then measures τ and speed of tree speculative decoding with
 both heads against plain greedy decoding and prompt lookup on held-out ShareGPT prompts, in one run.
 """
