@@ -366,6 +366,13 @@ def _target_vocab(target_model) -> int:
     return int(target_model.get_input_embeddings().weight.shape[0])
 
 
+def always_drafted_ids(config, generation_config=None, extra=()) -> list[int]:
+    """The ids a draft vocabulary always keeps, whatever their frequency: the config's EOS / BOS / PAD, the
+    generation config's EOS and `extra`."""
+    return [*_id_list(config.eos_token_id), *_id_list(config.bos_token_id), *_id_list(config.pad_token_id),
+            *_id_list(getattr(generation_config, "eos_token_id", None)), *(int(i) for i in extra)]
+
+
 def build_head(target_model, head_cfg, token_counts=None, attn_implementation: str = "sdpa", keep_ids=()):
     """A fresh head for `target_model` (fp32 parameters, default init of the Llama modules).
 
@@ -382,9 +389,7 @@ def build_head(target_model, head_cfg, token_counts=None, attn_implementation: s
                                "EAGLE-1 head; use a causal LM.")
         head = EagleHead(cfg, embed, lm_head, fc_bias=head_cfg.fc_bias)
     elif head_cfg.kind == "eagle3":
-        gen = getattr(target_model, "generation_config", None)
-        keep = [*_id_list(cfg.eos_token_id), *_id_list(cfg.bos_token_id), *_id_list(cfg.pad_token_id),
-                *_id_list(getattr(gen, "eos_token_id", None)), *(int(i) for i in keep_ids)]
+        keep = always_drafted_ids(cfg, getattr(target_model, "generation_config", None), keep_ids)
         if token_counts is None:
             if head_cfg.draft_vocab_size < vocab:
                 warnings.warn(f"no token counts given: the EAGLE-3 draft vocabulary is the whole target vocabulary "
@@ -479,30 +484,24 @@ def unwrap_head(model):
 TOKEN_COUNTS_FILE = "token_counts.safetensors"
 
 
-def _write_token_counts(path: Path, counts) -> None:
-    from safetensors.torch import save_file
+def _token_counts_bytes(counts) -> bytes:
+    from safetensors.torch import save
 
     counts = torch.as_tensor(counts).flatten().to(torch.int64).contiguous()
-    save_file({"counts": counts}, str(path), metadata={"what": "target-token frequencies of the training data"})
+    return save({"counts": counts}, metadata={"what": "target-token frequencies of the training data"})
 
 
 def write_token_counts(folder, counts) -> Path:
     """Add (or replace) a head folder's `token_counts.safetensors`: (V,) counts of the target tokens the head was
     trained on, which rank the frequency-restricted draft vocabulary (`speculative.HeadDrafter(draft_vocab=N)`).
-    Written to a temporary file and renamed into place."""
+    Written to a temporary file, fsynced and renamed into place."""
+    from .bench_report import atomic_write
     from .train import fsync_dir
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise AdaspecError(f"{str(folder)!r} is not a head folder (no config.json).")
-    tmp = folder / f".{TOKEN_COUNTS_FILE}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        _write_token_counts(tmp, counts)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, folder / TOKEN_COUNTS_FILE)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(folder / TOKEN_COUNTS_FILE, _token_counts_bytes(counts))
     fsync_dir(folder)
     return folder / TOKEN_COUNTS_FILE
 
@@ -544,7 +543,7 @@ def save_head(head, folder, meta: dict | None = None, target_model=None, token_c
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
         if token_counts is not None:
-            _write_token_counts(tmp / TOKEN_COUNTS_FILE, token_counts)
+            (tmp / TOKEN_COUNTS_FILE).write_bytes(_token_counts_bytes(token_counts))
     return Path(folder)
 
 

@@ -150,7 +150,7 @@ class HeadDrafter(Drafter):
         return None if self.draft_ids is None else int(self.draft_ids.numel())
 
     def _restrict(self, size: int) -> None:
-        from .heads import _id_list, build_draft_vocab
+        from .heads import always_drafted_ids, build_draft_vocab
 
         lm_head = self.head.target_lm_head
         vocab = int(lm_head.weight.shape[0])
@@ -163,11 +163,9 @@ class HeadDrafter(Drafter):
             raise AdaspecError(f"draft_vocab={size} needs the head's training-token counts (token_counts.safetensors "
                                "in its folder, written by train-head); this head has none. Draft over the whole "
                                "vocabulary (--draft-vocab 0) or add them with heads.write_token_counts.")
-        cfg = self.head.config
-        keep = [*_id_list(cfg.eos_token_id), *_id_list(cfg.bos_token_id), *_id_list(cfg.pad_token_id)]
-        d2t, _ = build_draft_vocab(counts, size, [i for i in keep if 0 <= i < vocab])
-        ids = torch.arange(d2t.numel()) + d2t  # (size,) target ids, ascending
-        self.draft_ids = ids.to(lm_head.weight.device)
+        d2t, _ = build_draft_vocab(counts, size, always_drafted_ids(self.head.config))  # drops ids >= vocab
+        self._ids_cpu = torch.arange(d2t.numel()) + d2t  # (size,) target ids, ascending
+        self.draft_ids = self._ids_cpu.to(lm_head.weight.device)
         dtype = fast_draft_dtype(lm_head.weight)
         self._weight = lm_head.weight.detach()[self.draft_ids].to(dtype).contiguous()  # (size, H)
         bias = getattr(lm_head, "bias", None)
@@ -180,7 +178,7 @@ class HeadDrafter(Drafter):
             return self.head.logits(hidden_out)[0].float().cpu()
         sub = torch.nn.functional.linear(hidden_out[0].to(self._weight.dtype), self._weight, self._bias)  # (n, Vd)
         full = torch.full((sub.shape[0], self._vocab), float("-inf"))
-        full[:, self.draft_ids.cpu()] = sub.float().cpu()
+        full[:, self._ids_cpu] = sub.float().cpu()
         return full
 
     def reset(self, target) -> None:

@@ -191,30 +191,35 @@ def test_head_logits_equal_recomputation(kind):
     assert checked > 0
 
 
-def test_sampling_matches_target_distribution():
-    """Joint distribution of the first two sampled tokens (a vocabulary of 8) against exact target
-    probabilities, with a draft that is often rejected (chain: SpecInfer rule; dynamic tree: top-k rule)."""
-    vocab = 8
-    target = tiny_model("llama", seed=0, vocab_size=vocab)
-    ids = prompt(seed=5, length=6, vocab=vocab)
-    temperature, top_p = 0.8, 0.95
+def sample_first_two(target, ids, drafter, cfg, temperature, top_p, trials=450):
+    """Sampled speculative generation of two tokens over `trials` seeds: (counts (V*V,) of the sampled pairs, the
+    target's exact joint probability of each pair (V*V,), drafted tokens, accepted drafts)."""
+    vocab = target.config.vocab_size
     with torch.no_grad():
         p1 = warp_probs(target(torch.tensor([ids])).logits[0, -1], temperature, top_p)  # (V,)
         rows = torch.tensor([ids + [x] for x in range(vocab)])
         p2 = warp_probs(target(rows).logits[:, -1], temperature, top_p)  # (V, V)
-    joint = (p1[:, None] * p2).flatten()
+    counts = torch.zeros(vocab * vocab)
+    drafted = accepted = 0
+    for seed in range(trials):
+        out, stats = speculative_generate(target, ids, drafter, 2, temperature=temperature, top_p=top_p, tree=cfg,
+                                          eos_token_id=[], seed=seed)
+        counts[out[0] * vocab + out[1]] += 1
+        drafted += stats["drafted_tokens"]
+        accepted += stats["accepted_drafts"]
+    return counts, (p1[:, None] * p2).flatten(), drafted, accepted
+
+
+def test_sampling_matches_target_distribution():
+    """Joint distribution of the first two sampled tokens (a vocabulary of 8) against exact target
+    probabilities, with a draft that is often rejected (chain: SpecInfer rule; dynamic tree: top-k rule)."""
+    target = tiny_model("llama", seed=0, vocab_size=8)
+    ids = prompt(seed=5, length=6, vocab=8)
     trees = {"chain": TreeConfig(depth=2, topk=1, total_tokens=2, shape="chain"),
              "dynamic": TreeConfig(depth=2, topk=2, total_tokens=4, shape="dynamic")}
     for shape, cfg in trees.items():
         drafter = DraftLMDrafter(noisy_copy(target, 0.3, seed=2))  # overlaps the target by ~0.4
-        counts = torch.zeros(vocab * vocab)
-        drafted = accepted = 0
-        for seed in range(450):
-            out, stats = speculative_generate(target, ids, drafter, 2, temperature=temperature, top_p=top_p,
-                                              tree=cfg, eos_token_id=[], seed=seed)
-            counts[out[0] * vocab + out[1]] += 1
-            drafted += stats["drafted_tokens"]
-            accepted += stats["accepted_drafts"]
+        counts, joint, drafted, accepted = sample_first_two(target, ids, drafter, cfg, 0.8, 0.95)
         ok, stat, crit = chi_square_ok(counts, joint)
         assert ok, (shape, stat, crit)
         assert 0.1 * drafted < accepted < 0.9 * drafted, (shape, accepted, drafted)  # accepts and rejects
@@ -268,22 +273,11 @@ def test_restricted_draft_vocab_is_lossless_and_cheaper(monkeypatch):
 def test_sampling_with_a_restricted_draft_vocab_matches_the_target():
     """A head drafting from 4 of 8 ids (its proposal has no mass on the other 4): rejection sampling still gives
     the target's distribution of the first two tokens."""
-    vocab = 8
-    target = tiny_model("llama", seed=0, vocab_size=vocab)
-    ids = prompt(seed=5, length=6, vocab=vocab)
-    temperature, top_p = 0.8, 1.0
-    with torch.no_grad():
-        p1 = warp_probs(target(torch.tensor([ids])).logits[0, -1], temperature, top_p)  # (V,)
-        rows = torch.tensor([ids + [x] for x in range(vocab)])
-        p2 = warp_probs(target(rows).logits[:, -1], temperature, top_p)  # (V, V)
-    joint = (p1[:, None] * p2).flatten()
+    target = tiny_model("llama", seed=0, vocab_size=8)
+    ids = prompt(seed=5, length=6, vocab=8)
     drafter = restricted_head_drafter(target, 4, seed=3)
     cfg = TreeConfig(depth=2, topk=1, total_tokens=2, shape="chain")
-    counts = torch.zeros(vocab * vocab)
-    for seed in range(450):
-        out, _ = speculative_generate(target, ids, drafter, 2, temperature=temperature, top_p=top_p, tree=cfg,
-                                      eos_token_id=[], seed=seed)
-        counts[out[0] * vocab + out[1]] += 1
+    counts, joint, _, _ = sample_first_two(target, ids, drafter, cfg, 0.8, 1.0)
     ok, stat, crit = chi_square_ok(counts, joint)
     assert ok, (stat, crit)
 
