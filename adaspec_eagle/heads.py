@@ -363,7 +363,9 @@ def build_draft_vocab(token_counts: torch.Tensor, draft_vocab_size: int,
 
 
 def _target_vocab(target_model) -> int:
-    return int(target_model.get_input_embeddings().weight.shape[0])
+    from .models import embedding_rows
+
+    return embedding_rows(target_model)
 
 
 def always_drafted_ids(config, generation_config=None, extra=()) -> list[int]:

@@ -209,9 +209,24 @@ def check_tokenizers_compatible(target_tok, draft_tok, target_vocab: int | None 
 
 
 def embedding_fingerprint(model) -> str:
-    """A short hash of the input embedding (first 64 rows, fp32, rounded): equal for the same weights,
-    different for another precision or quantization of the same model."""
-    w = model.get_input_embeddings().weight.detach()[:64].float().cpu()
+    """A short hash of the input embedding (first 64 rows, rounded to bf16): equal for the same weights held in
+    fp32 or bf16 (a head trained on a bf16 GPU target serves the fp32 CPU target without a warning), different
+    for other weights or another quantization of the same model."""
+    with _gathered(model.get_input_embeddings()):  # (a ZeRO-3 shard would hash as empty)
+        w = model.get_input_embeddings().weight.detach()[:64].to(torch.bfloat16).float().cpu()
+    return hashlib.sha256((w * 1e4).round().to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+def embedding_rows(model) -> int:
+    """Rows of the input embedding (the vocabulary the model takes), also when ZeRO-3 holds only a shard."""
+    weight = model.get_input_embeddings().weight
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
+
+
+def _legacy_fingerprint(model) -> str:
+    """The fingerprint that heads saved by earlier builds recorded (fp32 rows: bf16 and fp32 differed); accepted."""
+    with _gathered(model.get_input_embeddings()):
+        w = model.get_input_embeddings().weight.detach()[:64].float().cpu()
     return hashlib.sha256((w * 1e4).round().to(torch.int64).numpy().tobytes()).hexdigest()[:16]
 
 
@@ -223,7 +238,7 @@ def target_identity(model, name: str | None = None) -> dict:
         "model_type": cfg.model_type,
         "hidden_size": int(cfg.hidden_size),
         "num_hidden_layers": int(cfg.num_hidden_layers),
-        "vocab_size": int(model.get_input_embeddings().weight.shape[0]),
+        "vocab_size": embedding_rows(model),
         "fingerprint": embedding_fingerprint(model),
     }
 
@@ -237,7 +252,8 @@ def check_target_identity(recorded: dict, model, what: str = "head") -> None:
             raise AdaspecError(
                 f"this {what} was built for target {recorded.get('name')!r} with {key}={recorded[key]}, but the "
                 f"target given has {key}={actual[key]} ({actual['name']!r}); use the target it was trained for.")
-    if recorded.get("fingerprint") and recorded["fingerprint"] != actual["fingerprint"]:
+    if recorded.get("fingerprint") and recorded["fingerprint"] not in (actual["fingerprint"],
+                                                                       _legacy_fingerprint(model)):
         warnings.warn(f"the target's embedding fingerprint differs from the one this {what} was built for "
                       f"({recorded.get('name')!r}): same shapes, other weights, precision or quantization. "
                       "Acceptance may be lower.", stacklevel=2)
@@ -351,6 +367,20 @@ def tiny_config(family: str, vocab_size: int = TINY_VOCAB, hidden_size: int = 64
     return cfg
 
 
+def _gathered(model):
+    """A context in which a module partitioned by DeepSpeed ZeRO-3 (created under `zero.Init` by `accelerate
+    launch` with zero3_init_flag, or wrapped by `train.prepare_frozen`) holds its full weights; rank 0's changes
+    are kept. A no-op for a plain module."""
+    import contextlib
+
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
 def tiny_model(family: str = "llama", seed: int = 0, vocab_size: int = TINY_VOCAB, **overrides):
     """A random causal LM of `family` in fp32 eval mode, deterministic for a seed."""
     from transformers import AutoModelForCausalLM
@@ -360,8 +390,9 @@ def tiny_model(family: str = "llama", seed: int = 0, vocab_size: int = TINY_VOCA
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     # Random init leaves logits almost uniform. Rescale the output layer so logits have a std of about 3:
     # peaked but not one-hot distributions, so speculative tests see both accepts and rejects.
-    with torch.no_grad():
+    with _gathered(model), torch.no_grad():
         probe = torch.randint(len(TINY_SPECIALS), vocab_size, (2, 16), generator=torch.Generator().manual_seed(seed))
+        probe = probe.to(model.get_input_embeddings().weight.device)  # (zero.Init on a GPU gathers there)
         for _ in range(2):  # twice: with tied embeddings the rescale also moves the inputs
             std = model(probe).logits.std().item()
             model.get_output_embeddings().weight.mul_(3.0 / max(std, 1e-6))

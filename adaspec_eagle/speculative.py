@@ -489,7 +489,7 @@ def tune_tree_budget(target, drafter: Drafter, prompt_ids, tree: TreeConfig, siz
 
     Measures (1) the acceptance profile: a greedy run of `profile_tokens` tokens from the prompt with the largest
     budget, giving for every budget n the mean tokens per step tau(n) had the tree been cut to its n best nodes
-    (`accepted_within_budget`); (2) the draft time per tree level of that run (a budget of n drafts at most
+    (`accepted_within_budget`); (2) the median draft time per tree level of that run (a budget of n drafts at most
     min(depth, n) levels, see `tree.build_tree`); (3) the target's verify cost c(n) at this prompt length
     (`measure_verify_cost`). Returns {"total_tokens", "depth", "table": [(n, tau, draft_s, verify_s,
     tokens_per_s)], "summary"} maximising tau(n) / (draft(n) + c(n)); "depth" is min(tree.depth, n)."""
@@ -500,7 +500,8 @@ def tune_tree_budget(target, drafter: Drafter, prompt_ids, tree: TreeConfig, siz
     if not rec.steps:
         raise AdaspecError("auto-tuning needs at least one decoding step; raise profile_tokens or check the prompt.")
     levels = tree.depth if tree.shape != "chain" else min(tree.depth, max(sizes))
-    per_level = stats["draft_time_s"] / stats["steps"] / levels
+    # the median step: the first steps of a cold process (CUDA kernels loading, caches) would inflate a mean
+    per_level = sorted(stats["draft_times_s"])[len(stats["draft_times_s"]) // 2] / levels
     n_prompt = len(prompt_ids.flatten().tolist() if isinstance(prompt_ids, torch.Tensor) else prompt_ids)
     costs = measure_verify_cost(target, n_prompt + profile_tokens // 2, sizes)
     table = []

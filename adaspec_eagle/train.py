@@ -127,6 +127,39 @@ def micro_batch_indices(m: int, n: int, batch_size: int, seed: int, rank: int = 
     return perm[start:start + batch_size].tolist()
 
 
+def configure_deepspeed(acc, train_cfg: TrainConfig, optim_cfg: OptimConfig) -> None:
+    """Fill the DeepSpeed config (under `accelerate launch` with a DeepSpeed plugin) from the recipe: the loop
+    feeds its own batches, so accelerate cannot infer the micro-batch size from a dataloader; clipping is
+    DeepSpeed's own, so a config value other than optim.max_grad_norm is refused rather than silently used."""
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = train_cfg.batch_size
+    ds["gradient_accumulation_steps"] = train_cfg.grad_accum
+    ds.pop("train_batch_size", None)  # DeepSpeed derives it (micro-batch x accumulation x data-parallel ranks)
+    clip = ds.get("gradient_clipping", "auto")
+    if clip == "auto":
+        ds["gradient_clipping"] = optim_cfg.max_grad_norm
+    elif float(clip) != float(optim_cfg.max_grad_norm):
+        raise AdaspecError(f"the DeepSpeed config clips gradients at {clip} but optim.max_grad_norm="
+                           f"{optim_cfg.max_grad_norm}; set one to the other (the accelerate config's "
+                           "gradient_clipping, or the override optim.max_grad_norm=...).")
+
+
+BUDGET_PROBE_STEPS = 20
+
+
+def budget_steps(acc, steps: int, done: int, step0: int, rate_t0: float, spent_s: float, budget_s: float) -> int:
+    """`steps` cut to what fits `budget_s` seconds of training: the rate is that of the steps since the third of
+    this call (from `rate_t0`), `spent_s` the stage's seconds so far. Every rank gets the same answer (the rate is
+    averaged across processes). At least one more step than `done`."""
+    rate = (done - step0 - 2) / max(time.perf_counter() - rate_t0, 1e-9)  # steps per second
+    if acc.num_processes > 1:
+        rate = acc.reduce(torch.tensor([rate], device=acc.device, dtype=torch.float64), reduction="mean").item()
+    return max(done + 1, min(steps, done + int((budget_s - spent_s) * rate)))
+
+
 def total_steps(n: int, cfg: TrainConfig, world: int) -> int:
     """Optimizer steps of a stage: `max_steps`, else `epochs` passes over n samples."""
     if cfg.max_steps is not None:
@@ -318,6 +351,7 @@ def train(model: torch.nn.Module, dataset: Sequence, loss_fn: LossFn, *, collate
     n = len(dataset)
     steps = total_steps(n, train_cfg, world)
 
+    configure_deepspeed(acc, train_cfg, optim_cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
                                   weight_decay=optim_cfg.weight_decay)
@@ -327,6 +361,8 @@ def train(model: torch.nn.Module, dataset: Sequence, loss_fn: LossFn, *, collate
     last = latest_checkpoint(ckpt_dir)
     if last is not None:
         state = load_checkpoint(acc, last)
+        if state.get("budget_steps"):  # a time budget cut this stage before: keep its schedule
+            steps = min(steps, state["budget_steps"])
         state["total_steps"] = steps
 
     writer = None
@@ -337,6 +373,7 @@ def train(model: torch.nn.Module, dataset: Sequence, loss_fn: LossFn, *, collate
     bar = tqdm(total=steps, initial=state["step"], desc=desc, disable=not (progress and acc.is_main_process),
                dynamic_ncols=True)
     t0, tokens0, seconds0, stats_out = time.perf_counter(), state["tokens"], state.get("seconds", 0.0), {}
+    step0, rate_t0 = state["step"], t0
     model.train()
     with _StopSignals() as stop, _closing(bar, writer):
         while state["step"] < steps and (stop_at is None or state["step"] < stop_at):
@@ -383,6 +420,12 @@ def train(model: torch.nn.Module, dataset: Sequence, loss_fn: LossFn, *, collate
             totals = dict(zip(keys, packed[3:].tolist()))
 
             elapsed = time.perf_counter() - t0
+            if train_cfg.max_minutes and not state.get("budget_steps") and state["step"] - step0 >= BUDGET_PROBE_STEPS:
+                steps = state["budget_steps"] = budget_steps(acc, steps, state["step"], step0, rate_t0, seconds0 + elapsed,
+                                                             train_cfg.max_minutes * 60)
+                state["total_steps"] = bar.total = steps
+            if state["step"] - step0 == 2:  # the rate is measured from here (the first steps warm kernels up)
+                rate_t0 = time.perf_counter()
             tok_s = (state["tokens"] - tokens0) / max(elapsed, 1e-9)
             stats_out = {"loss": step_loss, "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tok_s}
             if totals.get("valid"):
@@ -412,5 +455,6 @@ def train(model: torch.nn.Module, dataset: Sequence, loss_fn: LossFn, *, collate
     acc.wait_for_everyone()
     acc.free_memory()  # forget this stage's model/optimizer so a next stage checkpoints only its own
     return {"model": unwrapped, "steps": state["step"], "total_steps": steps, "losses": state["losses"],
+            "budget_steps": state.get("budget_steps"),
             "tokens": state["tokens"], "stats": stats_out, "seconds": seconds,
             "tokens_per_s": (state["tokens"] - tokens0) / max(elapsed, 1e-9)}

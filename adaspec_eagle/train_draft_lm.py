@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from . import AdaspecError
 from .config import DraftLMRecipe, LossConfig, claim_output_dir, load_recipe, save_resolved
-from .models import check_samples_fit, load_model, target_identity
+from .models import check_samples_fit, embedding_rows, load_model, target_identity
 
 STAGES = ("target", "reference", "draft")
 
@@ -105,7 +105,7 @@ def run(cfg: DraftLMRecipe, loss_kind: str = "adaspec", overwrite: bool = False,
     """Run the configured stages; returns {stage: {"path", "agreement", "steps", "tokens_per_s"}}."""
     from .data import build_dataset, collate
     from .draft_lm import init_draft
-    from .train import make_accelerator, prepare_frozen, train
+    from .train import configure_deepspeed, make_accelerator, prepare_frozen, train
 
     out = Path(cfg.output_dir)
     target, tok = load_model(cfg.target)
@@ -115,15 +115,16 @@ def run(cfg: DraftLMRecipe, loss_kind: str = "adaspec", overwrite: bool = False,
     probe = init_draft(cfg.draft, target, tok)
     check_samples_fit([*train_set, *heldout], target, f"target {cfg.target}")
     check_samples_fit([*train_set, *heldout], probe, f"draft {cfg.draft}")
-    vocab = min(target.get_input_embeddings().weight.shape[0], probe.get_input_embeddings().weight.shape[0])
+    vocab = min(embedding_rows(target), embedding_rows(probe))
     del probe
     if ("draft" in cfg.stages and loss_kind == "adaspec" and "reference" not in cfg.stages
             and not _stage_done(out / "reference")):
         raise AdaspecError(f"stage draft needs a reference LM in {out / 'reference'}; run the reference stage "
                            "first (stages=[reference, draft]).")
+    acc = make_accelerator(cfg.train)
+    configure_deepspeed(acc, cfg.train, cfg.optim)  # a DeepSpeed config at odds with the recipe is refused here
     with claim_output_dir(out, cfg, overwrite=overwrite):
         save_resolved(cfg, out)
-        acc = make_accelerator(cfg.train)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         results: dict = {}
         epochs = {"target": cfg.target_epochs, "reference": cfg.reference_epochs, "draft": cfg.draft_epochs}

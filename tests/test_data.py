@@ -337,3 +337,33 @@ def test_data_stats_cli(numbered, capsys):
     assert "n.jsonl: 60 records" in out and "data n.jsonl [train]: 7 samples" in out
     assert main(["data-stats", "--dataset", "gsm8k", "--path", str(FIXTURES / "missing.jsonl"),
                  "--target", "tiny"]) == 2
+
+
+def _same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["loss_mask"], y["loss_mask"])
+
+
+def test_tokenized_file_gives_the_same_samples_and_split(tmp_path, numbered, capsys):
+    tok = tiny_tokenizer()
+    for source in (CHAT, numbered):  # chats and prompt/completion pairs (whose prompts are trimmed first)
+        out = str(tmp_path / f"{Path(source).stem}.safetensors")
+        assert main(["data-tokenize", "--dataset", source, "--target", "tiny", "--max-length", "60", "--out", out,
+                     "--quiet"]) == 0
+        assert "wrote" in capsys.readouterr().out
+        for max_length, split in ((60, "train"), (40, "train"), (40, "heldout")):
+            text = data.build_dataset(DataConfig(dataset=source, holdout=2, max_length=max_length), tok, split)
+            packed = data.build_dataset(DataConfig(dataset=out, holdout=2, max_length=max_length), tok, split)
+            _same(text, packed)
+            assert packed.summary.truncated == text.summary.truncated
+        with pytest.raises(AdaspecError, match="cut at 60 tokens"):
+            data.build_dataset(DataConfig(dataset=out, max_length=64, holdout=2), tok)
+        with pytest.raises(AdaspecError, match="another tokenizer"):
+            data.build_dataset(DataConfig(dataset=out, max_length=40, holdout=2), tiny_tokenizer(chat=False))
+    assert main(["data-tokenize", "--dataset", CHAT, "--target", "tiny", "--out", out]) == 2  # exists: refused
+    assert "--overwrite" in capsys.readouterr().err
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(AdaspecError, match="not a readable safetensors"):
+        data.build_dataset(DataConfig(dataset=str(bad)), tok)

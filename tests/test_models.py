@@ -93,6 +93,14 @@ def test_target_identity_checks():
         models.check_target_identity(recorded, models.tiny_model("llama", hidden_size=32))
     with pytest.warns(UserWarning, match="fingerprint differs"):
         models.check_target_identity(recorded, models.tiny_model("llama", seed=1))
+    import copy
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same weights in bf16 (a GPU-trained head's target): no warning
+        models.check_target_identity(models.target_identity(copy.deepcopy(model).to(torch.bfloat16)), model)
+        # heads saved by earlier builds recorded the fp32 fingerprint: still the same target
+        models.check_target_identity({**recorded, "fingerprint": models._legacy_fingerprint(model)}, model)
 
 
 def test_unknown_dtype():

@@ -128,6 +128,19 @@ def test_resume_continues_with_identical_losses(tmp_path):
     torch.testing.assert_close(resumed["model"].state_dict(), full["model"].state_dict())
 
 
+def test_time_budget_cuts_steps_and_resume_keeps_the_cut(tmp_path):
+    data = samples(8)
+    kw = dict(max_steps=40, save_every=5, max_minutes=1e-6)  # a budget spent before the rate is even measured
+    target, head, loss_fn = head_setup()
+    part = run_train(head, data, loss_fn, tmp_path, stop_at=21, **kw)
+    assert part["budget_steps"] == 21 and part["total_steps"] == 21  # cut to one step past the 20-step probe
+    target, head, loss_fn = head_setup()
+    resumed = run_train(head, data, loss_fn, tmp_path, max_steps=40, save_every=5)  # the cut survives a resume
+    assert resumed["steps"] == 21 and resumed["total_steps"] == 21
+    free = run_train(head_setup()[1], data, head_setup()[2], tmp_path / "free", max_steps=25, max_minutes=60.0)
+    assert free["steps"] == 25 and free["budget_steps"] == 25  # a budget that fits leaves the steps alone
+
+
 def test_grad_accumulation_matches_full_batch(tmp_path):
     # sum over every valid token / the step's valid count, whatever the micro-batch split
     data = samples(8)
@@ -163,6 +176,22 @@ def tiny_args(data, out, *extra):
     return ["train-head", "--recipe", TINY, "--output-dir", str(out), "--quiet", *flags, f"data.dataset={data}",
             "data.num_samples=12", "data.holdout=4", "data.max_length=64", "train.max_steps=3", "train.save_every=2",
             *overrides]
+
+
+@pytest.mark.parametrize("features", ["online", "cached"])
+def test_bf16_target_trains_and_evaluates(tmp_path, capsys, features):
+    """The GPU recipe's precision: a bf16 target feeding an fp32 head under autocast, through evaluation."""
+    from accelerate.state import AcceleratorState
+
+    data = chat_file(tmp_path / "chats.jsonl")
+    AcceleratorState._reset_state()  # accelerate keeps one mixed-precision setting per process: the other tests' fp32
+    try:
+        assert main(tiny_args(data, tmp_path / "out", "train.precision=bf16", f"features={features}")) == 0
+    finally:
+        AcceleratorState._reset_state()
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results["eval"]) == {"reference", "adaspec"}
+    assert all(0.0 <= e["top1"] <= 1.0 and e["positions"] > 0 for e in results["eval"].values())
 
 
 def test_cli_both_stages_chain(tmp_path, capsys):
