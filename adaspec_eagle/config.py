@@ -106,7 +106,8 @@ class TrainConfig:
     max_minutes: float | None = None
     """Time budget per stage: after its first 20 steps the stage's step count (and with it the LR schedule) is
     cut to what fits this many minutes at the rate measured so far; the cut is saved with checkpoints, so a
-    resume keeps it. For a fixed slot on a lent machine; None: no budget."""
+    resume keeps it (a cut at or below optim.warmup_steps ends still warming up). For a fixed slot on a lent
+    machine; None: no budget."""
     batch_size: int = 8
     """Sequences per micro-batch per process."""
     grad_accum: int = 1

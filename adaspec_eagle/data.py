@@ -538,7 +538,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def write_tokenized(path: str, tokenizer, cfg: DataConfig, progress: bool = True) -> dict:
     """Encode every example of `cfg.dataset` (source order; cut to cfg.max_length as `build_dataset` cuts) into
-    one safetensors file at `path` (written atomically). Returns its metadata: examples, tokens, targets."""
+    one safetensors file at `path` (written atomically). Returns its metadata: examples, tokens, targets.
+
+    Reading it back at a shorter max_length cuts again; that equals cutting the text once, except for a
+    prompt/completion example whose prompt text itself contains the BOS token (the second cut may keep it)."""
     import numpy as np
     from safetensors.numpy import save
     from tqdm.auto import tqdm

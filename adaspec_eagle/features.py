@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import AdaspecError
-from .models import target_forward_features, target_identity
+from .models import same_fingerprint, target_forward_features, target_identity
 
 STORAGE = {"fp16": (np.float16, torch.float16), "bf16": (np.int16, torch.bfloat16), "fp32": (np.float32, torch.float32)}
 FORMAT_VERSION = 1
@@ -124,7 +124,8 @@ def cache_problem(folder: str | os.PathLike, target, samples: Sequence[dict] | N
         return f"it has format {m.get('format')}, this version reads {FORMAT_VERSION}"
     want = target_identity(target)
     for key in ("hidden_size", "vocab_size", "num_hidden_layers", "fingerprint"):
-        if m["target"].get(key) != want[key]:
+        got = m["target"].get(key)
+        if got != want[key] and not (key == "fingerprint" and same_fingerprint(got, want)):
             return (f"it was built for target {m['target'].get('name')!r} with {key}={m['target'].get(key)}, "
                     f"the target now is {want['name']!r} with {key}={want[key]}")
     if samples is not None and m["data"] != data_fingerprint(samples):

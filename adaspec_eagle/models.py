@@ -208,13 +208,31 @@ def check_tokenizers_compatible(target_tok, draft_tok, target_vocab: int | None 
                                "the model and tokenizer do not belong together.")
 
 
+def _fingerprints(model) -> tuple[str, str]:
+    """(fingerprint, legacy fingerprint) of the input embedding's first 64 rows, hashed after rounding to bf16 and
+    as fp32. The first is equal for the same weights held in fp32 or bf16 (a head trained on a bf16 GPU target
+    serves the fp32 CPU target without a warning) and differs for other weights or another quantization; the
+    second is what earlier builds recorded, still accepted. Under ZeRO-3 the rows are gathered, which every rank
+    must join, so the result is kept on the module: later checks made by the main process alone reuse it."""
+    emb = model.get_input_embeddings()
+    memo = getattr(emb, "_adaspec_fingerprints", None)
+    if memo is not None:
+        return memo
+    with _gathered(emb):  # (a ZeRO-3 shard would hash as empty)
+        w = emb.weight.detach()[:64].float().cpu()
+
+    def digest(x):
+        return hashlib.sha256((x * 1e4).round().to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+    out = (digest(w.to(torch.bfloat16).float()), digest(w))
+    if any(hasattr(p, "ds_id") for p in emb.parameters()):
+        emb._adaspec_fingerprints = out
+    return out
+
+
 def embedding_fingerprint(model) -> str:
-    """A short hash of the input embedding (first 64 rows, rounded to bf16): equal for the same weights held in
-    fp32 or bf16 (a head trained on a bf16 GPU target serves the fp32 CPU target without a warning), different
-    for other weights or another quantization of the same model."""
-    with _gathered(model.get_input_embeddings()):  # (a ZeRO-3 shard would hash as empty)
-        w = model.get_input_embeddings().weight.detach()[:64].to(torch.bfloat16).float().cpu()
-    return hashlib.sha256((w * 1e4).round().to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+    """A short hash of the input embedding's first 64 rows, rounded to bf16 (see `_fingerprints`)."""
+    return _fingerprints(model)[0]
 
 
 def embedding_rows(model) -> int:
@@ -223,24 +241,24 @@ def embedding_rows(model) -> int:
     return int(getattr(weight, "ds_shape", weight.shape)[0])
 
 
-def _legacy_fingerprint(model) -> str:
-    """The fingerprint that heads saved by earlier builds recorded (fp32 rows: bf16 and fp32 differed); accepted."""
-    with _gathered(model.get_input_embeddings()):
-        w = model.get_input_embeddings().weight.detach()[:64].float().cpu()
-    return hashlib.sha256((w * 1e4).round().to(torch.int64).numpy().tobytes()).hexdigest()[:16]
-
-
 def target_identity(model, name: str | None = None) -> dict:
     """What a head, draft or feature cache records about the target it was built for."""
     cfg = model.config
+    fingerprint, legacy = _fingerprints(model)
     return {
         "name": name or getattr(cfg, "_adaspec_source", None) or getattr(cfg, "_name_or_path", "unknown"),
         "model_type": cfg.model_type,
         "hidden_size": int(cfg.hidden_size),
         "num_hidden_layers": int(cfg.num_hidden_layers),
         "vocab_size": embedding_rows(model),
-        "fingerprint": embedding_fingerprint(model),
+        "fingerprint": fingerprint,
+        "legacy_fingerprint": legacy,
     }
+
+
+def same_fingerprint(recorded: str | None, identity: dict) -> bool:
+    """Whether a recorded fingerprint names the target of `identity` (this build's hash or an earlier build's)."""
+    return recorded in (identity["fingerprint"], identity.get("legacy_fingerprint"))
 
 
 def check_target_identity(recorded: dict, model, what: str = "head") -> None:
@@ -252,8 +270,7 @@ def check_target_identity(recorded: dict, model, what: str = "head") -> None:
             raise AdaspecError(
                 f"this {what} was built for target {recorded.get('name')!r} with {key}={recorded[key]}, but the "
                 f"target given has {key}={actual[key]} ({actual['name']!r}); use the target it was trained for.")
-    if recorded.get("fingerprint") and recorded["fingerprint"] not in (actual["fingerprint"],
-                                                                       _legacy_fingerprint(model)):
+    if recorded.get("fingerprint") and not same_fingerprint(recorded["fingerprint"], actual):
         warnings.warn(f"the target's embedding fingerprint differs from the one this {what} was built for "
                       f"({recorded.get('name')!r}): same shapes, other weights, precision or quantization. "
                       "Acceptance may be lower.", stacklevel=2)

@@ -88,8 +88,11 @@ def record_key(identity: dict, text: str, limit: int) -> str:
 # The cache file
 
 
-def _same_target(a: dict, b: dict) -> bool:
-    return all(a.get(k) == b.get(k) for k in IDENTITY_KEYS)
+def _same_target(recorded: dict, now: dict) -> bool:
+    from .models import same_fingerprint
+
+    return all(recorded.get(k) == now.get(k) or (k == "fingerprint" and same_fingerprint(recorded.get(k), now))
+               for k in IDENTITY_KEYS)
 
 
 def read_cache(path: str | os.PathLike, identity: dict) -> dict[int, dict]:

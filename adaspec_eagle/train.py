@@ -152,12 +152,13 @@ BUDGET_PROBE_STEPS = 20
 
 def budget_steps(acc, steps: int, done: int, step0: int, rate_t0: float, spent_s: float, budget_s: float) -> int:
     """`steps` cut to what fits `budget_s` seconds of training: the rate is that of the steps since the third of
-    this call (from `rate_t0`), `spent_s` the stage's seconds so far. Every rank gets the same answer (the rate is
-    averaged across processes). At least one more step than `done`."""
+    this call (from `rate_t0`), `spent_s` the stage's seconds so far. One more step than `done` at least, `steps`
+    at most. Every rank gets the same answer (the smallest of the ranks' own), or they would part ways."""
     rate = (done - step0 - 2) / max(time.perf_counter() - rate_t0, 1e-9)  # steps per second
+    cut = min(steps, max(done + 1, done + int((budget_s - spent_s) * rate)))
     if acc.num_processes > 1:
-        rate = acc.reduce(torch.tensor([rate], device=acc.device, dtype=torch.float64), reduction="mean").item()
-    return max(done + 1, min(steps, done + int((budget_s - spent_s) * rate)))
+        cut = int(acc.gather(torch.tensor([cut], device=acc.device, dtype=torch.int64)).min().item())
+    return cut
 
 
 def total_steps(n: int, cfg: TrainConfig, world: int) -> int:

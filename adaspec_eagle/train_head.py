@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from . import AdaspecError
 from .config import HeadRecipe, LossConfig, load_recipe, save_resolved, to_dict
-from .models import check_samples_fit, embedding_rows
+from .models import check_samples_fit, embedding_rows, target_identity
 
 STAGE_DIRS = {"reference": "reference", "adaspec": "adaspec", "kd": "kd"}
 
@@ -382,6 +382,7 @@ def _run_pipeline(cfg: HeadRecipe, resume, overwrite, stop_at, progress, log, cl
     configure_deepspeed(accelerator, cfg.train, cfg.optim)  # a DeepSpeed config at odds with the recipe: refused
     target, tokenizer = load_target(cfg.target, cfg.train.precision)
     target = prepare_frozen(accelerator, target)
+    target_identity(target)  # every rank: under ZeRO-3 this gathers (collective); main-only checks reuse it
     if cfg.data.self_distill:  # the target answers the prompts now (OUT/regen.jsonl, resumable): the one write
         # before the checks below, which need the answered data; so check the folder and hold its lock first
         if accelerator.num_processes > 1 and _is_partitioned(target.get_output_embeddings()):

@@ -110,6 +110,12 @@ def test_cached_features_equal_online(tmp_path):
         open_cache(tmp_path / "c32", target, samples(6, seed=5))
     with pytest.raises(AdaspecError, match="no complete feature cache"):
         open_cache(tmp_path / "missing", target)
+    # a cache an earlier build wrote (it recorded the fp32-row fingerprint) still opens for the same target
+    manifest = tmp_path / "c32" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["target"]["fingerprint"] = m["target"].pop("legacy_fingerprint")
+    manifest.write_text(json.dumps(m))
+    assert len(open_cache(tmp_path / "c32", target, data)) == 6
 
 
 def test_resume_continues_with_identical_losses(tmp_path):
@@ -126,6 +132,12 @@ def test_resume_continues_with_identical_losses(tmp_path):
     assert resumed["steps"] == 7
     assert resumed["losses"] == pytest.approx(full["losses"], abs=1e-6)
     torch.testing.assert_close(resumed["model"].state_dict(), full["model"].state_dict())
+
+
+def test_time_budget_never_exceeds_max_steps(tmp_path):
+    # the probe fires on the last planned step: the cut may not add a step past max_steps
+    run = run_train(head_setup()[1], samples(8), head_setup()[2], tmp_path, max_steps=20, max_minutes=60.0)
+    assert run["steps"] == 20 and run["budget_steps"] == 20
 
 
 def test_time_budget_cuts_steps_and_resume_keeps_the_cut(tmp_path):
@@ -283,7 +295,8 @@ DDP_SCRIPT = textwrap.dedent("""
     out = sys.argv[1]
     batch = int(sys.argv[2])
     target, head, loss_fn = head_setup()
-    run = run_train(head, samples(10), loss_fn, out, batch_size=batch, max_steps=4, grad_accum=2)
+    budget = dict(max_steps=60, max_minutes=float(sys.argv[4])) if len(sys.argv) > 4 else dict(max_steps=4)
+    run = run_train(head, samples(10), loss_fn, out, batch_size=batch, grad_accum=2, **budget)
     rank = PartialState().process_index
     assert PartialState().num_processes == int(sys.argv[3])
     torch.save({{"state": run["model"].state_dict(), "losses": run["losses"]}}, f"{{out}}/rank{{rank}}.pt")
@@ -310,6 +323,24 @@ def test_two_process_gloo_matches_one_process(tmp_path):
         assert torch.equal(r0["state"][key], r1["state"][key]), key
     torch.testing.assert_close(r0["state"], single["state"], atol=1e-5, rtol=1e-4)
     assert r0["losses"] == pytest.approx(single["losses"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_two_process_time_budget_agrees_across_ranks(tmp_path):
+    """Each rank measures its own clock; the cut must still be one step count for both, or one rank leaves the
+    loop while the other waits in a collective (a hang)."""
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(ROOT / "tests")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", "29534", "--multi_gpu", "--num_processes", "2",
+           str(script), str(tmp_path), "2", "2", "0.01"]  # a 0.6 s budget: ranks measure about 38 vs 41 steps
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert 20 < len(r0["losses"]) < 60 and r0["losses"] == r1["losses"]
+    for key in r0["state"]:
+        assert torch.equal(r0["state"][key], r1["state"][key]), key
 
 
 # ----------------------------------------------------------------------------------------------------------
