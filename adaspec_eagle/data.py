@@ -581,13 +581,32 @@ def write_tokenized(path: str, tokenizer, cfg: DataConfig, progress: bool = True
 def read_tokenized(path: str, tokenizer, max_length: int | None = None) -> tuple[list[dict], SourceInfo]:
     """Examples {"input_ids": list, "loss_mask": list[, "prompt": None], "cut": bool} of a `write_tokenized`
     file, after checking its format, its tokenizer against `tokenizer`, and that `max_length` does not exceed
-    the length it was cut at."""
-    import numpy as np
-    from safetensors import safe_open
-
+    the length it was cut at. Cached in-process (the train and held-out splits read the same file): treat the
+    examples as read-only."""
     if not os.path.isfile(path):
         raise AdaspecError(f"tokenized data file {path!r} does not exist; write it with `adaspec-eagle "
                            "data-tokenize --out PATH`.")
+    stat = os.stat(path)
+    meta, examples = _read_tokenized(os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+    if meta["tokenizer"] != tokenizer_fingerprint(tokenizer):
+        raise AdaspecError(f"{path!r} was tokenized with another tokenizer ({meta['tokenizer_name']!r}); tokenize "
+                           "the data again with this target: `adaspec-eagle data-tokenize --target T`.")
+    if max_length is not None and max_length > int(meta["max_length"]):
+        raise AdaspecError(f"{path!r} was cut at {meta['max_length']} tokens but data.max_length={max_length}; "
+                           f"lower data.max_length to {meta['max_length']} or tokenize again with a larger "
+                           "--max-length.")
+    info = SourceInfo(os.path.basename(path), path, records=len(examples),
+                      notes=[f"tokenized from {meta['source_name']}, cut at {meta['max_length']} tokens"])
+    return examples, info
+
+
+@functools.lru_cache(maxsize=2)
+def _read_tokenized(path: str, mtime_ns: int, size: int) -> tuple[dict, list[dict]]:
+    """(metadata, examples) of a tokenized file; keyed by modification time and size, so a rewritten file is read
+    again."""
+    import numpy as np
+    from safetensors import safe_open
+
     try:
         with safe_open(path, framework="numpy") as f:
             meta = f.metadata() or {}
@@ -598,13 +617,6 @@ def read_tokenized(path: str, tokenizer, max_length: int | None = None) -> tuple
     if meta.get("format") != TOKENIZED_FORMAT:
         raise AdaspecError(f"{path!r} is not a tokenized data file (format {meta.get('format')!r}); write one "
                            "with `adaspec-eagle data-tokenize`.")
-    if meta["tokenizer"] != tokenizer_fingerprint(tokenizer):
-        raise AdaspecError(f"{path!r} was tokenized with another tokenizer ({meta['tokenizer_name']!r}); tokenize "
-                           "the data again with this target: `adaspec-eagle data-tokenize --target T`.")
-    if max_length is not None and max_length > int(meta["max_length"]):
-        raise AdaspecError(f"{path!r} was cut at {meta['max_length']} tokens but data.max_length={max_length}; "
-                           f"lower data.max_length to {meta['max_length']} or tokenize again with a larger "
-                           "--max-length.")
     lengths = t["lengths"].astype(np.int64)
     ends = np.cumsum(lengths)
     ids = t["input_ids"].astype(np.int64)
@@ -615,9 +627,7 @@ def read_tokenized(path: str, tokenizer, max_length: int | None = None) -> tuple
         if flag & 2:
             ex["prompt"] = None  # a prompt/completion example: `truncate` trims its prompt first
         examples.append(ex)
-    info = SourceInfo(os.path.basename(path), path, records=len(examples),
-                      notes=[f"tokenized from {meta['source_name']}, cut at {meta['max_length']} tokens"])
-    return examples, info
+    return meta, examples
 
 
 # ----------------------------------------------------------------------------------------------------------

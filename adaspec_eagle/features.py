@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import AdaspecError
-from .models import same_fingerprint, target_forward_features, target_identity
+from .models import identity_mismatch, target_forward_features, target_identity
 
 STORAGE = {"fp16": (np.float16, torch.float16), "bf16": (np.int16, torch.bfloat16), "fp32": (np.float32, torch.float32)}
 FORMAT_VERSION = 1
@@ -123,11 +123,10 @@ def cache_problem(folder: str | os.PathLike, target, samples: Sequence[dict] | N
     if m.get("format") != FORMAT_VERSION:
         return f"it has format {m.get('format')}, this version reads {FORMAT_VERSION}"
     want = target_identity(target)
-    for key in ("hidden_size", "vocab_size", "num_hidden_layers", "fingerprint"):
-        got = m["target"].get(key)
-        if got != want[key] and not (key == "fingerprint" and same_fingerprint(got, want)):
-            return (f"it was built for target {m['target'].get('name')!r} with {key}={m['target'].get(key)}, "
-                    f"the target now is {want['name']!r} with {key}={want[key]}")
+    key = identity_mismatch(m["target"], want, ("hidden_size", "vocab_size", "num_hidden_layers", "fingerprint"))
+    if key is not None:
+        return (f"it was built for target {m['target'].get('name')!r} with {key}={m['target'].get(key)}, "
+                f"the target now is {want['name']!r} with {key}={want[key]}")
     if samples is not None and m["data"] != data_fingerprint(samples):
         return "it was built from other data (the data fingerprint differs)"
     if fused and "fused" not in m["keys"]:

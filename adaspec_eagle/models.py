@@ -261,6 +261,16 @@ def same_fingerprint(recorded: str | None, identity: dict) -> bool:
     return recorded in (identity["fingerprint"], identity.get("legacy_fingerprint"))
 
 
+def identity_mismatch(recorded: dict, identity: dict, keys) -> str | None:
+    """The first of `keys` on which a recorded target identity differs from `identity` (a target's
+    `target_identity` now), or None; a fingerprint matches through `same_fingerprint`."""
+    for key in keys:
+        got = recorded.get(key)
+        if got != identity.get(key) and not (key == "fingerprint" and same_fingerprint(got, identity)):
+            return key
+    return None
+
+
 def check_target_identity(recorded: dict, model, what: str = "head") -> None:
     """Refuse a target whose shapes or vocabulary differ from `recorded`; warn when only the fingerprint
     differs (the same model at another precision or quantization)."""
@@ -384,10 +394,10 @@ def tiny_config(family: str, vocab_size: int = TINY_VOCAB, hidden_size: int = 64
     return cfg
 
 
-def _gathered(model):
+def _gathered(model, modifier_rank: int | None = None):
     """A context in which a module partitioned by DeepSpeed ZeRO-3 (created under `zero.Init` by `accelerate
-    launch` with zero3_init_flag, or wrapped by `train.prepare_frozen`) holds its full weights; rank 0's changes
-    are kept. A no-op for a plain module."""
+    launch` with zero3_init_flag, or wrapped by `train.prepare_frozen`) holds its full weights; with
+    `modifier_rank`, that rank's changes are kept (None: read only). A no-op for a plain module."""
     import contextlib
 
     params = [p for p in model.parameters() if hasattr(p, "ds_id")]
@@ -395,7 +405,7 @@ def _gathered(model):
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
 def tiny_model(family: str = "llama", seed: int = 0, vocab_size: int = TINY_VOCAB, **overrides):
@@ -407,7 +417,7 @@ def tiny_model(family: str = "llama", seed: int = 0, vocab_size: int = TINY_VOCA
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     # Random init leaves logits almost uniform. Rescale the output layer so logits have a std of about 3:
     # peaked but not one-hot distributions, so speculative tests see both accepts and rejects.
-    with _gathered(model), torch.no_grad():
+    with _gathered(model, modifier_rank=0), torch.no_grad():  # (the rescale below is kept)
         probe = torch.randint(len(TINY_SPECIALS), vocab_size, (2, 16), generator=torch.Generator().manual_seed(seed))
         probe = probe.to(model.get_input_embeddings().weight.device)  # (zero.Init on a GPU gathers there)
         for _ in range(2):  # twice: with tied embeddings the rescale also moves the inputs

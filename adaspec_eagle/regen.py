@@ -89,10 +89,9 @@ def record_key(identity: dict, text: str, limit: int) -> str:
 
 
 def _same_target(recorded: dict, now: dict) -> bool:
-    from .models import same_fingerprint
+    from .models import identity_mismatch
 
-    return all(recorded.get(k) == now.get(k) or (k == "fingerprint" and same_fingerprint(recorded.get(k), now))
-               for k in IDENTITY_KEYS)
+    return identity_mismatch(recorded, now, IDENTITY_KEYS) is None
 
 
 def read_cache(path: str | os.PathLike, identity: dict) -> dict[int, dict]:

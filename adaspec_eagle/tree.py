@@ -139,27 +139,27 @@ def build_tree(root_token: int, root_logits: torch.Tensor, expand: ExpandFn, cfg
     batched = shape is None and (sample is None or cfg.shape != "chain")
     for d in range(1, depth_max + 1):
         level = []
+        children = []  # per frontier node: (child tokens, their ranks, their draft log-probs)
         if batched:  # the top-k children of every frontier node, one device sync per level
             k = 1 if cfg.shape == "chain" else cfg.topk
             top = torch.log_softmax(frontier_logits.float(), dim=-1).topk(k, dim=-1)  # (n, k) values and ids
-            for node, picks, logps in zip(frontier, top.indices.cpu().tolist(), top.values.cpu().tolist()):
-                for r, (tok, lp) in enumerate(zip(picks, logps)):
-                    tokens.append(tok), parents.append(node), depth.append(d), slots.append(-1)
-                    scores.append(scores[node] + lp)
-                    ranks.append(ranks[node] + (r,))
-                    level.append(len(tokens) - 1)
-        for node, logits in zip(frontier, frontier_logits) if not batched else ():  # static ranks, sampled chain
-            logp = torch.log_softmax(logits.float(), dim=-1)  # (V,)
-            if shape is not None:
-                want = [r for r in range(cfg.topk) if ranks[node] + (r,) in shape]
-                picks = logp.topk(max(want) + 1).indices[want].tolist() if want else []
-                child_ranks = want
-            else:
-                tok, probs[node] = sample(logits)
-                picks, child_ranks = [tok], [0]
-            for tok, r in zip(picks, child_ranks):
+            children = [(picks, range(k), logps) for picks, logps in zip(top.indices.cpu().tolist(),
+                                                                         top.values.cpu().tolist())]
+        else:  # static ranks, or a sampled chain: node by node
+            for node, logits in zip(frontier, frontier_logits):
+                logp = torch.log_softmax(logits.float(), dim=-1)  # (V,)
+                if shape is not None:
+                    want = [r for r in range(cfg.topk) if ranks[node] + (r,) in shape]
+                    picks = logp.topk(max(want) + 1).indices[want].tolist() if want else []
+                    child_ranks = want
+                else:
+                    tok, probs[node] = sample(logits)
+                    picks, child_ranks = [tok], [0]
+                children.append((picks, child_ranks, [float(logp[t]) for t in picks]))
+        for node, (picks, child_ranks, logps) in zip(frontier, children):
+            for tok, r, lp in zip(picks, child_ranks, logps):
                 tokens.append(tok), parents.append(node), depth.append(d), slots.append(-1)
-                scores.append(scores[node] + float(logp[tok]))
+                scores.append(scores[node] + lp)
                 ranks.append(ranks[node] + (r,))
                 level.append(len(tokens) - 1)
         if d == depth_max or not level:
