@@ -239,8 +239,8 @@ def engine_method(name: str, target, tokenizer, drafter, tree, max_new_tokens: i
         phases = {k: float(stats[k]) for k in ("draft_time_s", "verify_time_s", "prefill_time_s") if k in stats}
         return Run(_ids(new), seconds, steps=engine_step_records(stats, recorder.records), phases=phases)
 
-    chain = tree.shape == "chain" and tree.topk == 1
-    return Method(name, "speculative", generate, depth=tree.depth, gamma=tree.depth if chain else None,
+    chain = tree.shape == "chain" and tree.topk == 1 and not tree.lookup_tokens  # alpha is a drafted chain's
+    return Method(name, "speculative", generate, depth=tree.max_depth, gamma=tree.depth if chain else None,
                   info=dict(info or {}, implementation="adaspec_eagle.speculative.speculative_generate",
                             tree=dataclasses.asdict(tree)))
 
@@ -273,13 +273,14 @@ def _ids(out) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Drafters named on the command line: "[LABEL=]head:PATH" or "[LABEL=]draft-lm:NAME_OR_PATH_OR_layers=N"
+# Drafters named on the command line: "[LABEL=]head:PATH", "[LABEL=]draft-lm:NAME_OR_PATH_OR_layers=N" or
+# "[LABEL=]lookup:N" (prompt lookup run by the engine, N tokens a step)
 
 
 @dataclass
 class DrafterSpec:
     label: str
-    kind: str  # head | draft-lm
+    kind: str  # head | draft-lm | lookup
     source: str
 
 
@@ -289,9 +290,12 @@ def parse_drafter(spec: str) -> DrafterSpec:
     if eq and ":" not in left:  # "adaspec=head:heads/x"; "draft-lm:layers=4" has its ':' before the '='
         label, spec = left, right
     kind, colon, source = spec.partition(":")
-    if not colon or kind not in ("head", "draft-lm") or not source:
-        raise AdaspecError(f"--drafter {spec!r}: expected head:PATH or draft-lm:NAME_OR_PATH (a registry name, "
-                           "a folder, or layers=N for the target's first N layers), optionally LABEL=... first.")
+    if not colon or kind not in ("head", "draft-lm", "lookup") or not source:
+        raise AdaspecError(f"--drafter {spec!r}: expected head:PATH, draft-lm:NAME_OR_PATH (a registry name, "
+                           "a folder, or layers=N for the target's first N layers) or lookup:N (prompt lookup, N "
+                           "tokens a step), optionally LABEL=... first.")
+    if kind == "lookup" and not (source.isdigit() and 1 <= int(source) <= 256):
+        raise AdaspecError(f"--drafter {spec!r}: lookup:N takes the number of lookup tokens a step, 1..256.")
     return DrafterSpec(label or f"{kind}:{Path(source.rstrip('/')).name or source}", kind, source)
 
 
@@ -300,6 +304,8 @@ def load_drafter(spec: DrafterSpec, target, tokenizer, dtype: str, draft_vocab: 
     draft_vocab: an EAGLE-1/2 head's frequency-restricted draft vocabulary (`speculative.HeadDrafter`)."""
     from . import speculative
 
+    if spec.kind == "lookup":
+        return speculative.LookupDrafter(), None
     if spec.kind == "head":
         from .heads import load_head
 
@@ -333,6 +339,9 @@ class BenchConfig:
     draft_vocab: int | str = "auto"
     peers: list[str] = field(default_factory=lambda: ["assisted", "prompt_lookup"])
     prompt_lookup_tokens: int = 10
+    lookup_tokens: int = 0
+    """> 0: each head / draft-LM drafter gets a second row with this many prompt-lookup tokens grafted onto its
+    trees (`TreeConfig.lookup_tokens`)."""
     alpha_protocol: bool = False
     baseline: list[str] = field(default_factory=lambda: ["hf"])
     dtype: str = "float32"
@@ -345,7 +354,8 @@ class BenchConfig:
     def __post_init__(self):
         checks = [(self.num_prompts >= 1, "--num-prompts", ">= 1"), (self.max_new_tokens >= 1, "--max-new-tokens",
                   ">= 1"), (self.temperature >= 0, "--temperature", ">= 0"), (0 < self.top_p <= 1, "--top-p",
-                  "in (0, 1]"), (self.repeats >= 1, "--repeats", ">= 1"), (self.warmup >= 0, "--warmup", ">= 0")]
+                  "in (0, 1]"), (self.repeats >= 1, "--repeats", ">= 1"), (self.warmup >= 0, "--warmup", ">= 0"),
+                  (0 <= self.lookup_tokens <= 256, "--lookup-tokens", "in 0..256")]
         if self.total_tokens != "auto":
             if not str(self.total_tokens).isdigit() or not 1 <= int(self.total_tokens) <= 1024:
                 raise AdaspecError(f"--total-tokens {self.total_tokens!r}: expected an integer in 1..1024 or 'auto'.")
@@ -396,6 +406,12 @@ def build_methods(cfg: BenchConfig, target, tokenizer, eos_ids: list[int], tune_
         if getattr(drafter, "draft_vocab_size", None):
             info["draft_vocab"] = drafter.draft_vocab_size
         own_tree = tree
+        if spec.kind == "lookup":  # nothing to tune: the tree is the lookup chain
+            own_tree = TreeConfig(depth=1, topk=1, total_tokens=1, shape="chain", lookup_tokens=int(spec.source))
+            info["lookup_tokens"] = int(spec.source)
+            methods.append(engine_method(spec.label, target, tokenizer, drafter, own_tree, eos_ids=eos_ids,
+                                         info=info, **common))
+            continue
         if auto:
             from .speculative import tune_tree_budget
 
@@ -408,6 +424,11 @@ def build_methods(cfg: BenchConfig, target, tokenizer, eos_ids: list[int], tune_
                                   "summary": tuned["summary"]}
         methods.append(engine_method(spec.label, target, tokenizer, drafter, own_tree, eos_ids=eos_ids, info=info,
                                      **common))
+        if cfg.lookup_tokens:
+            methods.append(engine_method(f"{spec.label}+lookup({cfg.lookup_tokens})", target, tokenizer, drafter,
+                                         dataclasses.replace(own_tree, lookup_tokens=cfg.lookup_tokens),
+                                         eos_ids=eos_ids, info={**info, "lookup_tokens": cfg.lookup_tokens},
+                                         **common))
         if cfg.alpha_protocol and (tree.shape, tree.depth, tree.topk) != ("chain", PAPER_GAMMA, 1):
             methods.append(engine_method(f"{spec.label} [chain γ={PAPER_GAMMA}]", target, tokenizer, drafter,
                                          chain, eos_ids=eos_ids, info=chain_info(info), **common))
@@ -484,8 +505,9 @@ def command_line(cfg: BenchConfig) -> str:
     args += ["--num-prompts", cfg.num_prompts, "--max-new-tokens", cfg.max_new_tokens, "--temperature",
              cfg.temperature, "--top-p", cfg.top_p, "--repeats", cfg.repeats, "--warmup", cfg.warmup, "--depth",
              cfg.depth, "--topk", cfg.topk, "--total-tokens", cfg.total_tokens, "--tree-shape", cfg.tree_shape,
-             "--draft-vocab", cfg.draft_vocab, "--peers", ",".join(cfg.peers) or "none", "--prompt-lookup-tokens", cfg.prompt_lookup_tokens,
-             "--baseline", ",".join(cfg.baseline), "--dtype", cfg.dtype, "--device", cfg.device, "--seed", cfg.seed,
+             "--draft-vocab", cfg.draft_vocab, "--peers", ",".join(cfg.peers) or "none",
+             "--prompt-lookup-tokens", cfg.prompt_lookup_tokens,
+             "--lookup-tokens", cfg.lookup_tokens, "--baseline", ",".join(cfg.baseline), "--dtype", cfg.dtype, "--device", cfg.device, "--seed", cfg.seed,
              "--out", cfg.out]
     args += ["--alpha-protocol"] if cfg.alpha_protocol else []
     args += ["--threads", cfg.threads] if cfg.threads else []
@@ -510,7 +532,8 @@ def cmd_bench(args) -> int:
                       top_p=args.top_p, repeats=args.repeats, warmup=args.warmup, depth=args.depth, topk=args.topk,
                       total_tokens=args.total_tokens, tree_shape=args.tree_shape,
                       draft_vocab=parse_draft_vocab(args.draft_vocab), peers=_csv(args.peers),
-                      prompt_lookup_tokens=args.prompt_lookup_tokens, alpha_protocol=args.alpha_protocol,
+                      prompt_lookup_tokens=args.prompt_lookup_tokens, lookup_tokens=args.lookup_tokens,
+                      alpha_protocol=args.alpha_protocol,
                       baseline=_csv(args.baseline), dtype=args.dtype, device=args.device, threads=args.threads,
                       seed=args.seed, out=args.out, progress=not args.no_progress)
     record = run_bench(cfg)
@@ -531,8 +554,9 @@ def register_cli(sub) -> None:
                                    "Writes bench.json, bench.md and PNG plots to --out.")
     p.add_argument("--target", default="smollm2-135m", help="target model (registry name, folder, .gguf, hub id)")
     p.add_argument("--drafter", action="append", metavar="[LABEL=]KIND:SOURCE",
-                   help="head:PATH (a trained head folder) or draft-lm:NAME_OR_PATH (or draft-lm:layers=N: the "
-                        "target's first N layers); repeat for several drafters side by side")
+                   help="head:PATH (a trained head folder), draft-lm:NAME_OR_PATH (or draft-lm:layers=N: the "
+                        "target's first N layers) or lookup:N (prompt lookup run by our engine, N tokens a step); "
+                        "repeat for several drafters side by side")
     p.add_argument("--suite", action="append", metavar="SUITE", help=f"repeatable; {SUITE_HELP}")
     p.add_argument("--num-prompts", type=int, default=8, help="prompts per suite")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -551,6 +575,9 @@ def register_cli(sub) -> None:
                    help="comma list of assisted (transformers assisted generation, draft-LM drafters only) and "
                         "prompt_lookup; 'none' for neither")
     p.add_argument("--prompt-lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens of the peer")
+    p.add_argument("--lookup-tokens", type=int, default=0,
+                   help="also run each head / draft-LM drafter with up to N prompt-lookup tokens grafted onto its "
+                        "trees (a '+lookup(N)' row; 0: no such rows)")
     p.add_argument("--alpha-protocol", action="store_true",
                    help=f"also run each drafter as a greedy chain with γ={PAPER_GAMMA} to measure the paper's α")
     p.add_argument("--baseline", default="hf", help="plain decoding: hf (transformers generate), engine (our "

@@ -159,11 +159,26 @@ class TreeConfig:
     total_tokens: int = 48
     """Draft tokens verified per step (the tree budget)."""
     shape: Literal["dynamic", "static", "chain"] = "dynamic"
+    lookup_tokens: int = 0
+    """Prompt lookup grafted onto every tree: up to this many tokens that followed the latest earlier occurrence
+    of the sequence's last n-gram (0: off). They cost no draft forward, only verify positions."""
+    lookup_ngram: int = 3
+    """Longest n-gram matched for prompt lookup; shorter ones are tried down to `lookup_min_ngram`."""
+    lookup_min_ngram: int = 2
+    """Shortest n-gram matched (1 also copies after any repeated single token: more guesses, mostly wrong)."""
 
     def __post_init__(self):
         _check(self.depth >= 1, "tree.depth", self.depth, ">= 1")
         _check(self.topk >= 1, "tree.topk", self.topk, ">= 1")
         _check(1 <= self.total_tokens <= 1024, "tree.total_tokens", self.total_tokens, "1..1024")
+        _check(0 <= self.lookup_tokens <= 256, "tree.lookup_tokens", self.lookup_tokens, "0..256")
+        _check(1 <= self.lookup_min_ngram <= self.lookup_ngram, "tree.lookup_min_ngram", self.lookup_min_ngram,
+               f"1..lookup_ngram ({self.lookup_ngram})")
+
+    @property
+    def max_depth(self) -> int:
+        """The deepest node a tree can hold (positions it needs past the root)."""
+        return max(self.depth, self.lookup_tokens)
 
 
 @dataclass

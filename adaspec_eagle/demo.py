@@ -3,7 +3,8 @@
 Trains a KD reference head and an AdaSPEC head for the bundled SmolLM2-135M-Instruct on a ShareGPT slice
 (`recipes/heads/smollm2-135m.yaml`, about 11 minutes on a 2-core CPU; resumable: rerun to continue), prints each
 head's held-out top-1 agreement with the target, then measures τ and speed of tree speculative decoding with
-both heads against plain greedy decoding and prompt lookup on held-out ShareGPT prompts, in one run.
+both heads (alone, and with 8 prompt-lookup tokens grafted onto their trees) against plain greedy decoding and
+prompt lookup on held-out ShareGPT prompts, in one run.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def cmd_demo(args) -> int:
                  "--repeats", "1", "--warmup", "1", "--peers", "prompt_lookup", "--out", f"{out}/bench",
                  # the tree budget each head pays off on this machine, measured first (CPU-trained heads accept
                  # little, and a CPU verifies each extra tree token at a visible cost)
-                 "--depth", "4", "--topk", "4", "--total-tokens", "auto"])
+                 "--depth", "4", "--topk", "4", "--total-tokens", "auto", "--lookup-tokens", "8"])
 
 
 def register_cli(sub) -> None:

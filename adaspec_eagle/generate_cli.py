@@ -3,6 +3,7 @@ the step statistics.
 
     adaspec-eagle generate --target smollm2-135m --draft-lm layers=10 "Write a haiku about the sea"
     adaspec-eagle generate --target smollm2-135m --head runs/head/draft --total-tokens auto "Hello"
+    adaspec-eagle generate --target smollm2-135m --lookup-tokens 10 "Fix the bug in: ..."   # prompt lookup alone
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def format_stats(stats: dict) -> str:
     ]
     if "tree" in stats:
         lines.append(f"tree {stats['tree']}")
+    if stats.get("lookup_drafted"):
+        lines.append(f"prompt lookup: {stats['lookup_accepted']} of {stats['lookup_drafted']} grafted tokens "
+                     "accepted")
     return "\n".join(lines)
 
 
@@ -52,9 +56,11 @@ def cmd_generate(args) -> int:
 
     from .config import TreeConfig
     from .models import load_model
-    from .speculative import (DraftLMDrafter, HeadDrafter, eos_ids, parse_draft_vocab, plain_generate,
-                              speculative_generate)
+    from .speculative import (DraftLMDrafter, HeadDrafter, LookupDrafter, eos_ids, parse_draft_vocab,
+                              plain_generate, speculative_generate)
 
+    if not 0 <= args.lookup_tokens <= 256:
+        raise AdaspecError(f"--lookup-tokens {args.lookup_tokens}: expected 0 (off) up to 256 tokens a step.")
     if args.threads:
         torch.set_num_threads(args.threads)
     target, tokenizer = load_model(args.target, dtype=args.dtype, device=args.device)
@@ -66,6 +72,8 @@ def cmd_generate(args) -> int:
         from .draft_lm import init_draft
 
         drafter = DraftLMDrafter(init_draft(args.draft_lm, target, tokenizer, dtype=args.dtype).eval())
+    elif args.lookup_tokens:
+        drafter = LookupDrafter()
     else:
         drafter = None
     ids = _prompt_ids(tokenizer, args.prompt, not args.no_chat)
@@ -75,11 +83,14 @@ def cmd_generate(args) -> int:
                   tokenizer=tokenizer, on_tokens=stream)
     if drafter is None:
         if args.temperature > 0:
-            raise AdaspecError("plain decoding here is greedy only; give --head or --draft-lm to sample.")
+            raise AdaspecError("plain decoding here is greedy only; give --head, --draft-lm or --lookup-tokens to "
+                               "sample.")
         _, stats = plain_generate(target, ids, **common)
     else:
         total = args.total_tokens
-        if total == "auto":
+        if total == "auto" and isinstance(drafter, LookupDrafter):
+            total = 1  # nothing to tune: the tree is the lookup chain
+        elif total == "auto":
             from .speculative import tune_tree_budget
 
             tuned = tune_tree_budget(target, drafter, ids, TreeConfig(depth=args.depth, topk=args.topk,
@@ -89,10 +100,14 @@ def cmd_generate(args) -> int:
             total, args.depth = tuned["total_tokens"], tuned["depth"]
         elif not str(total).isdigit():
             raise AdaspecError(f"--total-tokens {total!r}: expected a positive integer or 'auto'.")
-        tree = TreeConfig(depth=args.depth, topk=args.topk, total_tokens=int(total), shape=args.tree_shape)
+        tree = TreeConfig(depth=args.depth, topk=args.topk, total_tokens=int(total), shape=args.tree_shape,
+                          lookup_tokens=args.lookup_tokens)
         _, stats = speculative_generate(target, ids, drafter, temperature=args.temperature, top_p=args.top_p,
                                         tree=tree, seed=args.seed, **common)
-        stats["tree"] = f"{tree.shape} depth={tree.depth} topk={tree.topk} total_tokens={tree.total_tokens}"
+        stats["tree"] = ("prompt lookup" if isinstance(drafter, LookupDrafter) else
+                         f"{tree.shape} depth={tree.depth} topk={tree.topk} total_tokens={tree.total_tokens}")
+        if tree.lookup_tokens:
+            stats["tree"] += f" lookup_tokens={tree.lookup_tokens}"
         if getattr(drafter, "draft_vocab_size", None):
             stats["tree"] += f" draft_vocab={drafter.draft_vocab_size}"
     print("\n")
@@ -103,8 +118,9 @@ def cmd_generate(args) -> int:
 def register_cli(sub) -> None:
     p = sub.add_parser("generate", help="generate text with tree speculative decoding (streams, then statistics)",
                        description="Generate with tree speculative decoding: a draft head (--head) or a draft LM "
-                                   "(--draft-lm) proposes a token tree the target verifies in one forward. Batch "
-                                   "size 1. Without a drafter: plain greedy decoding by the same engine.")
+                                   "(--draft-lm) proposes a token tree the target verifies in one forward, optionally "
+                                   "with prompt-lookup tokens grafted on (--lookup-tokens). Batch size 1. Without a "
+                                   "drafter: plain greedy decoding by the same engine.")
     p.add_argument("prompt", help="the user message (the chat template is applied for chat targets)")
     p.add_argument("--target", default="smollm2-135m", help="registry name, folder, .gguf file or tiny-<family>")
     drafter = p.add_mutually_exclusive_group()
@@ -114,6 +130,9 @@ def register_cli(sub) -> None:
     p.add_argument("--draft-vocab", default="auto", help="EAGLE-1/2 heads: draft from the N most frequent training "
                    "tokens only (lossless, a cheaper draft step); 0 = the whole vocabulary; auto = "
                    "16384 when the head folder has token_counts.safetensors")
+    p.add_argument("--lookup-tokens", type=int, default=0,
+                   help="graft up to N prompt-lookup tokens (what followed the last n-gram's latest earlier "
+                        "occurrence) onto every tree; alone, without --head / --draft-lm: prompt lookup decoding")
     p.add_argument("--tree-shape", choices=("dynamic", "static", "chain"), default="dynamic")
     p.add_argument("--depth", type=int, default=6, help="draft levels (the chain length for --tree-shape chain)")
     p.add_argument("--topk", type=int, default=8, help="children per expanded node")

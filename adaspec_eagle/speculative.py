@@ -1,9 +1,12 @@
-"""The speculative decoding loop and its two drafters (a small draft LM, an EAGLE head) behind one interface.
+"""The speculative decoding loop and its drafters (a small draft LM, an EAGLE head, prompt lookup alone) behind one
+interface.
 
-One step: the drafter grows a token tree rooted at the last accepted token (`tree.build_tree`); the target scores
-the whole tree in one forward with a 4-D tree mask and explicit positions over its own cache; verification
-(`verify.py`) picks the accepted path and the next token; the target's cache (and the drafter's) is compacted to
-the accepted path, everything else discarded. Batch size 1 throughout.
+One step: the drafter grows a token tree rooted at the last accepted token (`tree.build_tree`), optionally with a
+prompt-lookup chain grafted on (`TreeConfig.lookup_tokens`: the tokens that followed the latest earlier occurrence
+of the sequence's last n-gram; no draft forward); the target scores the whole tree in one forward with a 4-D tree
+mask and explicit positions over its own cache; verification (`verify.py`) picks the accepted path and the next
+token; the target's cache (and the drafter's) is compacted to the accepted path, everything else discarded. Batch
+size 1 throughout.
 
 Cache invariant (target and draft LM alike): the cache holds every accepted token except the last one (the
 "pending" root of the next tree), whose logits the next verify forward computes together with the tree's.
@@ -18,7 +21,7 @@ import torch
 
 from . import AdaspecError, compat
 from .config import TreeConfig
-from .tree import DraftTree, build_tree, tree_mask
+from .tree import DraftTree, build_tree, graft_chain, tree_mask
 from .verify import greedy_verify, stochastic_verify, warp_probs
 
 
@@ -58,6 +61,29 @@ class Drafter:
 
     def commit(self, tree: DraftTree, path: list[int]) -> None:
         """The target accepted `path` (tree node indices from the root): drop the rejected tree nodes."""
+
+
+class LookupDrafter(Drafter):
+    """No model: every tree is the root plus the prompt-lookup chain (`TreeConfig.lookup_tokens`), i.e. prompt
+    lookup decoding (Saxena 2023) run by this engine."""
+
+    def root_logits(self, seq):
+        return None
+
+
+def lookup_continuation(seq: torch.Tensor, max_tokens: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
+    """Prompt lookup: for n = max_ngram .. min_ngram, find the latest earlier occurrence of the last n tokens of
+    `seq` (T,) and return up to `max_tokens` tokens that followed it ([] when no such n-gram recurs)."""
+    T = int(seq.numel())
+    if max_tokens <= 0:
+        return []
+    for n in range(min(max_ngram, T - 1), max(min_ngram, 1) - 1, -1):
+        windows = seq[:T - 1].unfold(0, n, 1)  # (T-n, n): every n-gram that has a token after it
+        hits = (windows == seq[T - n:]).all(dim=1).nonzero()
+        if hits.numel():
+            start = int(hits[-1]) + n
+            return seq[start:start + max_tokens].tolist()
+    return []
 
 
 class DraftLMDrafter(Drafter):
@@ -311,11 +337,12 @@ def speculative_generate(target, prompt_ids, drafter: Drafter, max_new_tokens: i
     Returns (new token ids, stats): stats has steps, accepted_lengths (tokens emitted per target forward,
     bonus included), tau (their mean), drafted_tokens / accepted_drafts / draft_acceptance, per-step
     draft_times_s and verify_times_s (target forward + verification + cache compaction) and their totals,
-    prefill_time_s, total_time_s and tokens_per_s. Generation stops `tree.depth + 1` positions before the end
-    of the target's context (draft tokens need positions too)."""
+    prefill_time_s, total_time_s and tokens_per_s; lookup_drafted / lookup_accepted count the prompt-lookup
+    tokens grafted onto the trees (`TreeConfig.lookup_tokens`) and accepted. Generation stops
+    `tree.max_depth + 1` positions before the end of the target's context (draft tokens need positions too)."""
     ids = _check_args(prompt_ids, max_new_tokens, temperature, top_p, stop_strings, tokenizer)
     tree_cfg = tree or TreeConfig()
-    max_new_tokens = fit_to_context(target, len(ids), max_new_tokens, margin=tree_cfg.depth + 1)
+    max_new_tokens = fit_to_context(target, len(ids), max_new_tokens, margin=tree_cfg.max_depth + 1)
     eos = _eos_set(target, eos_token_id)
     generator = torch.Generator().manual_seed(seed)
     def sample(logits):  # a chain's child drawn from the draft distribution (stochastic mode only)
@@ -332,8 +359,8 @@ def speculative_generate(target, prompt_ids, drafter: Drafter, max_new_tokens: i
         if kind is not None:
             drafter.add_features(_select_features(out, kind, torch.arange(len(ids) - 1)))
     stats = {"steps": 0, "accepted_lengths": [], "drafted_tokens": 0, "accepted_drafts": 0, "draft_time_s": 0.0,
-             "verify_time_s": 0.0, "draft_times_s": [], "verify_times_s": [],
-             "prefill_time_s": time.perf_counter() - t_start}
+             "verify_time_s": 0.0, "draft_times_s": [], "verify_times_s": [], "lookup_drafted": 0,
+             "lookup_accepted": 0, "prefill_time_s": time.perf_counter() - t_start}
     new: list[int] = []
     while len(new) < max_new_tokens:
         t0 = time.perf_counter()
@@ -341,6 +368,10 @@ def speculative_generate(target, prompt_ids, drafter: Drafter, max_new_tokens: i
         root_logits = drafter.root_logits(seq)
         draft = (DraftTree.root_only(root) if root_logits is None
                  else build_tree(root, root_logits, drafter.expand, tree_cfg, sample if temperature > 0 else None))
+        if tree_cfg.lookup_tokens:
+            chain = lookup_continuation(seq, tree_cfg.lookup_tokens, tree_cfg.lookup_ngram, tree_cfg.lookup_min_ngram)
+            draft, grafted = graft_chain(draft, chain)
+            stats["lookup_drafted"] += grafted
         t1 = time.perf_counter()
         start = compat.cache_length(cache)  # == len(seq) - 1
         allowed = tree_mask(draft.ancestors(), start)  # (1, 1, N+1, start + N+1)
@@ -366,6 +397,7 @@ def speculative_generate(target, prompt_ids, drafter: Drafter, max_new_tokens: i
         stats["accepted_lengths"].append(len(emitted))
         stats["drafted_tokens"] += draft.size
         stats["accepted_drafts"] += len(path) - 1
+        stats["lookup_accepted"] += sum(n > draft.size - draft.grafted for n in path[1:])
         seq = torch.cat([seq, torch.tensor(emitted)])
         room = max_new_tokens - len(new)
         stop = _stop_index(new + emitted, eos, stop_strings, tokenizer)
@@ -495,7 +527,7 @@ def tune_tree_budget(target, drafter: Drafter, prompt_ids, tree: TreeConfig, siz
     (`measure_verify_cost`). Returns {"total_tokens", "depth", "table": [(n, tau, draft_s, verify_s,
     tokens_per_s)], "summary"} maximising tau(n) / (draft(n) + c(n)); "depth" is min(tree.depth, n)."""
     sizes = sorted({int(n) for n in sizes if n >= 1})
-    big = dataclasses_replace(tree, total_tokens=max(sizes))
+    big = dataclasses_replace(tree, total_tokens=max(sizes), lookup_tokens=0)  # the drafter's own tree
     rec = _CommitRecorder(drafter)
     _, stats = speculative_generate(target, prompt_ids, rec, profile_tokens, tree=big, eos_token_id=eos_token_id)
     if not rec.steps:

@@ -27,8 +27,11 @@ class DraftTree:
     scores: torch.Tensor  # (N+1,) float, cumulative draft log-probability (root 0)
     slots: torch.Tensor  # (N+1,) long: offset of the node in the drafter's tree cache, -1 if never forwarded
     draft_probs: dict[int, torch.Tensor] = field(default_factory=dict)
-    """node -> the draft distribution (V,) its children were *sampled* from; nodes absent here had their children
-    picked deterministically (top-k), which selects the verification rule."""
+    """node -> the draft distribution (V,) its drafted children were *sampled* from; nodes absent here had their
+    children picked deterministically (top-k), which selects the verification rule."""
+    grafted: int = 0
+    """The last `grafted` nodes came from prompt lookup (`graft_chain`): deterministic candidates wherever they
+    hang, whatever `draft_probs` says of their parent."""
 
     @property
     def size(self) -> int:
@@ -108,7 +111,9 @@ def prune(tree: DraftTree, keep: torch.Tensor) -> DraftTree:
     parents = tree.parents[keep]
     parents = torch.where(parents >= 0, remap[parents.clamp(min=0)], parents)
     probs = {int(remap[n]): q for n, q in tree.draft_probs.items() if remap[n] >= 0}
-    return DraftTree(tree.tokens[keep], parents, tree.depth[keep], tree.scores[keep], tree.slots[keep], probs)
+    grafted = int((keep > tree.size - tree.grafted).sum())
+    return DraftTree(tree.tokens[keep], parents, tree.depth[keep], tree.scores[keep], tree.slots[keep], probs,
+                     grafted)
 
 
 # An expansion step: (tokens (n,), depth (n,), parent_slots (n,) with -1 = root, visible (n, S + n) bool over the
@@ -192,3 +197,29 @@ def build_tree(root_token: int, root_logits: torch.Tensor, expand: ExpandFn, cfg
     if tree.size > budget:
         tree = prune(tree, top_budget(tree.scores, budget))
     return tree
+
+
+def graft_chain(tree: DraftTree, chain: list[int]) -> tuple[DraftTree, int]:
+    """`tree` with the token chain `chain` hung from its root: follow existing children while they hold the
+    chain's tokens, then append the rest as new nodes (slot -1: no drafter forwarded them; score -inf: ranked
+    below every drafted node). Children of one parent stay distinct. Returns (tree, number of nodes added)."""
+    if not chain:
+        return tree, 0
+    tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
+    node, i = 0, 0
+    while i < len(chain):
+        child = next((c for c in range(node + 1, len(tokens)) if parents[c] == node and tokens[c] == chain[i]), None)
+        if child is None:
+            break
+        node, i = child, i + 1
+    rest = chain[i:]
+    if not rest:
+        return tree, 0
+    n0, k = len(tokens), len(rest)
+    new_parents = torch.tensor([node] + list(range(n0, n0 + k - 1)))
+    return DraftTree(torch.cat([tree.tokens, torch.tensor(rest, dtype=torch.long)]),
+                     torch.cat([tree.parents, new_parents]),
+                     torch.cat([tree.depth, int(tree.depth[node]) + torch.arange(1, k + 1)]),
+                     torch.cat([tree.scores, torch.full((k,), float("-inf"))]),
+                     torch.cat([tree.slots, torch.full((k,), -1, dtype=torch.long)]),
+                     dict(tree.draft_probs), tree.grafted + k), k

@@ -6,9 +6,12 @@
   p and candidate children c_1..c_m, try the candidates in order:
     * children sampled i.i.d. from the draft distribution q (SpecInfer, Miao et al. 2024, Alg. 2): accept c_i with
       probability min(1, p(c_i) / q(c_i)); on rejection p <- norm(max(p - q, 0));
-    * deterministic (top-k) children (a point-mass draft): accept c_i with probability p(c_i); on rejection
-      p <- norm(p with c_i zeroed).
-  When every candidate is rejected, the emitted token is drawn from the residual p. Either rule emits exactly p.
+    * deterministic (top-k or prompt-lookup) children (a point-mass draft): accept c_i with probability p(c_i); on
+      rejection p <- norm(p with c_i zeroed).
+  When every candidate is rejected, the emitted token is drawn from the residual p. Each trial is one speculative
+  sampling step against the current residual with a proposal drawn independently of the earlier trials, so the
+  two rules can be mixed among one node's children (a sampled child, then a lookup child) and still emit
+  exactly p.
 """
 
 from __future__ import annotations
@@ -48,15 +51,16 @@ def greedy_verify(tree: DraftTree, target_logits: torch.Tensor) -> tuple[list[in
     return path_to(tree.parents, last), int(argmax[last])
 
 
-def accept_candidates(p: torch.Tensor, candidates: list[int], q: torch.Tensor | None,
+def accept_candidates(p: torch.Tensor, candidates: list[int], q,
                       generator: torch.Generator | None = None) -> tuple[int, int]:
     """One node of recursive rejection sampling.
 
     p: (V,) target probabilities; candidates: the child tokens in trial order; q: (V,) the draft distribution the
-    candidates were sampled from i.i.d., or None for deterministic candidates.
+    candidates were sampled from i.i.d., None for deterministic candidates, or a list giving either per candidate.
     Returns (index of the accepted candidate, its token) or (-1, token drawn from the residual distribution)."""
     p = p.float().clone()
-    for i, c in enumerate(candidates):
+    qs = q if isinstance(q, list) else [q] * len(candidates)
+    for i, (c, q) in enumerate(zip(candidates, qs)):
         u = float(torch.rand((), generator=generator))
         if q is None:
             if u < float(p[c]):
@@ -87,7 +91,10 @@ def stochastic_verify(tree: DraftTree, target_logits: torch.Tensor, temperature:
         kids = children[node]
         if not kids:
             return path, int(torch.multinomial(p, 1, generator=generator))
-        k, tok = accept_candidates(p, [tokens[c] for c in kids], tree.draft_probs.get(node), generator)
+        q = tree.draft_probs.get(node)
+        first_grafted = tree.size + 1 - tree.grafted
+        k, tok = accept_candidates(p, [tokens[c] for c in kids], [None if c >= first_grafted else q for c in kids],
+                                   generator)
         if k < 0:
             return path, tok
         node = kids[k]

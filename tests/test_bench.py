@@ -195,8 +195,13 @@ def test_drafter_specs_and_config_errors():
     assert B.parse_drafter("head:runs/h/adaspec/") == B.DrafterSpec("head:adaspec", "head", "runs/h/adaspec/")
     assert B.parse_drafter("draft-lm:layers=4") == B.DrafterSpec("draft-lm:layers=4", "draft-lm", "layers=4")
     assert B.parse_drafter("kd=head:heads/kd") == B.DrafterSpec("kd", "head", "heads/kd")
+    assert B.parse_drafter("lookup:10") == B.DrafterSpec("lookup:10", "lookup", "10")
     with pytest.raises(AdaspecError, match="head:PATH"):
         B.parse_drafter("eagle:foo")
+    with pytest.raises(AdaspecError, match="lookup:N takes the number"):
+        B.parse_drafter("lookup:many")
+    with pytest.raises(AdaspecError, match="--lookup-tokens"):
+        B.BenchConfig(lookup_tokens=-1)
     with pytest.raises(AdaspecError, match="--peers"):
         B.BenchConfig(peers=["medusa"])
     with pytest.raises(AdaspecError, match="--repeats"):
@@ -237,15 +242,19 @@ def test_bench_cli_end_to_end_on_tiny_models(tmp_path):
     from adaspec_eagle.cli import main
 
     head, out = _tiny_head(tmp_path / "h"), tmp_path / "bench"
-    rc = main(TINY + ["--drafter", "self=draft-lm:layers=1", "--drafter", f"head:{head}", "--suite",
-                      f"jsonl:{_prompts(tmp_path)}", "--repeats", "1", "--warmup", "0", "--alpha-protocol",
-                      "--baseline", "hf,engine", "--out", str(out)])
+    rc = main(TINY + ["--drafter", "self=draft-lm:layers=1", "--drafter", f"head:{head}", "--drafter", "lookup:4",
+                      "--suite", f"jsonl:{_prompts(tmp_path)}", "--repeats", "1", "--warmup", "0", "--alpha-protocol",
+                      "--lookup-tokens", "3", "--baseline", "hf,engine", "--out", str(out)])
     assert rc == 0
     rec = json.loads((out / "bench.json").read_text())
     check_schema(rec)
     names = [m["name"] for m in rec["methods"]]
-    assert names == ["plain-hf", "plain-engine", "self", "self [chain γ=4]", "head:h", "head:h [chain γ=4]",
-                     "assisted:self", "prompt-lookup(10)"]  # no assisted generation for a head
+    assert names == ["plain-hf", "plain-engine", "self", "self+lookup(3)", "self [chain γ=4]", "head:h",
+                     "head:h+lookup(3)", "head:h [chain γ=4]", "lookup:4", "assisted:self",
+                     "prompt-lookup(10)"]  # no assisted generation for a head
+    trees = {m["name"]: m.get("tree", {}) for m in rec["methods"]}
+    assert trees["self+lookup(3)"]["lookup_tokens"] == 3 and trees["self"]["lookup_tokens"] == 0
+    assert trees["lookup:4"]["lookup_tokens"] == 4 and "--lookup-tokens 3" in rec["command"]
     assert all(rec["lossless"].values()), rec["lossless"]  # greedy: every method equals plain greedy
     res = rec["results"]["prompts"]
     # The record's alpha is the paper's, recomputed here from the per-prompt accepted lengths.

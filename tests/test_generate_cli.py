@@ -53,10 +53,14 @@ def test_generate_streams_plain_greedy_text_then_statistics(tiny, capsys, monkey
 def test_generate_plain_and_draft_lm(tiny, capsys, monkeypatch):
     _, expected = tiny
     monkeypatch.setattr("adaspec_eagle.speculative._eos_set", lambda target, eos: set())
-    for extra in ([], ["--draft-lm", "layers=1"]):
+    for extra in ([], ["--draft-lm", "layers=1"], ["--lookup-tokens", "5"],
+                  ["--draft-lm", "layers=1", "--lookup-tokens", "5", "--tree-shape", "chain", "--depth", "2"]):
         rc, out, err = run(capsys, *extra)
         assert rc == 0, err
-        assert out.rpartition("\n\nsteps ")[0] == expected
+        text, _, stats = out.rpartition("\n\nsteps ")
+        assert text == expected, extra
+        if "--lookup-tokens" in extra:
+            assert "lookup_tokens=5" in stats
 
 
 def test_generate_bad_flags(tiny, capsys):
@@ -66,4 +70,6 @@ def test_generate_bad_flags(tiny, capsys):
     rc, _, err = run(capsys, "--head", str(folder), "--total-tokens", "lots")
     assert rc != 0 and "--total-tokens 'lots'" in err
     rc, _, err = run(capsys, "--temperature", "0.7")
-    assert rc != 0 and "give --head or --draft-lm to sample" in err
+    assert rc != 0 and "give --head, --draft-lm or --lookup-tokens to sample" in err
+    rc, _, err = run(capsys, "--lookup-tokens", "-2")
+    assert rc != 0 and "--lookup-tokens -2" in err

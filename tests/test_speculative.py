@@ -11,7 +11,8 @@ from adaspec_eagle import AdaspecError, compat
 from adaspec_eagle.config import HeadConfig, TreeConfig
 from adaspec_eagle.heads import build_head
 from adaspec_eagle.models import TINY_FAMILIES, tiny_model, tiny_tokenizer
-from adaspec_eagle.speculative import DraftLMDrafter, HeadDrafter, plain_generate, speculative_generate
+from adaspec_eagle.speculative import (DraftLMDrafter, HeadDrafter, LookupDrafter, lookup_continuation, plain_generate,
+                                      speculative_generate)
 from adaspec_eagle.tree import ancestor_matrix, tree_mask
 from adaspec_eagle.verify import warp_probs
 from test_verify import chi_square_ok
@@ -225,6 +226,53 @@ def test_sampling_matches_target_distribution():
         assert 0.1 * drafted < accepted < 0.9 * drafted, (shape, accepted, drafted)  # accepts and rejects
 
 
+def test_lookup_continuation():
+    seq = torch.tensor([1, 2, 3, 4, 5, 1, 2, 3])
+    assert lookup_continuation(seq, 3) == [4, 5, 1]  # the 3-gram 1 2 3 recurs
+    assert lookup_continuation(seq, 2, max_ngram=1) == [4, 5]  # only the last token is matched
+    assert lookup_continuation(torch.tensor([7, 8, 7, 9, 7]), 5) == [9, 7]  # the latest occurrence wins
+    assert lookup_continuation(torch.tensor([1, 2, 3]), 4) == [] and lookup_continuation(seq, 0) == []
+    assert lookup_continuation(torch.tensor([7, 8, 7, 9, 7]), 5, min_ngram=2) == []  # no 2-gram recurs
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_lookup_grafted_trees_equal_plain_greedy(family):
+    """Prompt-lookup chains grafted onto every drafter's trees (and alone) keep greedy output identical; on a
+    repetitive prompt they are drafted and accepted."""
+    target = target_of(family)
+    ids = prompt(seed=3, length=10)
+    ids = ids + ids + ids[:4]
+    ref, _ = plain_generate(target, ids, 24, eos_token_id=[])
+    drafters = [("lookup", LookupDrafter())] + [(k, make_drafter(k, target)) for k in ("draft_lm", "eagle1", "eagle3")]
+    for kind, drafter in drafters:
+        for shape, cfg in SHAPES.items():
+            if kind == "lookup" and shape != "chain":
+                continue
+            cfg = TreeConfig(**{**cfg.__dict__, "lookup_tokens": 6})
+            out, stats = speculative_generate(target, ids, drafter, 24, tree=cfg, eos_token_id=[])
+            assert out == ref, (family, kind, shape)
+            assert stats["lookup_drafted"] > 0 and stats["lookup_accepted"] <= stats["lookup_drafted"]
+            assert stats["accepted_drafts"] <= stats["drafted_tokens"]
+    out, stats = speculative_generate(target, ids, LookupDrafter(), 24, tree=TreeConfig(lookup_tokens=6),
+                                      eos_token_id=[])
+    assert stats["lookup_accepted"] > 0 and stats["tau"] > 1  # the repeated prompt is copied
+
+
+def test_sampling_with_lookup_matches_target_distribution():
+    """Sampled chains (SpecInfer rule) with deterministic lookup siblings grafted on, and lookup alone: the joint
+    distribution of the first two tokens still equals the target's."""
+    target = tiny_model("llama", seed=0, vocab_size=8)
+    ids = prompt(seed=5, length=6, vocab=8)
+    ids = ids + ids[:3]
+    chain = TreeConfig(depth=2, topk=1, total_tokens=2, shape="chain", lookup_tokens=3)
+    for name, drafter in (("chain+lookup", DraftLMDrafter(noisy_copy(target, 0.3, seed=2))),
+                          ("lookup", LookupDrafter())):
+        counts, joint, drafted, accepted = sample_first_two(target, ids, drafter, chain, 0.8, 1.0)
+        ok, stat, crit = chi_square_ok(counts, joint)
+        assert ok, (name, stat, crit)
+        assert 0 < accepted < drafted, (name, accepted, drafted)
+
+
 def restricted_head_drafter(target, size, seed=0):
     """An EAGLE-1 head drafter that drafts from `size` ids only, ranked by made-up training counts."""
     torch.manual_seed(seed)
@@ -396,3 +444,18 @@ def test_shipped_heads_are_lossless_and_accept_drafts(smollm2, name):
         assert out == ref
         assert stats["tau"] > 1.2, stats["tau"]
     assert drafter.draft_vocab_size == 16384  # the shipped heads carry their training-token counts
+
+
+@pytest.mark.slow
+def test_readme_python_example_runs(smollm2, monkeypatch, capsys):
+    """The README's Python example (real SmolLM2, a shipped head, prompt lookup grafted on) runs as printed and
+    its greedy output equals plain greedy (the example asserts it)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    blocks = re.findall(r"```python\n(.*?)```", (root / "README.md").read_text(), flags=re.S)
+    example = next(b for b in blocks if "speculative_generate(" in b)
+    monkeypatch.chdir(root)
+    exec(compile(example, "README.md", "exec"), {})
+    assert re.search(r"tau \d\.\d\d, [\d.]+ tok/s", capsys.readouterr().out)

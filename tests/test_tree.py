@@ -131,3 +131,25 @@ def test_sampled_chain_records_draft_distribution():
     tree = build_tree(0, drafter.table[0], drafter.expand, TreeConfig(depth=3, shape="chain"), sample)
     assert sorted(tree.draft_probs) == [0, 1, 2]
     assert int(tree.tokens[1]) == int(torch.softmax(drafter.table[0], -1).argmin())
+
+
+def test_graft_chain_follows_existing_children_then_appends():
+    from adaspec_eagle.tree import graft_chain, prune
+
+    #      root(9) -> 4 -> 6 ; root -> 5
+    tree = DraftTree(torch.tensor([9, 4, 5, 6]), torch.tensor([-1, 0, 0, 1]), torch.tensor([0, 1, 1, 2]),
+                     torch.tensor([0.0, -0.1, -0.5, -0.3]), torch.tensor([-1, 0, 1, -1]))
+    same, added = graft_chain(tree, [4, 6])
+    assert added == 0 and same is tree  # the chain is already in the tree
+    grown, added = graft_chain(tree, [4, 6, 7, 8])  # follows 4 -> 6, hangs 7 -> 8 below 6
+    assert added == 2 and grown.grafted == 2
+    assert grown.tokens.tolist() == [9, 4, 5, 6, 7, 8] and grown.parents.tolist() == [-1, 0, 0, 1, 3, 4]
+    assert grown.depth.tolist() == [0, 1, 1, 2, 3, 4] and grown.slots.tolist()[-2:] == [-1, -1]
+    assert torch.isinf(grown.scores[-2:]).all()
+    side, added = graft_chain(grown, [4, 3])  # a new sibling under 4
+    assert added == 1 and side.grafted == 3 and side.parents.tolist()[-1] == 1
+    for node, kids in enumerate(side.children()):  # children of one parent stay distinct
+        assert len({int(side.tokens[k]) for k in kids}) == len(kids), node
+    cut = prune(side, torch.tensor([0, 1, 3, 4, 6]))  # drop the root's other child and the 8
+    assert cut.grafted == 2 and cut.tokens.tolist() == [9, 4, 6, 7, 3]
+    assert graft_chain(tree, [])[1] == 0

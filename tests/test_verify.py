@@ -152,3 +152,42 @@ def test_stochastic_tree_walk_emits_target_joint_distribution():
     total_first = counts.sum(1)
     assert total_first[1] > 0 and total_first[3] > 0
     assert abs(total_first[1] / n - p_root[1]) < 0.02 and abs(total_first[3] / n - p_root[3]) < 0.02
+
+
+def test_mixed_candidates_emit_target_distribution():
+    """A sampled child followed by a prompt-lookup (deterministic) child at one node, as when a lookup chain is
+    grafted onto a sampled chain: per-candidate rules still emit exactly p; using the sampled rule for the
+    lookup candidate too is caught."""
+    g = torch.Generator().manual_seed(0)
+    n, right, wrong = 20000, torch.zeros(6), torch.zeros(6)
+    for _ in range(n):
+        cands = [int(torch.multinomial(Q, 1, generator=g)), 2]
+        right[accept_candidates(P, cands, [Q, None], g)[1]] += 1
+        wrong[accept_candidates(P, cands, Q, g)[1]] += 1
+    ok, stat, crit = chi_square_ok(right, P)
+    assert ok, (right / n, stat, crit)
+    assert not chi_square_ok(wrong, P)[0]
+
+
+def test_grafted_lookup_child_is_verified_as_deterministic():
+    """stochastic_verify picks the rule per child. A sampled chain gets a lookup chain grafted as in the engine
+    (merged into the sampled child when they agree, else a deterministic sibling): the first emitted token is
+    still distributed as the root's p."""
+    from adaspec_eagle.tree import graft_chain
+
+    logits = torch.log(P.clamp(min=1e-12))[None].repeat(4, 1)
+    g = torch.Generator().manual_seed(3)
+    counts, siblings = torch.zeros(6), 0
+    for _ in range(16000):
+        base = _tree([0, int(torch.multinomial(Q, 1, generator=g))], [-1, 0], {0: Q})
+        tree, added = graft_chain(base, [2, 5])
+        if int(base.tokens[1]) != 2:  # a deterministic sibling: root -> 2 -> 5
+            assert added == 2 and tree.grafted == 2 and tree.parents.tolist() == [-1, 0, 0, 2]
+            siblings += 1
+        else:  # merged: the sampled child carries the rest of the chain
+            assert added == 1 and tree.parents.tolist() == [-1, 0, 1]
+        path, nxt = stochastic_verify(tree, logits[:tree.size + 1], 1.0, 1.0, g)
+        counts[(tree.tokens[path[1:]].tolist() + [nxt])[0]] += 1
+    ok, stat, crit = chi_square_ok(counts, P)
+    assert ok, (counts, stat, crit)
+    assert siblings > 10000
