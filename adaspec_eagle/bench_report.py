@@ -190,6 +190,9 @@ def markdown_table(record: dict) -> str:
                 for m in record["methods"] if m.get("tuned_tree")) + ").")
         + (f" Heads draft from the {', '.join(sorted(vocabs))} most frequent training tokens "
                      "(lossless; the target verifies every token)." if vocabs else "")
+        + (" Prompt lookup in the engine: `+lookup(N)` rows graft up to N tokens (what followed the latest earlier "
+           "occurrence of the last 3- or 2-gram) onto the drafter's own tree; `lookup:N` rows "
+           "verify such a chain alone." if any(m.get("lookup_tokens") for m in record["methods"]) else "")
         + (f" α: the paper's, from greedy chain drafting with γ={PAPER_GAMMA} (rows marked chain)."
                       if any(m.get("alpha_gamma") for m in record["methods"]) else ""),
         f"Speedup: tokens/s over `{record['reference']}` in the same run, same prompts (median [min–max] over "

@@ -94,7 +94,8 @@ def cmd_generate(args) -> int:
             from .speculative import tune_tree_budget
 
             tuned = tune_tree_budget(target, drafter, ids, TreeConfig(depth=args.depth, topk=args.topk,
-                                                                      shape=args.tree_shape))
+                                                                      shape=args.tree_shape,
+                                                                      lookup_tokens=args.lookup_tokens))
             print(f"[auto tree budget: {tuned['total_tokens']} tokens, depth {tuned['depth']}; {tuned['summary']}]",
                   file=sys.stderr)
             total, args.depth = tuned["total_tokens"], tuned["depth"]

@@ -73,7 +73,9 @@ class LookupDrafter(Drafter):
 
 def lookup_continuation(seq: torch.Tensor, max_tokens: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
     """Prompt lookup: for n = max_ngram .. min_ngram, find the latest earlier occurrence of the last n tokens of
-    `seq` (T,) and return up to `max_tokens` tokens that followed it ([] when no such n-gram recurs)."""
+    `seq` (T,) and return the `max_tokens` tokens that followed it ([] when no such n-gram recurs). A continuation
+    that reaches the end of `seq` repeats it (a loop of period p gives its period over and over, as successive
+    lookups would)."""
     T = int(seq.numel())
     if max_tokens <= 0:
         return []
@@ -82,7 +84,7 @@ def lookup_continuation(seq: torch.Tensor, max_tokens: int, max_ngram: int = 3, 
         hits = (windows == seq[T - n:]).all(dim=1).nonzero()
         if hits.numel():
             start = int(hits[-1]) + n
-            return seq[start:start + max_tokens].tolist()
+            return seq[start + torch.arange(max_tokens) % (T - start)].tolist()
     return []
 
 
@@ -338,11 +340,13 @@ def speculative_generate(target, prompt_ids, drafter: Drafter, max_new_tokens: i
     bonus included), tau (their mean), drafted_tokens / accepted_drafts / draft_acceptance, per-step
     draft_times_s and verify_times_s (target forward + verification + cache compaction) and their totals,
     prefill_time_s, total_time_s and tokens_per_s; lookup_drafted / lookup_accepted count the prompt-lookup
-    tokens grafted onto the trees (`TreeConfig.lookup_tokens`) and accepted. Generation stops
-    `tree.max_depth + 1` positions before the end of the target's context (draft tokens need positions too)."""
+    tokens grafted onto the trees (`TreeConfig.lookup_tokens`) and accepted. Generation stops `tree.depth + 1`
+    positions before the end of the target's context (draft tokens need positions too; lookup chains are cut to
+    the positions left)."""
     ids = _check_args(prompt_ids, max_new_tokens, temperature, top_p, stop_strings, tokenizer)
     tree_cfg = tree or TreeConfig()
-    max_new_tokens = fit_to_context(target, len(ids), max_new_tokens, margin=tree_cfg.max_depth + 1)
+    max_new_tokens = fit_to_context(target, len(ids), max_new_tokens, margin=tree_cfg.depth + 1)
+    limit = context_length(target.config)
     eos = _eos_set(target, eos_token_id)
     generator = torch.Generator().manual_seed(seed)
     def sample(logits):  # a chain's child drawn from the draft distribution (stochastic mode only)
@@ -369,7 +373,8 @@ def speculative_generate(target, prompt_ids, drafter: Drafter, max_new_tokens: i
         draft = (DraftTree.root_only(root) if root_logits is None
                  else build_tree(root, root_logits, drafter.expand, tree_cfg, sample if temperature > 0 else None))
         if tree_cfg.lookup_tokens:
-            chain = lookup_continuation(seq, tree_cfg.lookup_tokens, tree_cfg.lookup_ngram, tree_cfg.lookup_min_ngram)
+            room = tree_cfg.lookup_tokens if limit is None else min(tree_cfg.lookup_tokens, limit - len(seq))
+            chain = lookup_continuation(seq, room, tree_cfg.lookup_ngram, tree_cfg.lookup_min_ngram)
             draft, grafted = graft_chain(draft, chain)
             stats["lookup_drafted"] += grafted
         t1 = time.perf_counter()
@@ -472,13 +477,16 @@ def accepted_within_budget(tree: DraftTree, path: list[int], budget: int) -> int
     """Draft tokens of `path` that a tree pruned to its `budget` best nodes by score would still accept.
 
     Pruning keeps an ancestor-closed top set (`tree.top_budget`) and greedy acceptance on a subtree is the
-    accepted path cut at the first missing node, so this is exact for greedy dynamic trees and chains."""
+    accepted path cut at the first missing node, so this is exact for greedy dynamic trees and chains. Prompt-lookup
+    nodes (`tree.grafted`) do not count against the budget: they stay while the path above them does (a lower
+    bound: a cut tree can leave the lookup chain more of its own nodes to add)."""
     order = torch.sort(tree.scores[1:], descending=True, stable=True).indices + 1  # best first
     rank = torch.empty(tree.size + 1, dtype=torch.long)
     rank[order] = torch.arange(tree.size)
+    first_grafted = tree.size + 1 - tree.grafted
     kept = 0
     for node in path[1:]:
-        if int(rank[node]) >= budget:
+        if node < first_grafted and int(rank[node]) >= budget:
             break
         kept += 1
     return kept
@@ -525,9 +533,12 @@ def tune_tree_budget(target, drafter: Drafter, prompt_ids, tree: TreeConfig, siz
     (`accepted_within_budget`); (2) the median draft time per tree level of that run (a budget of n drafts at most
     min(depth, n) levels, see `tree.build_tree`); (3) the target's verify cost c(n) at this prompt length
     (`measure_verify_cost`). Returns {"total_tokens", "depth", "table": [(n, tau, draft_s, verify_s,
-    tokens_per_s)], "summary"} maximising tau(n) / (draft(n) + c(n)); "depth" is min(tree.depth, n)."""
+    tokens_per_s)], "summary"} maximising tau(n) / (draft(n) + c(n)); "depth" is min(tree.depth, n).
+
+    With `tree.lookup_tokens`, the profile grafts lookup chains too: they count in tau(n) (not against n), and
+    each budget is verified with the profile's mean number of grafted tokens on top, c(n + g)."""
     sizes = sorted({int(n) for n in sizes if n >= 1})
-    big = dataclasses_replace(tree, total_tokens=max(sizes), lookup_tokens=0)  # the drafter's own tree
+    big = dataclasses_replace(tree, total_tokens=max(sizes))
     rec = _CommitRecorder(drafter)
     _, stats = speculative_generate(target, prompt_ids, rec, profile_tokens, tree=big, eos_token_id=eos_token_id)
     if not rec.steps:
@@ -536,12 +547,14 @@ def tune_tree_budget(target, drafter: Drafter, prompt_ids, tree: TreeConfig, siz
     # the median step: the first steps of a cold process (CUDA kernels loading, caches) would inflate a mean
     per_level = sorted(stats["draft_times_s"])[len(stats["draft_times_s"]) // 2] / levels
     n_prompt = len(prompt_ids.flatten().tolist() if isinstance(prompt_ids, torch.Tensor) else prompt_ids)
-    costs = measure_verify_cost(target, n_prompt + profile_tokens // 2, sizes)
+    grafted = round(stats["lookup_drafted"] / len(rec.steps))  # lookup tokens verified on top of n, on average
+    costs = measure_verify_cost(target, n_prompt + profile_tokens // 2, [n + grafted for n in sizes])
     table = []
     for n in sizes:
         tau = sum(1 + accepted_within_budget(t, p, n) for t, p in rec.steps) / len(rec.steps)
         draft_s = per_level * (min(tree.depth, n) if tree.shape != "static" else levels)
-        table.append((n, tau, draft_s, costs[n], tau / (draft_s + costs[n])))
+        verify_s = costs[n + grafted]
+        table.append((n, tau, draft_s, verify_s, tau / (draft_s + verify_s)))
     best = max(table, key=lambda row: row[4])
     depth = min(tree.depth, best[0]) if tree.shape != "static" else tree.depth
     summary = (f"tau {best[1]:.2f}, draft {best[2] * 1e3:.0f} ms + verify {best[3] * 1e3:.0f} ms a step, expected "

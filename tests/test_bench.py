@@ -278,12 +278,14 @@ def test_bench_tunes_the_tree_per_drafter(tmp_path):
     head, out = _tiny_head(tmp_path / "h"), tmp_path / "bench"
     rc = main(TINY + ["--drafter", "self=draft-lm:layers=1", "--drafter", f"head:{head}", "--suite",
                       f"jsonl:{_prompts(tmp_path)}", "--repeats", "1", "--warmup", "0", "--total-tokens", "auto",
-                      "--peers", "none", "--alpha-protocol", "--out", str(out)])
+                      "--peers", "none", "--alpha-protocol", "--lookup-tokens", "4", "--out", str(out)])
     assert rc == 0
     rec = json.loads((out / "bench.json").read_text())
     assert rec["config"]["tree"]["total_tokens"] == "auto" and all(rec["lossless"].values())
     chains = [m for m in rec["methods"] if m.get("protocol") == "paper alpha"]
     assert len(chains) == 2 and all("tuned_tree" not in m and m["tree"]["shape"] == "chain" for m in chains)
+    looked = [m for m in rec["methods"] if m["name"].endswith("+lookup(4)")]
+    assert len(looked) == 2 and all(m["tree"]["lookup_tokens"] == 4 and m["tuned_tree"] for m in looked)
     for m in rec["methods"][1:]:
         if m in chains:
             continue

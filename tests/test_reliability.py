@@ -362,6 +362,8 @@ def test_samples_longer_than_the_target_context_are_refused_before_writing(tmp_p
     ("total_tokens", 5000, r"tree.total_tokens=5000 is out of range"),
     ("depth", 0, r"tree.depth=0 is out of range"),
     ("topk", 0, r"tree.topk=0 is out of range"),
+    ("lookup_tokens", -1, r"tree.lookup_tokens=-1 is out of range: expected 0..256"),
+    ("lookup_min_ngram", 4, r"tree.lookup_min_ngram=4 is out of range: expected 1..lookup_ngram \(3\)"),
 ])
 def test_tree_budget_out_of_range(key, value, message):
     from adaspec_eagle.config import TreeConfig, from_dict

@@ -230,9 +230,11 @@ def test_lookup_continuation():
     seq = torch.tensor([1, 2, 3, 4, 5, 1, 2, 3])
     assert lookup_continuation(seq, 3) == [4, 5, 1]  # the 3-gram 1 2 3 recurs
     assert lookup_continuation(seq, 2, max_ngram=1) == [4, 5]  # only the last token is matched
-    assert lookup_continuation(torch.tensor([7, 8, 7, 9, 7]), 5) == [9, 7]  # the latest occurrence wins
+    assert lookup_continuation(torch.tensor([7, 8, 7, 9, 7]), 5) == [9, 7, 9, 7, 9]  # the latest occurrence, looped
     assert lookup_continuation(torch.tensor([1, 2, 3]), 4) == [] and lookup_continuation(seq, 0) == []
     assert lookup_continuation(torch.tensor([7, 8, 7, 9, 7]), 5, min_ngram=2) == []  # no 2-gram recurs
+    loop = torch.tensor([5, 1, 2, 3, 1, 2, 3, 1, 2, 3])
+    assert lookup_continuation(loop, 8) == [1, 2, 3, 1, 2, 3, 1, 2]  # a loop continues past the end of seq
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox"])
@@ -350,6 +352,35 @@ def test_tree_budget_tuning_picks_the_best_measured_budget():
     assert out == plain_generate(target, prompt(), 12, eos_token_id=[])[0]
 
 
+def test_budget_accounting_and_tuning_with_lookup(monkeypatch):
+    """Lookup nodes do not count against the budget (they stay while the path above them does), and the tuner
+    verifies each budget with the mean grafted tokens on top."""
+    from adaspec_eagle import speculative
+    from adaspec_eagle.speculative import AUTO_BUDGETS, accepted_within_budget, tune_tree_budget
+    from adaspec_eagle.tree import DraftTree, graft_chain
+
+    #   root -> 4 (score -0.1) -> 6 (-0.9);  root -> 5 (-0.5); then the lookup chain 4 -> 7 -> 8 grafted
+    tree = DraftTree(torch.tensor([9, 4, 5, 6]), torch.tensor([-1, 0, 0, 1]), torch.tensor([0, 1, 1, 2]),
+                     torch.tensor([0.0, -0.1, -0.5, -0.9]), torch.tensor([-1, 0, 1, -1]))
+    tree, _ = graft_chain(tree, [4, 7, 8])
+    path = [0, 1, 4, 5]  # 4, then the two lookup tokens
+    assert [accepted_within_budget(tree, path, n) for n in (0, 1, 2, 3)] == [0, 3, 3, 3]
+    assert [accepted_within_budget(tree, [0, 1, 3], n) for n in (1, 2, 3)] == [1, 1, 2]  # 6 ranks third
+
+    target = target_of("llama")
+    ids = prompt(seed=1, length=10)
+    ids = ids + ids + ids[:4]  # the tiny target copies it after 4 tokens: steps of 1, 1, 1, 1, 7, 7
+    sizes_seen = []
+    real = speculative.measure_verify_cost
+    monkeypatch.setattr(speculative, "measure_verify_cost",
+                        lambda t, n, sizes, **kw: sizes_seen.append(list(sizes)) or real(t, n, sizes, **kw))
+    tuned = tune_tree_budget(target, LookupDrafter(), ids, TreeConfig(depth=2, topk=2, lookup_tokens=6),
+                             sizes=(1, 2), profile_tokens=16, eos_token_id=[])
+    grafted = sizes_seen[0][0] - 1
+    assert grafted >= 1 and sizes_seen == [[1 + grafted, 2 + grafted]]  # c(n + g)
+    assert all(row[1] == pytest.approx(18 / 6) for row in tuned["table"])  # accepted lookup tokens count in tau
+
+
 def test_eos_stop_strings_and_max_tokens():
     target = target_of("llama")
     tok = tiny_tokenizer()
@@ -404,7 +435,7 @@ def test_smollm2_greedy_equality(smollm2):
             assert out == ref, (text, type(drafter).__name__, tok.decode(out), tok.decode(ref))
 
 
-def test_generation_stops_cleanly_at_the_context_end():
+def test_generation_stops_cleanly_at_the_context_end(monkeypatch):
     from adaspec_eagle import AdaspecError
     from adaspec_eagle.config import TreeConfig
     from adaspec_eagle.models import tiny_model
@@ -419,6 +450,22 @@ def test_generation_stops_cleanly_at_the_context_end():
     spec, _ = speculative_generate(target, prompt, DraftLMDrafter(draft), max_new_tokens=100, tree=tree,
                                    eos_token_id=[])
     assert len(spec) == 40 - 30 - (3 + 1) and spec == plain[:len(spec)]
+    looping = list(range(5, 25)) + list(range(5, 15))  # 30 tokens that repeat: lookup drafts 20-token chains
+    ref, _ = plain_generate(target, looping, max_new_tokens=100, eos_token_id=[])
+    positions = []
+    real_forward = compat.forward
+
+    def forward(model, input_ids, cache, position_ids=None, *args, **kwargs):
+        if model is target and position_ids is not None:
+            positions.append(int(position_ids.max()))
+        return real_forward(model, input_ids, cache, position_ids, *args, **kwargs)
+
+    monkeypatch.setattr(compat, "forward", forward)
+    for drafter in (DraftLMDrafter(draft), LookupDrafter()):  # lookup chains are cut to the positions left
+        looked, stats = speculative_generate(target, looping, drafter, max_new_tokens=100, eos_token_id=[],
+                                             tree=TreeConfig(depth=3, topk=2, total_tokens=6, lookup_tokens=20))
+        assert len(looked) == 40 - 30 - (3 + 1) and looked == ref[:len(looked)]
+        assert stats["lookup_drafted"] > 0 and max(positions) == 39, positions  # the last position, never past
     with pytest.raises(AdaspecError, match="the prompt has 40 tokens but the target's context is 40 positions"):
         plain_generate(target, list(range(5, 45)), max_new_tokens=4)
 
