@@ -269,6 +269,7 @@ def test_bench_cli_end_to_end_on_tiny_models(tmp_path):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     md = (out / "bench.md").read_text()
     assert "| prompts | 2 | head:h [chain γ=4] |" in md and "| prompts | head:h [chain γ=4] |" in md  # time split
+    assert "`+lookup(N)` rows graft up to N tokens" in md and "| prompts | 2 | lookup:4 |" in md
 
 
 def test_bench_tunes_the_tree_per_drafter(tmp_path):
