@@ -18,6 +18,7 @@ from typing import Callable
 
 from . import AdaspecError
 from .bench_metrics import PAPER_GAMMA
+from .config import MAX_LOOKUP_TOKENS
 from .bench_report import make_record, markdown_table, write_outputs
 
 # ----------------------------------------------------------------------------------------------------------
@@ -294,8 +295,9 @@ def parse_drafter(spec: str) -> DrafterSpec:
         raise AdaspecError(f"--drafter {spec!r}: expected head:PATH, draft-lm:NAME_OR_PATH (a registry name, "
                            "a folder, or layers=N for the target's first N layers) or lookup:N (prompt lookup, N "
                            "tokens a step), optionally LABEL=... first.")
-    if kind == "lookup" and not (source.isdigit() and 1 <= int(source) <= 256):
-        raise AdaspecError(f"--drafter {spec!r}: lookup:N takes the number of lookup tokens a step, 1..256.")
+    if kind == "lookup" and not (source.isdigit() and 1 <= int(source) <= MAX_LOOKUP_TOKENS):
+        raise AdaspecError(f"--drafter {spec!r}: lookup:N takes the number of lookup tokens a step, "
+                           f"1..{MAX_LOOKUP_TOKENS}.")
     return DrafterSpec(label or f"{kind}:{Path(source.rstrip('/')).name or source}", kind, source)
 
 
@@ -355,7 +357,7 @@ class BenchConfig:
         checks = [(self.num_prompts >= 1, "--num-prompts", ">= 1"), (self.max_new_tokens >= 1, "--max-new-tokens",
                   ">= 1"), (self.temperature >= 0, "--temperature", ">= 0"), (0 < self.top_p <= 1, "--top-p",
                   "in (0, 1]"), (self.repeats >= 1, "--repeats", ">= 1"), (self.warmup >= 0, "--warmup", ">= 0"),
-                  (0 <= self.lookup_tokens <= 256, "--lookup-tokens", "in 0..256")]
+                  (0 <= self.lookup_tokens <= MAX_LOOKUP_TOKENS, "--lookup-tokens", f"in 0..{MAX_LOOKUP_TOKENS}")]
         if self.total_tokens != "auto":
             if not str(self.total_tokens).isdigit() or not 1 <= int(self.total_tokens) <= 1024:
                 raise AdaspecError(f"--total-tokens {self.total_tokens!r}: expected an integer in 1..1024 or 'auto'.")
@@ -510,8 +512,8 @@ def command_line(cfg: BenchConfig) -> str:
              cfg.temperature, "--top-p", cfg.top_p, "--repeats", cfg.repeats, "--warmup", cfg.warmup, "--depth",
              cfg.depth, "--topk", cfg.topk, "--total-tokens", cfg.total_tokens, "--tree-shape", cfg.tree_shape,
              "--draft-vocab", cfg.draft_vocab, "--peers", ",".join(cfg.peers) or "none",
-             "--prompt-lookup-tokens", cfg.prompt_lookup_tokens,
-             "--lookup-tokens", cfg.lookup_tokens, "--baseline", ",".join(cfg.baseline), "--dtype", cfg.dtype, "--device", cfg.device, "--seed", cfg.seed,
+             "--prompt-lookup-tokens", cfg.prompt_lookup_tokens, "--lookup-tokens", cfg.lookup_tokens,
+             "--baseline", ",".join(cfg.baseline), "--dtype", cfg.dtype, "--device", cfg.device, "--seed", cfg.seed,
              "--out", cfg.out]
     args += ["--alpha-protocol"] if cfg.alpha_protocol else []
     args += ["--threads", cfg.threads] if cfg.threads else []

@@ -150,6 +150,10 @@ class HeadConfig:
         _check(self.feature_loss_weight >= 0, "head.feature_loss_weight", self.feature_loss_weight, ">= 0")
 
 
+MAX_LOOKUP_TOKENS = 256
+"""The most prompt-lookup tokens a tree may carry (`TreeConfig.lookup_tokens`, `--lookup-tokens`, `lookup:N`)."""
+
+
 @dataclass
 class TreeConfig:
     depth: int = 6
@@ -171,7 +175,8 @@ class TreeConfig:
         _check(self.depth >= 1, "tree.depth", self.depth, ">= 1")
         _check(self.topk >= 1, "tree.topk", self.topk, ">= 1")
         _check(1 <= self.total_tokens <= 1024, "tree.total_tokens", self.total_tokens, "1..1024")
-        _check(0 <= self.lookup_tokens <= 256, "tree.lookup_tokens", self.lookup_tokens, "0..256")
+        _check(0 <= self.lookup_tokens <= MAX_LOOKUP_TOKENS, "tree.lookup_tokens", self.lookup_tokens,
+               f"0..{MAX_LOOKUP_TOKENS}")
         _check(1 <= self.lookup_min_ngram <= self.lookup_ngram, "tree.lookup_min_ngram", self.lookup_min_ngram,
                f"1..lookup_ngram ({self.lookup_ngram})")
 

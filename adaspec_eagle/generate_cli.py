@@ -54,13 +54,14 @@ def format_stats(stats: dict) -> str:
 def cmd_generate(args) -> int:
     import torch
 
-    from .config import TreeConfig
+    from .config import MAX_LOOKUP_TOKENS, TreeConfig
     from .models import load_model
     from .speculative import (DraftLMDrafter, HeadDrafter, LookupDrafter, eos_ids, parse_draft_vocab,
                               plain_generate, speculative_generate)
 
-    if not 0 <= args.lookup_tokens <= 256:
-        raise AdaspecError(f"--lookup-tokens {args.lookup_tokens}: expected 0 (off) up to 256 tokens a step.")
+    if not 0 <= args.lookup_tokens <= MAX_LOOKUP_TOKENS:
+        raise AdaspecError(f"--lookup-tokens {args.lookup_tokens}: expected 0 (off) up to {MAX_LOOKUP_TOKENS} "
+                           "tokens a step.")
     if args.threads:
         torch.set_num_threads(args.threads)
     target, tokenizer = load_model(args.target, dtype=args.dtype, device=args.device)

@@ -373,8 +373,8 @@ def speculative_generate(target, prompt_ids, drafter: Drafter, max_new_tokens: i
         draft = (DraftTree.root_only(root) if root_logits is None
                  else build_tree(root, root_logits, drafter.expand, tree_cfg, sample if temperature > 0 else None))
         if tree_cfg.lookup_tokens:
-            room = tree_cfg.lookup_tokens if limit is None else min(tree_cfg.lookup_tokens, limit - len(seq))
-            chain = lookup_continuation(seq, room, tree_cfg.lookup_ngram, tree_cfg.lookup_min_ngram)
+            positions_left = tree_cfg.lookup_tokens if limit is None else min(tree_cfg.lookup_tokens, limit - len(seq))
+            chain = lookup_continuation(seq, positions_left, tree_cfg.lookup_ngram, tree_cfg.lookup_min_ngram)
             draft, grafted = graft_chain(draft, chain)
             stats["lookup_drafted"] += grafted
         t1 = time.perf_counter()
@@ -402,7 +402,7 @@ def speculative_generate(target, prompt_ids, drafter: Drafter, max_new_tokens: i
         stats["accepted_lengths"].append(len(emitted))
         stats["drafted_tokens"] += draft.size
         stats["accepted_drafts"] += len(path) - 1
-        stats["lookup_accepted"] += sum(n > draft.size - draft.grafted for n in path[1:])
+        stats["lookup_accepted"] += sum(n >= draft.first_grafted for n in path[1:])
         seq = torch.cat([seq, torch.tensor(emitted)])
         room = max_new_tokens - len(new)
         stop = _stop_index(new + emitted, eos, stop_strings, tokenizer)
@@ -483,10 +483,9 @@ def accepted_within_budget(tree: DraftTree, path: list[int], budget: int) -> int
     order = torch.sort(tree.scores[1:], descending=True, stable=True).indices + 1  # best first
     rank = torch.empty(tree.size + 1, dtype=torch.long)
     rank[order] = torch.arange(tree.size)
-    first_grafted = tree.size + 1 - tree.grafted
     kept = 0
     for node in path[1:]:
-        if node < first_grafted and int(rank[node]) >= budget:
+        if node < tree.first_grafted and int(rank[node]) >= budget:
             break
         kept += 1
     return kept

@@ -38,6 +38,11 @@ class DraftTree:
         """Number of draft tokens (root excluded)."""
         return int(self.tokens.numel()) - 1
 
+    @property
+    def first_grafted(self) -> int:
+        """Index of the first prompt-lookup node (`size + 1` when there is none)."""
+        return self.size + 1 - self.grafted
+
     def children(self) -> list[list[int]]:
         kids: list[list[int]] = [[] for _ in range(self.size + 1)]
         for i, p in enumerate(self.parents.tolist()[1:], start=1):
@@ -111,7 +116,7 @@ def prune(tree: DraftTree, keep: torch.Tensor) -> DraftTree:
     parents = tree.parents[keep]
     parents = torch.where(parents >= 0, remap[parents.clamp(min=0)], parents)
     probs = {int(remap[n]): q for n, q in tree.draft_probs.items() if remap[n] >= 0}
-    grafted = int((keep > tree.size - tree.grafted).sum())
+    grafted = int((keep >= tree.first_grafted).sum())
     return DraftTree(tree.tokens[keep], parents, tree.depth[keep], tree.scores[keep], tree.slots[keep], probs,
                      grafted)
 
@@ -205,10 +210,10 @@ def graft_chain(tree: DraftTree, chain: list[int]) -> tuple[DraftTree, int]:
     below every drafted node). Children of one parent stay distinct. Returns (tree, number of nodes added)."""
     if not chain:
         return tree, 0
-    tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
+    tokens, children = tree.tokens.tolist(), tree.children()
     node, i = 0, 0
     while i < len(chain):
-        child = next((c for c in range(node + 1, len(tokens)) if parents[c] == node and tokens[c] == chain[i]), None)
+        child = next((c for c in children[node] if tokens[c] == chain[i]), None)
         if child is None:
             break
         node, i = child, i + 1

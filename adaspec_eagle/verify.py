@@ -92,9 +92,8 @@ def stochastic_verify(tree: DraftTree, target_logits: torch.Tensor, temperature:
         if not kids:
             return path, int(torch.multinomial(p, 1, generator=generator))
         q = tree.draft_probs.get(node)
-        first_grafted = tree.size + 1 - tree.grafted
-        k, tok = accept_candidates(p, [tokens[c] for c in kids], [None if c >= first_grafted else q for c in kids],
-                                   generator)
+        k, tok = accept_candidates(p, [tokens[c] for c in kids],
+                                   [None if c >= tree.first_grafted else q for c in kids], generator)
         if k < 0:
             return path, tok
         node = kids[k]
