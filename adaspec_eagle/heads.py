@@ -39,7 +39,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from . import AdaspecError
-from .models import check_target_identity, feature_layer_ids, target_identity
+from .models import check_target_identity, embedding_rows, feature_layer_ids, target_identity
 
 FORMAT_VERSION = 1
 
@@ -362,12 +362,6 @@ def build_draft_vocab(token_counts: torch.Tensor, draft_vocab_size: int,
     return d2t.to(torch.int64), t2d
 
 
-def _target_vocab(target_model) -> int:
-    from .models import embedding_rows
-
-    return embedding_rows(target_model)
-
-
 def always_drafted_ids(config, generation_config=None, extra=()) -> list[int]:
     """The ids a draft vocabulary always keeps, whatever their frequency: the config's EOS / BOS / PAD, the
     generation config's EOS and `extra`."""
@@ -381,7 +375,7 @@ def build_head(target_model, head_cfg, token_counts=None, attn_implementation: s
     head_cfg: `config.HeadConfig`. token_counts (V,) sets the EAGLE-3 draft vocabulary (`build_draft_vocab`,
     always keeping the EOS/BOS/PAD ids of the target's config and generation config, plus `keep_ids`, e.g. the
     tokenizer's special tokens); without it the draft vocabulary is the whole target vocabulary."""
-    vocab = _target_vocab(target_model)
+    vocab = embedding_rows(target_model)
     cfg = head_config(target_model.config, vocab, attn_implementation)
     embed = target_model.get_input_embeddings()
     if head_cfg.kind == "eagle1":
@@ -590,7 +584,7 @@ def infer_kind(state: dict) -> str:
 
 def _config_from_saved(saved: dict, state: dict, kind: str, target_model, attn_implementation: str) -> LlamaConfig:
     """Rebuild the head's LlamaConfig from a saved config.json, filling gaps from the weights and the target."""
-    base = head_config(target_model.config, _target_vocab(target_model), attn_implementation)
+    base = head_config(target_model.config, embedding_rows(target_model), attn_implementation)
     if not saved:
         return base
     hidden = int(saved.get("hidden_size", base.hidden_size))
@@ -658,7 +652,7 @@ def load_head(folder, target_model, strict_target: bool = True, attn_implementat
     recorded = adaspec.get("target")
     if strict_target and recorded:
         check_target_identity(recorded, target_model, what=f"head {str(folder)!r}")
-    hidden, vocab = int(target_model.config.hidden_size), _target_vocab(target_model)
+    hidden, vocab = int(target_model.config.hidden_size), embedding_rows(target_model)
     fc = state.get("fc.weight")
     if fc is None:
         raise AdaspecError(f"head {str(folder)!r} has no 'fc.weight'; it is not an EAGLE head.")

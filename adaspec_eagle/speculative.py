@@ -495,7 +495,9 @@ def accepted_within_budget(tree: DraftTree, path: list[int], budget: int) -> int
 def measure_verify_cost(target, prefix_len: int, sizes, repeats: int = 3) -> dict[int, float]:
     """Seconds of one target verify forward of n draft tokens (+ the root) after `prefix_len` cached tokens, for
     each n in `sizes` (median of `repeats`, after one warm-up)."""
-    vocab = int(target.get_input_embeddings().weight.shape[0])
+    from .models import embedding_rows
+
+    vocab = embedding_rows(target)
     g = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, vocab, (1, max(prefix_len, 1)), generator=g)
     cache = compat.new_cache(target.config)

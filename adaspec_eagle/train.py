@@ -421,9 +421,10 @@ def train(model: torch.nn.Module, dataset: Sequence, loss_fn: LossFn, *, collate
             totals = dict(zip(keys, packed[3:].tolist()))
 
             elapsed = time.perf_counter() - t0
-            if train_cfg.max_minutes and not state.get("budget_steps") and state["step"] - step0 >= BUDGET_PROBE_STEPS:
-                steps = state["budget_steps"] = budget_steps(acc, steps, state["step"], step0, rate_t0, seconds0 + elapsed,
-                                                             train_cfg.max_minutes * 60)
+            probed = state["step"] - step0 >= BUDGET_PROBE_STEPS
+            if train_cfg.max_minutes and not state.get("budget_steps") and probed:
+                steps = state["budget_steps"] = budget_steps(acc, steps, state["step"], step0, rate_t0,
+                                                             seconds0 + elapsed, train_cfg.max_minutes * 60)
                 state["total_steps"] = bar.total = steps
             if state["step"] - step0 == 2:  # the rate is measured from here (the first steps warm kernels up)
                 rate_t0 = time.perf_counter()

@@ -490,7 +490,8 @@ def _run_pipeline(cfg: HeadRecipe, resume, overwrite, stop_at, progress, log, cl
             if run["steps"] < run["total_steps"]:  # stopped by stop_at: resumable, not complete
                 records[stage] = run
                 return {"train": records, "eval": evals, "stopped": True, "main": main}
-            records[stage] = {k: run[k] for k in ("steps", "tokens", "seconds", "tokens_per_s", "losses", "budget_steps")}
+            records[stage] = {k: run[k] for k in ("steps", "tokens", "seconds", "tokens_per_s", "losses",
+                                                  "budget_steps")}
             if main:
                 meta = {"stage": stage, "loss": loss_cfg.kind, "k": loss_cfg.k, "divergence": loss_cfg.divergence,
                         "steps": run["steps"], "tokens": run["tokens"],
