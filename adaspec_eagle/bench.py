@@ -429,10 +429,11 @@ def build_methods(cfg: BenchConfig, target, tokenizer, eos_ids: list[int], tune_
         if cfg.lookup_tokens:
             looked = dataclasses.replace(own_tree if not auto else tree, lookup_tokens=cfg.lookup_tokens)
             looked_info = {**info, "lookup_tokens": cfg.lookup_tokens}
-            if auto:  # its own budget: the lookup tokens lengthen every verify
+            if auto:  # its own budget and chain length: the lookup tokens lengthen every verify
                 tuned = tune_tree_budget(target, drafter, tune_prompt, looked, eos_token_id=eos_ids)
-                looked = dataclasses.replace(looked, total_tokens=tuned["total_tokens"], depth=tuned["depth"])
-                looked_info["tuned_tree"] = {k: tuned[k] for k in ("total_tokens", "depth", "summary")}
+                looked = dataclasses.replace(looked, total_tokens=tuned["total_tokens"], depth=tuned["depth"],
+                                             lookup_tokens=tuned["lookup_tokens"])
+                looked_info["tuned_tree"] = {k: tuned[k] for k in ("total_tokens", "depth", "lookup_tokens", "summary")}
             methods.append(engine_method(f"{spec.label}+lookup({cfg.lookup_tokens})", target, tokenizer, drafter,
                                          looked, eos_ids=eos_ids, info=looked_info, **common))
         if cfg.alpha_protocol and (tree.shape, tree.depth, tree.topk) != ("chain", PAPER_GAMMA, 1):

@@ -185,14 +185,16 @@ def markdown_table(record: dict) -> str:
         + f", max {cfg['max_new_tokens']} new tokens, {cfg['repeats']} repeat(s) after {cfg['warmup']} warm-up.",
         f"Draft tree: {tree['shape']}, depth {tree['depth']}, top-k {tree['topk']}, " + (
             f"{tree['total_tokens']} tokens a step." if tree["total_tokens"] != "auto" else
-            "budget and depth tuned per drafter on the first prompt (" + "; ".join(
+            "budget and depth (and lookup length) tuned per drafter on the first prompt (" + "; ".join(
                 f"{m['name']}: {m['tuned_tree']['total_tokens']} tokens, depth {m['tuned_tree']['depth']}"
+                + (f", lookup {m['tuned_tree']['lookup_tokens']}" if "lookup_tokens" in m["tuned_tree"] else "")
                 for m in record["methods"] if m.get("tuned_tree")) + ").")
         + (f" Heads draft from the {', '.join(sorted(vocabs))} most frequent training tokens "
                      "(lossless; the target verifies every token)." if vocabs else "")
         + (" Prompt lookup in the engine: `+lookup(N)` rows graft up to N tokens (what followed the latest earlier "
-           "occurrence of the last 3- or 2-gram) onto the drafter's own tree; `lookup:N` rows "
-           "verify such a chain alone." if any(m.get("lookup_tokens") for m in record["methods"]) else "")
+           "occurrence of the last 3- or 2-gram; under auto tuning, the tuned length) onto the drafter's own tree; "
+           "`lookup:N` rows verify such a chain alone."
+           if any(m.get("lookup_tokens") for m in record["methods"]) else "")
         + (f" α: the paper's, from greedy chain drafting with γ={PAPER_GAMMA} (rows marked chain)."
                       if any(m.get("alpha_gamma") for m in record["methods"]) else ""),
         f"Speedup: tokens/s over `{record['reference']}` in the same run, same prompts (median [min–max] over "

@@ -97,9 +97,10 @@ def cmd_generate(args) -> int:
             tuned = tune_tree_budget(target, drafter, ids, TreeConfig(depth=args.depth, topk=args.topk,
                                                                       shape=args.tree_shape,
                                                                       lookup_tokens=args.lookup_tokens))
-            print(f"[auto tree budget: {tuned['total_tokens']} tokens, depth {tuned['depth']}; {tuned['summary']}]",
-                  file=sys.stderr)
-            total, args.depth = tuned["total_tokens"], tuned["depth"]
+            print(f"[auto tree budget: {tuned['total_tokens']} tokens, depth {tuned['depth']}"
+                  + (f", lookup {tuned['lookup_tokens']}" if args.lookup_tokens else "")
+                  + f"; {tuned['summary']}]", file=sys.stderr)
+            total, args.depth, args.lookup_tokens = tuned["total_tokens"], tuned["depth"], tuned["lookup_tokens"]
         elif not str(total).isdigit():
             raise AdaspecError(f"--total-tokens {total!r}: expected a positive integer or 'auto'.")
         tree = TreeConfig(depth=args.depth, topk=args.topk, total_tokens=int(total), shape=args.tree_shape,

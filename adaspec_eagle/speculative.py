@@ -19,7 +19,7 @@ from dataclasses import replace as dataclasses_replace
 
 import torch
 
-from . import AdaspecError, compat
+from . import AdaspecError, compat, kernels
 from .config import TreeConfig
 from .tree import DraftTree, build_tree, graft_chain, tree_mask
 from .verify import greedy_verify, stochastic_verify, warp_probs
@@ -62,6 +62,10 @@ class Drafter:
     def commit(self, tree: DraftTree, path: list[int]) -> None:
         """The target accepted `path` (tree node indices from the root): drop the rejected tree nodes."""
 
+    def models(self) -> tuple:
+        """The torch modules the drafter runs (their linear layers get `kernels.small_batch_linears`)."""
+        return ()
+
 
 class LookupDrafter(Drafter):
     """No model: every tree is the root plus the prompt-lookup chain (`TreeConfig.lookup_tokens`), i.e. prompt
@@ -95,6 +99,9 @@ class DraftLMDrafter(Drafter):
     def __init__(self, model):
         self.model = model
         self.vocab = None
+
+    def models(self):
+        return (self.model,)
 
     def reset(self, target) -> None:
         self.vocab = int(target.get_output_embeddings().weight.shape[0])
@@ -172,6 +179,9 @@ class HeadDrafter(Drafter):
             draft_vocab = DEFAULT_DRAFT_VOCAB if getattr(head, "token_counts", None) is not None else None
         if draft_vocab and head.kind == "eagle1":
             self._restrict(int(draft_vocab))
+
+    def models(self):
+        return (self.head,)
 
     @property
     def draft_vocab_size(self) -> int | None:
@@ -343,76 +353,78 @@ def speculative_generate(target, prompt_ids, drafter: Drafter, max_new_tokens: i
     tokens grafted onto the trees (`TreeConfig.lookup_tokens`) and accepted. Generation stops `tree.depth + 1`
     positions before the end of the target's context (draft tokens need positions too; lookup chains are cut to
     the positions left)."""
-    ids = _check_args(prompt_ids, max_new_tokens, temperature, top_p, stop_strings, tokenizer)
-    tree_cfg = tree or TreeConfig()
-    max_new_tokens = fit_to_context(target, len(ids), max_new_tokens, margin=tree_cfg.depth + 1)
-    limit = context_length(target.config)
-    eos = _eos_set(target, eos_token_id)
-    generator = torch.Generator().manual_seed(seed)
-    def sample(logits):  # a chain's child drawn from the draft distribution (stochastic mode only)
-        q = warp_probs(logits.cpu(), temperature, top_p)  # (V,)
-        return int(torch.multinomial(q, 1, generator=generator)), q
+    with kernels.small_batch_linears(target, *drafter.models()):
+        ids = _check_args(prompt_ids, max_new_tokens, temperature, top_p, stop_strings, tokenizer)
+        tree_cfg = tree or TreeConfig()
+        max_new_tokens = fit_to_context(target, len(ids), max_new_tokens, margin=tree_cfg.depth + 1)
+        limit = context_length(target.config)
+        eos = _eos_set(target, eos_token_id)
+        generator = torch.Generator().manual_seed(seed)
+        def sample(logits):  # a chain's child drawn from the draft distribution (stochastic mode only)
+            q = warp_probs(logits.cpu(), temperature, top_p)  # (V,)
+            return int(torch.multinomial(q, 1, generator=generator)), q
 
-    t_start = time.perf_counter()
-    cache = compat.new_cache(target.config)
-    drafter.reset(target)
-    kind = drafter.features
-    seq = torch.tensor(ids, dtype=torch.long)
-    if len(ids) > 1:
-        out = compat.forward(target, seq[None, :-1], cache, output_hidden_states=kind is not None)
-        if kind is not None:
-            drafter.add_features(_select_features(out, kind, torch.arange(len(ids) - 1)))
-    stats = {"steps": 0, "accepted_lengths": [], "drafted_tokens": 0, "accepted_drafts": 0, "draft_time_s": 0.0,
-             "verify_time_s": 0.0, "draft_times_s": [], "verify_times_s": [], "lookup_drafted": 0,
-             "lookup_accepted": 0, "prefill_time_s": time.perf_counter() - t_start}
-    new: list[int] = []
-    while len(new) < max_new_tokens:
-        t0 = time.perf_counter()
-        root = int(seq[-1])
-        root_logits = drafter.root_logits(seq)
-        draft = (DraftTree.root_only(root) if root_logits is None
-                 else build_tree(root, root_logits, drafter.expand, tree_cfg, sample if temperature > 0 else None))
-        if tree_cfg.lookup_tokens:
-            positions_left = tree_cfg.lookup_tokens if limit is None else min(tree_cfg.lookup_tokens, limit - len(seq))
-            chain = lookup_continuation(seq, positions_left, tree_cfg.lookup_ngram, tree_cfg.lookup_min_ngram)
-            draft, grafted = graft_chain(draft, chain)
-            stats["lookup_drafted"] += grafted
-        t1 = time.perf_counter()
-        start = compat.cache_length(cache)  # == len(seq) - 1
-        allowed = tree_mask(draft.ancestors(), start)  # (1, 1, N+1, start + N+1)
-        out = compat.forward(target, draft.tokens[None], cache, (draft.depth + start)[None],
-                             compat.additive_mask(allowed, target.dtype), output_hidden_states=kind is not None)
-        logits = out.logits[0].float().cpu()  # (N+1, V)
-        if temperature > 0:
-            path, nxt = stochastic_verify(draft, logits, temperature, top_p, generator)
-        else:
-            path, nxt = greedy_verify(draft, logits)
-        path_t = torch.tensor(path, dtype=torch.long)
-        compat.compact_cache(cache, start, path_t)
-        drafter.commit(draft, path)
-        if kind is not None:
-            drafter.add_features(_select_features(out, kind, path_t))
-        emitted = draft.tokens[path_t[1:]].tolist() + [nxt]
-        t2 = time.perf_counter()
-        stats["draft_times_s"].append(t1 - t0)
-        stats["verify_times_s"].append(t2 - t1)  # target forward + verification + cache compaction
-        stats["verify_time_s"] += t2 - t1
-        stats["draft_time_s"] += t1 - t0
-        stats["steps"] += 1
-        stats["accepted_lengths"].append(len(emitted))
-        stats["drafted_tokens"] += draft.size
-        stats["accepted_drafts"] += len(path) - 1
-        stats["lookup_accepted"] += sum(n >= draft.first_grafted for n in path[1:])
-        seq = torch.cat([seq, torch.tensor(emitted)])
-        room = max_new_tokens - len(new)
-        stop = _stop_index(new + emitted, eos, stop_strings, tokenizer)
-        keep = min(room, len(emitted) if stop is None else stop - len(new))
-        new.extend(emitted[:keep])
-        if on_tokens is not None and keep > 0:
-            on_tokens(emitted[:keep])
-        if stop is not None:
-            break
-    return new, _finish(stats, new, t_start)
+        t_start = time.perf_counter()
+        cache = compat.new_cache(target.config)
+        drafter.reset(target)
+        kind = drafter.features
+        seq = torch.tensor(ids, dtype=torch.long)
+        if len(ids) > 1:
+            out = compat.forward(target, seq[None, :-1], cache, output_hidden_states=kind is not None)
+            if kind is not None:
+                drafter.add_features(_select_features(out, kind, torch.arange(len(ids) - 1)))
+        stats = {"steps": 0, "accepted_lengths": [], "drafted_tokens": 0, "accepted_drafts": 0, "draft_time_s": 0.0,
+                 "verify_time_s": 0.0, "draft_times_s": [], "verify_times_s": [], "lookup_drafted": 0,
+                 "lookup_accepted": 0, "prefill_time_s": time.perf_counter() - t_start}
+        new: list[int] = []
+        while len(new) < max_new_tokens:
+            t0 = time.perf_counter()
+            root = int(seq[-1])
+            root_logits = drafter.root_logits(seq)
+            draft = (DraftTree.root_only(root) if root_logits is None
+                     else build_tree(root, root_logits, drafter.expand, tree_cfg, sample if temperature > 0 else None))
+            if tree_cfg.lookup_tokens:
+                positions_left = (tree_cfg.lookup_tokens if limit is None
+                                  else min(tree_cfg.lookup_tokens, limit - len(seq)))
+                chain = lookup_continuation(seq, positions_left, tree_cfg.lookup_ngram, tree_cfg.lookup_min_ngram)
+                draft, grafted = graft_chain(draft, chain)
+                stats["lookup_drafted"] += grafted
+            t1 = time.perf_counter()
+            start = compat.cache_length(cache)  # == len(seq) - 1
+            allowed = tree_mask(draft.ancestors(), start)  # (1, 1, N+1, start + N+1)
+            out = compat.forward(target, draft.tokens[None], cache, (draft.depth + start)[None],
+                                 compat.additive_mask(allowed, target.dtype), output_hidden_states=kind is not None)
+            logits = out.logits[0].float().cpu()  # (N+1, V)
+            if temperature > 0:
+                path, nxt = stochastic_verify(draft, logits, temperature, top_p, generator)
+            else:
+                path, nxt = greedy_verify(draft, logits)
+            path_t = torch.tensor(path, dtype=torch.long)
+            compat.compact_cache(cache, start, path_t)
+            drafter.commit(draft, path)
+            if kind is not None:
+                drafter.add_features(_select_features(out, kind, path_t))
+            emitted = draft.tokens[path_t[1:]].tolist() + [nxt]
+            t2 = time.perf_counter()
+            stats["draft_times_s"].append(t1 - t0)
+            stats["verify_times_s"].append(t2 - t1)  # target forward + verification + cache compaction
+            stats["verify_time_s"] += t2 - t1
+            stats["draft_time_s"] += t1 - t0
+            stats["steps"] += 1
+            stats["accepted_lengths"].append(len(emitted))
+            stats["drafted_tokens"] += draft.size
+            stats["accepted_drafts"] += len(path) - 1
+            stats["lookup_accepted"] += sum(n >= draft.first_grafted for n in path[1:])
+            seq = torch.cat([seq, torch.tensor(emitted)])
+            room = max_new_tokens - len(new)
+            stop = _stop_index(new + emitted, eos, stop_strings, tokenizer)
+            keep = min(room, len(emitted) if stop is None else stop - len(new))
+            new.extend(emitted[:keep])
+            if on_tokens is not None and keep > 0:
+                on_tokens(emitted[:keep])
+            if stop is not None:
+                break
+        return new, _finish(stats, new, t_start)
 
 
 def _finish(stats: dict, new: list[int], t_start: float) -> dict:
@@ -431,28 +443,29 @@ def plain_generate(target, prompt_ids, max_new_tokens: int = 128, eos_token_id=N
     """Plain greedy decoding with a cache, one target forward per token (batch size 1): the baseline that
     speculative output must equal. Returns (new token ids, stats) with the same timing keys. Stops at the end of
     the target's context."""
-    ids = _check_args(prompt_ids, max_new_tokens, 0.0, 1.0, stop_strings, tokenizer)
-    max_new_tokens = fit_to_context(target, len(ids), max_new_tokens)
-    eos = _eos_set(target, eos_token_id)
-    t_start = time.perf_counter()
-    cache = compat.new_cache(target.config)
-    logits = compat.forward(target, torch.tensor([ids]), cache).logits[0, -1].cpu()
-    stats = {"steps": 0, "accepted_lengths": [], "drafted_tokens": 0, "accepted_drafts": 0, "draft_time_s": 0.0,
-             "verify_time_s": 0.0, "prefill_time_s": time.perf_counter() - t_start}
-    new: list[int] = []
-    while len(new) < max_new_tokens:
-        tok = int(logits.argmax())
-        new.append(tok)
-        stats["steps"] += 1
-        stats["accepted_lengths"].append(1)
-        if on_tokens is not None:
-            on_tokens([tok])
-        if _stop_index(new, eos, stop_strings, tokenizer) is not None or len(new) >= max_new_tokens:
-            break
-        t0 = time.perf_counter()
-        logits = compat.forward(target, torch.tensor([[tok]]), cache).logits[0, -1].cpu()
-        stats["verify_time_s"] += time.perf_counter() - t0
-    return new, _finish(stats, new, t_start)
+    with kernels.small_batch_linears(target):
+        ids = _check_args(prompt_ids, max_new_tokens, 0.0, 1.0, stop_strings, tokenizer)
+        max_new_tokens = fit_to_context(target, len(ids), max_new_tokens)
+        eos = _eos_set(target, eos_token_id)
+        t_start = time.perf_counter()
+        cache = compat.new_cache(target.config)
+        logits = compat.forward(target, torch.tensor([ids]), cache).logits[0, -1].cpu()
+        stats = {"steps": 0, "accepted_lengths": [], "drafted_tokens": 0, "accepted_drafts": 0, "draft_time_s": 0.0,
+                 "verify_time_s": 0.0, "prefill_time_s": time.perf_counter() - t_start}
+        new: list[int] = []
+        while len(new) < max_new_tokens:
+            tok = int(logits.argmax())
+            new.append(tok)
+            stats["steps"] += 1
+            stats["accepted_lengths"].append(1)
+            if on_tokens is not None:
+                on_tokens([tok])
+            if _stop_index(new, eos, stop_strings, tokenizer) is not None or len(new) >= max_new_tokens:
+                break
+            t0 = time.perf_counter()
+            logits = compat.forward(target, torch.tensor([[tok]]), cache).logits[0, -1].cpu()
+            stats["verify_time_s"] += time.perf_counter() - t0
+        return new, _finish(stats, new, t_start)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -473,13 +486,14 @@ class _CommitRecorder:
         return self.inner.commit(tree, path)
 
 
-def accepted_within_budget(tree: DraftTree, path: list[int], budget: int) -> int:
+def accepted_within_budget(tree: DraftTree, path: list[int], budget: int, lookup_cap: int | None = None) -> int:
     """Draft tokens of `path` that a tree pruned to its `budget` best nodes by score would still accept.
 
     Pruning keeps an ancestor-closed top set (`tree.top_budget`) and greedy acceptance on a subtree is the
     accepted path cut at the first missing node, so this is exact for greedy dynamic trees and chains. Prompt-lookup
     nodes (`tree.grafted`) do not count against the budget: they stay while the path above them does (a lower
-    bound: a cut tree can leave the lookup chain more of its own nodes to add)."""
+    bound: a cut tree can leave the lookup chain more of its own nodes to add). lookup_cap: a chain cut to that
+    many tokens (a grafted node's depth is its place in the chain), None: as grafted."""
     order = torch.sort(tree.scores[1:], descending=True, stable=True).indices + 1  # best first
     rank = torch.empty(tree.size + 1, dtype=torch.long)
     rank[order] = torch.arange(tree.size)
@@ -487,8 +501,34 @@ def accepted_within_budget(tree: DraftTree, path: list[int], budget: int) -> int
     for node in path[1:]:
         if node < tree.first_grafted and int(rank[node]) >= budget:
             break
+        if node >= tree.first_grafted and lookup_cap is not None and int(tree.depth[node]) > lookup_cap:
+            break
         kept += 1
     return kept
+
+
+def _verified_tokens(tree: DraftTree, budget: int, lookup_cap: int) -> int:
+    """Draft tokens a verify forward carries for `tree` cut to `budget` drafted nodes and `lookup_cap` lookup
+    tokens (the same lower bound as `accepted_within_budget`)."""
+    grafted = tree.depth[tree.first_grafted:]
+    return min(budget, tree.first_grafted - 1) + int((grafted <= lookup_cap).sum())
+
+
+def _interpolate(costs: dict[int, float], n: int) -> float:
+    """c(n) from measured costs: exact where measured, linear between the nearest measured sizes."""
+    if n in costs:
+        return costs[n]
+    below, above = max((k for k in costs if k < n), default=None), min((k for k in costs if k > n), default=None)
+    if below is None or above is None:
+        return costs[above if below is None else below]
+    return costs[below] + (costs[above] - costs[below]) * (n - below) / (above - below)
+
+
+LOOKUP_CAPS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+"""Lookup chain lengths `tune_tree_budget` tries (up to the tree's own `lookup_tokens`)."""
+EXACT_COST_TOKENS = 16
+"""`tune_tree_budget` measures the verify cost at every size up to this many draft tokens (where small-batch
+kernels make it uneven, `kernels.py`) and at the budgets above it, interpolating in between."""
 
 
 @torch.no_grad()
@@ -504,22 +544,29 @@ def measure_verify_cost(target, prefix_len: int, sizes, repeats: int = 3) -> dic
     compat.forward(target, prefix, cache)
     start = compat.cache_length(cache)
     costs = {}
-    for n in sizes:
-        parents = torch.arange(-1, n)  # a chain: the cost depends on the token count, not the shape
-        allowed = tree_mask(DraftTree(torch.zeros(n + 1, dtype=torch.long), parents, torch.arange(n + 1),
-                                      torch.zeros(n + 1), parents).ancestors(), start)
-        mask = compat.additive_mask(allowed, target.dtype)
-        tokens = torch.randint(0, vocab, (1, n + 1), generator=g)
-        times = []
-        for r in range(repeats + 1):
-            t0 = time.perf_counter()
-            compat.forward(target, tokens, cache, (torch.arange(n + 1) + start)[None], mask)
-            if target.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-            compat.truncate_cache(cache, start)
-        costs[n] = sorted(times[1:])[len(times[1:]) // 2]
+    with kernels.small_batch_linears(target):
+        for n in sizes:
+            costs[n] = _verify_cost(target, cache, start, n, vocab, g, repeats)
     return costs
+
+
+def _verify_cost(target, cache, start: int, n: int, vocab: int, g, repeats: int) -> float:
+    """Median seconds of `repeats` verify forwards of a chain of n draft tokens (+ the root) after the cached
+    `start` tokens (after one warm-up); the cache is cut back to `start` after each."""
+    parents = torch.arange(-1, n)  # a chain: the cost depends on the token count, not the shape
+    allowed = tree_mask(DraftTree(torch.zeros(n + 1, dtype=torch.long), parents, torch.arange(n + 1),
+                                  torch.zeros(n + 1), parents).ancestors(), start)
+    mask = compat.additive_mask(allowed, target.dtype)
+    tokens = torch.randint(0, vocab, (1, n + 1), generator=g)
+    times = []
+    for r in range(repeats + 1):
+        t0 = time.perf_counter()
+        compat.forward(target, tokens, cache, (torch.arange(n + 1) + start)[None], mask)
+        if target.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        compat.truncate_cache(cache, start)
+    return sorted(times[1:])[len(times[1:]) // 2]
 
 
 AUTO_BUDGETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -527,17 +574,20 @@ AUTO_BUDGETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 def tune_tree_budget(target, drafter: Drafter, prompt_ids, tree: TreeConfig, sizes=AUTO_BUDGETS,
                      profile_tokens: int = 32, eos_token_id=None) -> dict:
-    """Pick the tree budget (total_tokens) that maximises expected tokens per second on this machine.
+    """Pick the tree budget (total_tokens), and with lookup the lookup chain length, that maximise expected tokens
+    per second on this machine.
 
     Measures (1) the acceptance profile: a greedy run of `profile_tokens` tokens from the prompt with the largest
     budget, giving for every budget n the mean tokens per step tau(n) had the tree been cut to its n best nodes
     (`accepted_within_budget`); (2) the median draft time per tree level of that run (a budget of n drafts at most
-    min(depth, n) levels, see `tree.build_tree`); (3) the target's verify cost c(n) at this prompt length
-    (`measure_verify_cost`). Returns {"total_tokens", "depth", "table": [(n, tau, draft_s, verify_s,
-    tokens_per_s)], "summary"} maximising tau(n) / (draft(n) + c(n)); "depth" is min(tree.depth, n).
+    min(depth, n) levels, see `tree.build_tree`); (3) the target's verify cost c(m) of m draft tokens at this
+    prompt length (`measure_verify_cost`), each step of the profile priced at the tokens it would have verified.
+    Returns {"total_tokens", "depth", "lookup_tokens", "table": [(n, tau, draft_s, verify_s, tokens_per_s,
+    lookup)], "summary"} maximising tau / (draft + verify); "depth" is min(tree.depth, n).
 
-    With `tree.lookup_tokens`, the profile grafts lookup chains too: they count in tau(n) (not against n), and
-    each budget is verified with the profile's mean number of grafted tokens on top, c(n + g)."""
+    With `tree.lookup_tokens`, the profile grafts lookup chains of that length; they count in tau (not against n)
+    and every chain length L in `LOOKUP_CAPS` up to it is tried (the chain cut to L tokens), so a machine where
+    each verified token costs much can pick a short chain. The table then holds the best L per budget."""
     sizes = sorted({int(n) for n in sizes if n >= 1})
     big = dataclasses_replace(tree, total_tokens=max(sizes))
     rec = _CommitRecorder(drafter)
@@ -548,16 +598,23 @@ def tune_tree_budget(target, drafter: Drafter, prompt_ids, tree: TreeConfig, siz
     # the median step: the first steps of a cold process (CUDA kernels loading, caches) would inflate a mean
     per_level = sorted(stats["draft_times_s"])[len(stats["draft_times_s"]) // 2] / levels
     n_prompt = len(prompt_ids.flatten().tolist() if isinstance(prompt_ids, torch.Tensor) else prompt_ids)
-    grafted = round(stats["lookup_drafted"] / len(rec.steps))  # lookup tokens verified on top of n, on average
-    costs = measure_verify_cost(target, n_prompt + profile_tokens // 2, [n + grafted for n in sizes])
+    caps = sorted({c for c in LOOKUP_CAPS if c < tree.lookup_tokens} | {tree.lookup_tokens})
+    verified = {(n, cap): [_verified_tokens(t, n, cap) for t, _ in rec.steps] for n in sizes for cap in caps}
+    needed = {m for ms in verified.values() for m in ms}
+    exact = {m for m in needed if m <= EXACT_COST_TOKENS} | {n for n in sizes if n <= max(needed)} | {max(needed)}
+    costs = measure_verify_cost(target, n_prompt + profile_tokens // 2, sorted(exact))
     table = []
     for n in sizes:
-        tau = sum(1 + accepted_within_budget(t, p, n) for t, p in rec.steps) / len(rec.steps)
         draft_s = per_level * (min(tree.depth, n) if tree.shape != "static" else levels)
-        verify_s = costs[n + grafted]
-        table.append((n, tau, draft_s, verify_s, tau / (draft_s + verify_s)))
+        rows = []
+        for cap in caps:
+            tau = sum(1 + accepted_within_budget(t, p, n, cap) for t, p in rec.steps) / len(rec.steps)
+            verify_s = sum(_interpolate(costs, m) for m in verified[n, cap]) / len(rec.steps)
+            rows.append((n, tau, draft_s, verify_s, tau / (draft_s + verify_s), cap))
+        table.append(max(rows, key=lambda row: row[4]))
     best = max(table, key=lambda row: row[4])
     depth = min(tree.depth, best[0]) if tree.shape != "static" else tree.depth
     summary = (f"tau {best[1]:.2f}, draft {best[2] * 1e3:.0f} ms + verify {best[3] * 1e3:.0f} ms a step, expected "
-               f"{best[4]:.1f} tok/s; " + ", ".join(f"{n}:{tps:.1f}" for n, _, _, _, tps in table))
-    return {"total_tokens": best[0], "depth": depth, "table": table, "summary": summary}
+               f"{best[4]:.1f} tok/s" + (f", lookup {best[5]}" if tree.lookup_tokens else "") + "; "
+               + ", ".join(f"{n}:{tps:.1f}" for n, _, _, _, tps, _ in table))
+    return {"total_tokens": best[0], "depth": depth, "lookup_tokens": best[5], "table": table, "summary": summary}

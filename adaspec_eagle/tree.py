@@ -133,7 +133,9 @@ def build_tree(root_token: int, root_logits: torch.Tensor, expand: ExpandFn, cfg
     root_logits: (V,) the drafter's logits for the token after the root.
     cfg.shape: 'chain' (one child per level, `depth` levels), 'static' (`static_shape`: fixed ranks), or
     'dynamic' (EAGLE-2: each level expands the `topk` best nodes of the previous level by cumulative log-prob,
-    each into its `topk` best children; finally the `total_tokens` best nodes overall are kept).
+    each into its `topk` best children; finally the `total_tokens` best nodes overall are kept). Level d expands
+    at most `total_tokens - d` nodes: a kept child of the r-th best node at depth d comes with its d ancestors and
+    the r - 1 better nodes at depth d, so r > total_tokens - d would be pruned anyway.
     sample: for a chain only, draw each child from the draft distribution instead of taking the argmax:
     logits (V,) -> (token, probs (V,) it was drawn from); recorded in `draft_probs` for stochastic verification.
     """
@@ -178,8 +180,9 @@ def build_tree(root_token: int, root_logits: torch.Tensor, expand: ExpandFn, cfg
             frontier = [n for n in level if any(ranks[n] + (r,) in shape for r in range(cfg.topk))]
         elif cfg.shape == "chain":
             frontier = level
-        else:
-            best = torch.tensor([scores[n] for n in level]).topk(min(cfg.topk, len(level))).indices
+        else:  # a child of the r-th best node of level d is kept only if d + r <= budget (`top_budget`)
+            width = min(cfg.topk, len(level), budget - d)
+            best = torch.tensor([scores[n] for n in level]).topk(width).indices
             frontier = sorted(level[i] for i in best.tolist())
         if not frontier:
             break

@@ -9,7 +9,9 @@ under every `accelerate launch` config (DDP, ZeRO-2, ZeRO-3, FSDP).
     accelerate launch --config_file recipes/accelerate/zero3.yaml --num_processes 1 scripts/shape_costs.py train
 
 Each prints one JSON line (and appends it to --out). Random weights give the real step costs, not real
-acceptance. Timings are medians of repeats after a warm-up, with CUDA synchronised.
+acceptance. Timings are medians of repeats after a warm-up, with CUDA synchronised. On a CPU in fp32 the engine's
+forwards use `adaspec_eagle.kernels` (small-batch linear layers); `ADASPEC_SMALL_BATCH_LINEAR=0` measures
+PyTorch's stock `F.linear` instead (the JSON line says which).
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ def _median_s(fn, device, repeats: int) -> float:
 
 
 def cmd_infer(args) -> dict:
+    from adaspec_eagle import kernels
     from adaspec_eagle.config import HeadConfig, TreeConfig
     from adaspec_eagle.heads import build_head
     from adaspec_eagle.speculative import HeadDrafter, measure_verify_cost
@@ -117,6 +120,7 @@ def cmd_infer(args) -> dict:
     prefill_s = _median_s(prefill, device, args.repeats)
     row[f"draft_tree_d{args.depth}_ms"] = round(1e3 * (_median_s(draft_tree, device, args.repeats) - prefill_s), 3)
     row.update(shape=args.shape, dtype=args.dtype, device=_device_name(device), context=args.context,
+               small_batch_linear=kernels.enabled(),
                tree=f"depth {args.depth}, top-8, {args.tree_tokens} tokens")
     return row
 

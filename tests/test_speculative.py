@@ -353,10 +353,11 @@ def test_tree_budget_tuning_picks_the_best_measured_budget():
 
 
 def test_budget_accounting_and_tuning_with_lookup(monkeypatch):
-    """Lookup nodes do not count against the budget (they stay while the path above them does), and the tuner
-    verifies each budget with the mean grafted tokens on top."""
+    """Lookup nodes do not count against the budget (they stay while the path above them does) and a chain cut
+    to L tokens keeps the grafted nodes of depth <= L; the tuner prices every step at the tokens it verifies and
+    picks the chain length the verify cost pays for."""
     from adaspec_eagle import speculative
-    from adaspec_eagle.speculative import AUTO_BUDGETS, accepted_within_budget, tune_tree_budget
+    from adaspec_eagle.speculative import _verified_tokens, accepted_within_budget, tune_tree_budget
     from adaspec_eagle.tree import DraftTree, graft_chain
 
     #   root -> 4 (score -0.1) -> 6 (-0.9);  root -> 5 (-0.5); then the lookup chain 4 -> 7 -> 8 grafted
@@ -366,19 +367,22 @@ def test_budget_accounting_and_tuning_with_lookup(monkeypatch):
     path = [0, 1, 4, 5]  # 4, then the two lookup tokens
     assert [accepted_within_budget(tree, path, n) for n in (0, 1, 2, 3)] == [0, 3, 3, 3]
     assert [accepted_within_budget(tree, [0, 1, 3], n) for n in (1, 2, 3)] == [1, 1, 2]  # 6 ranks third
+    assert [accepted_within_budget(tree, path, 3, cap) for cap in (0, 1, 2, 3, 8)] == [1, 1, 2, 3, 3]
+    assert [_verified_tokens(tree, n, cap) for n, cap in ((1, 3), (3, 2), (3, 0), (9, 9))] == [3, 4, 3, 5]
 
     target = target_of("llama")
     ids = prompt(seed=1, length=10)
     ids = ids + ids + ids[:4]  # the tiny target copies it after 4 tokens: steps of 1, 1, 1, 1, 7, 7
-    sizes_seen = []
-    real = speculative.measure_verify_cost
-    monkeypatch.setattr(speculative, "measure_verify_cost",
-                        lambda t, n, sizes, **kw: sizes_seen.append(list(sizes)) or real(t, n, sizes, **kw))
-    tuned = tune_tree_budget(target, LookupDrafter(), ids, TreeConfig(depth=2, topk=2, lookup_tokens=6),
-                             sizes=(1, 2), profile_tokens=16, eos_token_id=[])
-    grafted = sizes_seen[0][0] - 1
-    assert grafted >= 1 and sizes_seen == [[1 + grafted, 2 + grafted]]  # c(n + g)
-    assert all(row[1] == pytest.approx(18 / 6) for row in tuned["table"])  # accepted lookup tokens count in tau
+    cfg = TreeConfig(depth=2, topk=2, lookup_tokens=6)
+    for slope, want in ((0.0, 6), (10.0, 0)):  # free extra tokens: the whole chain; costly ones: none
+        asked = []
+        monkeypatch.setattr(speculative, "measure_verify_cost", lambda t, n, sizes, **kw: asked.append(sizes) or {
+            m: 1.0 + slope * m for m in sizes})
+        tuned = tune_tree_budget(target, LookupDrafter(), ids, cfg, sizes=(1, 2), profile_tokens=16,
+                                 eos_token_id=[])
+        assert tuned["lookup_tokens"] == want and all(row[5] == want for row in tuned["table"])
+        assert tuned["table"][0][1] == pytest.approx(18 / 6 if want == 6 else 1.0)  # accepted lookup tokens count
+        assert 6 in asked[0] and 0 in asked[0]  # every chain length's verify size was measured
 
 
 def test_eos_stop_strings_and_max_tokens():

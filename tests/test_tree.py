@@ -101,6 +101,26 @@ def test_dynamic_tree_stops_at_the_budget_depth():
         assert int(full.depth.max()) <= budget
 
 
+def test_dynamic_tree_expands_only_nodes_whose_children_can_be_kept():
+    """Level d expands at most budget - d nodes (a child of the r-th best node at depth d needs d + r kept
+    nodes), and the tree still equals EAGLE-2's full top-k expansion reranked to the budget."""
+    for seed in range(12):
+        for topk in (2, 3, 4):
+            for budget in (2, 3, 4, 6, 9):
+                drafter = ScriptedDrafter(vocab=8, seed=seed)
+                cfg = TreeConfig(depth=5, topk=topk, total_tokens=budget)
+                tree = build_tree(1, drafter.table[1], drafter.expand, cfg)
+                got = sorted(tuple(tree.tokens[path_to(tree.parents, n)[1:]].tolist())
+                             for n in range(1, tree.size + 1))
+                assert got == _brute_force_best(drafter.table, 1, min(5, budget), topk, budget)
+                for tokens, depth, _, _ in drafter.calls:  # the frontier nodes of depth d, fed for their children
+                    assert len(tokens) <= min(topk, budget - int(depth[0]))
+    # budget 4, top-4: the levels expand 3, 2 and 1 nodes instead of 4, 4 and 4
+    drafter = ScriptedDrafter(vocab=8, seed=0)
+    build_tree(1, drafter.table[1], drafter.expand, TreeConfig(depth=4, topk=4, total_tokens=4))
+    assert [len(c[0]) for c in drafter.calls] == [3, 2, 1]
+
+
 def test_chain_and_static_trees():
     drafter = ScriptedDrafter(seed=1)
     chain = build_tree(2, drafter.table[2], drafter.expand, TreeConfig(depth=4, topk=3, total_tokens=9, shape="chain"))
