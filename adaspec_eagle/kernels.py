@@ -3,9 +3,9 @@
 A decode or verify forward multiplies 1 to a few token rows by every weight matrix. On the CPU, PyTorch's
 `F.linear(x, W)` hands that to the BLAS as x @ W^T with the large weight as the packed operand, which for a few rows
 is far from the memory bandwidth the product needs: measured on this project's 2-core AMD EPYC (torch 2.13, MKL),
-a whole SmolLM2-135M forward costs 40 ms for 1 token and 58-78 ms for 2-4 tokens with two threads. Written as
-W @ x^T (the weight streamed, the few rows packed) the same products take 25-28 ms for 1-4 tokens (one thread:
-37-41 ms against 41-84 ms): `python scripts/shape_costs.py infer --shape smollm2-135m --dtype fp32 --device cpu
+a whole SmolLM2-135M forward costs 40 ms for 1 token and 60-77 ms for 2-4 tokens with two threads. Written as
+W @ x^T (the weight streamed, the few rows packed) the same forwards take 25-30 ms for 1-4 tokens (one thread:
+34-46 ms against 41-81 ms): `python scripts/shape_costs.py infer --shape smollm2-135m --dtype fp32 --device cpu
 --tokens 1 2 3 4 6 8`, with and without ADASPEC_SMALL_BATCH_LINEAR=0.
 
 `small_batch_linears(*models)` routes the `nn.Linear` modules of the given models through `linear` while it is

@@ -102,23 +102,24 @@ def cmd_infer(args) -> dict:
         drafter.add_features(features)
         return drafter.root_logits(seq)
 
-    root_logits = prefill()
-    top = root_logits.float().topk(8).indices.cpu()
+    with kernels.small_batch_linears(target, head):  # the head's products as the engine runs them
+        root_logits = prefill()
+        top = root_logits.float().topk(8).indices.cpu()
 
-    def one_level():  # one head forward of 8 tree nodes (a dynamic tree's level) + its logits
-        drafter.expand(top, torch.ones(8, dtype=torch.long), torch.full((8,), -1), torch.eye(8, dtype=torch.bool))
-        drafter.commit(None, [0])  # drop them again
-        drafter.tree_hidden = drafter.tree_hidden[:, :0]
+        def one_level():  # one head forward of 8 tree nodes (a dynamic tree's level) + its logits
+            drafter.expand(top, torch.ones(8, dtype=torch.long), torch.full((8,), -1), torch.eye(8, dtype=torch.bool))
+            drafter.commit(None, [0])  # drop them again
+            drafter.tree_hidden = drafter.tree_hidden[:, :0]
 
-    row["head_forward_8_ms"] = round(1e3 * _median_s(one_level, device, args.repeats), 3)
-    tree = TreeConfig(depth=args.depth, topk=8, total_tokens=args.tree_tokens)
+        row["head_forward_8_ms"] = round(1e3 * _median_s(one_level, device, args.repeats), 3)
+        tree = TreeConfig(depth=args.depth, topk=8, total_tokens=args.tree_tokens)
 
-    def draft_tree():
-        logits = prefill()
-        build_tree(int(seq[-1]), logits, drafter.expand, tree)
+        def draft_tree():
+            logits = prefill()
+            build_tree(int(seq[-1]), logits, drafter.expand, tree)
 
-    prefill_s = _median_s(prefill, device, args.repeats)
-    row[f"draft_tree_d{args.depth}_ms"] = round(1e3 * (_median_s(draft_tree, device, args.repeats) - prefill_s), 3)
+        prefill_s = _median_s(prefill, device, args.repeats)
+        row[f"draft_tree_d{args.depth}_ms"] = round(1e3 * (_median_s(draft_tree, device, args.repeats) - prefill_s), 3)
     row.update(shape=args.shape, dtype=args.dtype, device=_device_name(device), context=args.context,
                small_batch_linear=kernels.enabled(),
                tree=f"depth {args.depth}, top-8, {args.tree_tokens} tokens")
