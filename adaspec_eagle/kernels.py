@@ -25,15 +25,25 @@ import types
 import torch
 import torch.nn.functional as F
 
+from . import AdaspecError
+
 MAX_ROWS = 8
 """Inputs with more rows use `F.linear` (from about 10 rows the BLAS's own choice is as good or better here)."""
 CHUNK_ROWS = 4
 """Rows per W @ x^T product: up to 4 rows cost about the same as one on this CPU; 5-8 rows run as two chunks."""
 
 
+_ON, _OFF = ("1", "true", "on", "yes", ""), ("0", "false", "off", "no")
+
+
 def enabled() -> bool:
-    """False when the environment variable ADASPEC_SMALL_BATCH_LINEAR is set to 0 / false / off."""
-    return os.environ.get("ADASPEC_SMALL_BATCH_LINEAR", "1").strip().lower() not in ("0", "false", "off", "no")
+    """The environment variable ADASPEC_SMALL_BATCH_LINEAR: unset or 1 / true / on / yes: True; 0 / false / off /
+    no: False; anything else is refused (a typo must not silently leave it on)."""
+    value = os.environ.get("ADASPEC_SMALL_BATCH_LINEAR", "1").strip().lower()
+    if value not in _ON + _OFF:
+        raise AdaspecError(f"ADASPEC_SMALL_BATCH_LINEAR={value!r}: expected 1 (small-batch linear layers on, the "
+                           "default) or 0 (PyTorch's own F.linear); unset it or set one of those.")
+    return value in _ON
 
 
 def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:

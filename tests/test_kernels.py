@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adaspec_eagle import kernels
+from adaspec_eagle import AdaspecError, kernels
 from adaspec_eagle.config import TreeConfig
 from adaspec_eagle.models import tiny_model
 from adaspec_eagle.speculative import DraftLMDrafter, plain_generate, speculative_generate
@@ -55,6 +55,10 @@ def test_small_batch_linears_patches_and_restores(monkeypatch):
     monkeypatch.setenv("ADASPEC_SMALL_BATCH_LINEAR", "0")
     with kernels.small_batch_linears(model) as n:
         assert n == 0
+    monkeypatch.setenv("ADASPEC_SMALL_BATCH_LINEAR", "of")  # a typo is refused, not read as "on"
+    with pytest.raises(AdaspecError, match="ADASPEC_SMALL_BATCH_LINEAR='of'"):
+        kernels.enabled()
+    assert not any("forward" in m.__dict__ for m in plain)
 
 
 def test_engine_forwards_run_through_it(monkeypatch):
