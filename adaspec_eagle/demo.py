@@ -38,6 +38,8 @@ def cmd_demo(args) -> int:
                  "--drafter", f"reference=head:{out}/reference", "--drafter", f"adaspec=head:{out}/adaspec",
                  "--suite", "sharegpt", "--num-prompts", str(args.prompts), "--max-new-tokens", str(args.max_new_tokens),
                  "--repeats", "1", "--warmup", "1", "--peers", "prompt_lookup", "--out", f"{out}/bench",
+                 # the engine's own plain loop too: on a CPU its small-batch products alone beat transformers
+                 "--baseline", "hf,engine",
                  # the tree budget each head pays off on this machine, measured first (CPU-trained heads accept
                  # little, and a CPU verifies each extra tree token at a visible cost)
                  "--depth", "4", "--topk", "4", "--total-tokens", "auto", "--lookup-tokens", "8"])
