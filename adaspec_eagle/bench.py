@@ -142,7 +142,7 @@ class Run:
 class Method:
     name: str
     kind: str  # plain | speculative | assisted | prompt_lookup
-    generate: Callable[[list[int], int], Run] = field(repr=False)  # (prompt ids, seed) -> Run
+    generate: Callable[[list[int], int, str | None], Run] = field(repr=False)  # (prompt ids, seed, suite) -> Run
     info: dict = field(default_factory=dict)
     depth: int = 0  # draft positions reported by acceptance_by_position
     gamma: int | None = None  # chain length when alpha is defined
@@ -171,7 +171,7 @@ def hf_generate_method(name: str, kind: str, target, eos_ids, pad_id, max_new_to
         if key in extra:
             setattr(gen, key, extra.pop(key))
 
-    def generate(ids: list[int], seed: int) -> Run:
+    def generate(ids: list[int], seed: int, suite: str | None = None) -> Run:
         torch.manual_seed(seed)
         x = torch.tensor([ids], device=target.device)  # (1, T)
         calls = [0]
@@ -220,30 +220,36 @@ def engine_step_records(stats: dict, recorded: list[dict]) -> list[dict]:
 
 def engine_method(name: str, target, tokenizer, drafter, tree, max_new_tokens: int, temperature: float,
                   top_p: float, eos_ids: list[int], info: dict | None = None) -> Method:
-    """Speculative decoding by our engine; acceptance comes from its step records."""
+    """Speculative decoding by our engine; acceptance comes from its step records. tree: one `TreeConfig`, or
+    {suite name: TreeConfig} (trees tuned per suite; recorded as `trees`, and `tree` is the first)."""
     import torch
 
     from .speculative import speculative_generate
 
     recorder = _RecordingDrafter(drafter)
+    trees = tree if isinstance(tree, dict) else {}
+    default = next(iter(trees.values())) if trees else tree
 
-    def generate(ids: list[int], seed: int) -> Run:
+    def generate(ids: list[int], seed: int, suite: str | None = None) -> Run:
         x = torch.tensor([ids], device=target.device)  # (1, T)
         recorder.records = []
         _sync(target.device)
         t0 = time.perf_counter()
         new, stats = speculative_generate(target=target, prompt_ids=x, drafter=recorder, tokenizer=tokenizer,
                                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                          tree=tree, eos_token_id=eos_ids, seed=seed)
+                                          tree=trees.get(suite, default), eos_token_id=eos_ids, seed=seed)
         _sync(target.device)
         seconds = time.perf_counter() - t0
         phases = {k: float(stats[k]) for k in ("draft_time_s", "verify_time_s", "prefill_time_s") if k in stats}
         return Run(_ids(new), seconds, steps=engine_step_records(stats, recorder.records), phases=phases)
 
-    chain = tree.shape == "chain" and tree.topk == 1 and not tree.lookup_tokens  # alpha is a drafted chain's
-    return Method(name, "speculative", generate, depth=tree.max_depth, gamma=tree.depth if chain else None,
-                  info=dict(info or {}, implementation="adaspec_eagle.speculative.speculative_generate",
-                            tree=dataclasses.asdict(tree)))
+    chain = default.shape == "chain" and default.topk == 1 and not default.lookup_tokens  # alpha: a drafted chain's
+    info = dict(info or {}, implementation="adaspec_eagle.speculative.speculative_generate",
+                tree=dataclasses.asdict(default))
+    if trees:
+        info["trees"] = {k: dataclasses.asdict(t) for k, t in trees.items()}
+    return Method(name, "speculative", generate, depth=max(t.max_depth for t in (trees or {"": tree}).values()),
+                  gamma=default.depth if chain else None, info=info)
 
 
 def engine_plain_method(name: str, target, tokenizer, max_new_tokens: int, temperature: float, top_p: float,
@@ -253,7 +259,7 @@ def engine_plain_method(name: str, target, tokenizer, max_new_tokens: int, tempe
 
     from .speculative import plain_generate
 
-    def generate(ids: list[int], seed: int) -> Run:
+    def generate(ids: list[int], seed: int, suite: str | None = None) -> Run:
         x = torch.tensor([ids], device=target.device)  # (1, T)
         _sync(target.device)
         t0 = time.perf_counter()
@@ -336,7 +342,7 @@ class BenchConfig:
     depth: int = 6
     topk: int = 8
     total_tokens: int | str = 48
-    """Draft tokens verified per step, or "auto": tuned per drafter on the first prompt of the first suite."""
+    """Draft tokens verified per step, or "auto": tuned per drafter and suite on the suite's first prompt."""
     tree_shape: str = "dynamic"
     draft_vocab: int | str = "auto"
     peers: list[str] = field(default_factory=lambda: ["assisted", "prompt_lookup"])
@@ -380,10 +386,28 @@ def chain_info(info: dict) -> dict:
     return {**{k: v for k, v in info.items() if k != "tuned_tree"}, "protocol": "paper alpha"}
 
 
-def build_methods(cfg: BenchConfig, target, tokenizer, eos_ids: list[int], tune_prompt=None) -> list[Method]:
+def _tuned_trees(target, drafter, tune_prompts: dict, tree, eos_ids) -> tuple[dict, dict]:
+    """`tree`'s budget, depth and lookup length tuned for `drafter` on each suite's prompt
+    (`speculative.tune_tree_budget`) -> ({suite: TreeConfig}, {suite: what was tuned, for the record})."""
+    from .speculative import tune_tree_budget
+
+    trees, record = {}, {}
+    for suite, prompt in tune_prompts.items():
+        tuned = tune_tree_budget(target, drafter, prompt, tree, eos_token_id=eos_ids)
+        trees[suite] = dataclasses.replace(tree, total_tokens=tuned["total_tokens"], depth=tuned["depth"],
+                                           lookup_tokens=tuned["lookup_tokens"])
+        record[suite] = {k: tuned[k] for k in ("total_tokens", "depth", "summary")}
+        if tree.lookup_tokens:
+            record[suite]["lookup_tokens"] = tuned["lookup_tokens"]
+    return trees, record
+
+
+def build_methods(cfg: BenchConfig, target, tokenizer, eos_ids: list[int], tune_prompts: dict | None = None
+                  ) -> list[Method]:
     """The baseline(s) first (the first is the speedup reference), then each drafter (its tree, and a greedy
-    gamma=4 chain with --alpha-protocol), then the peers. total_tokens="auto": each drafter's tree budget and
-    depth are tuned on `tune_prompt` (`speculative.tune_tree_budget`) before anything is timed."""
+    gamma=4 chain with --alpha-protocol), then the peers. total_tokens="auto": each drafter's tree budget, depth
+    (and lookup length) are tuned per suite on `tune_prompts` ({suite name: prompt ids}, each suite's first
+    prompt) before anything is timed: code and chat want different trees."""
     from .config import TreeConfig
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
@@ -415,25 +439,16 @@ def build_methods(cfg: BenchConfig, target, tokenizer, eos_ids: list[int], tune_
                                          info=info, **common))
             continue
         if auto:
-            from .speculative import tune_tree_budget
-
-            if tune_prompt is None:
+            if not tune_prompts:
                 raise AdaspecError("--total-tokens auto needs a prompt to tune on.")
-            tuned = tune_tree_budget(target, drafter, tune_prompt, tree, eos_token_id=eos_ids)
-            own_tree = TreeConfig(depth=tuned["depth"], topk=cfg.topk, total_tokens=tuned["total_tokens"],
-                                  shape=cfg.tree_shape)
-            info["tuned_tree"] = {"total_tokens": tuned["total_tokens"], "depth": tuned["depth"],
-                                  "summary": tuned["summary"]}
+            own_tree, info["tuned_tree"] = _tuned_trees(target, drafter, tune_prompts, tree, eos_ids)
         methods.append(engine_method(spec.label, target, tokenizer, drafter, own_tree, eos_ids=eos_ids, info=info,
                                      **common))
         if cfg.lookup_tokens:
             looked = dataclasses.replace(own_tree if not auto else tree, lookup_tokens=cfg.lookup_tokens)
             looked_info = {**info, "lookup_tokens": cfg.lookup_tokens}
             if auto:  # its own budget and chain length: the lookup tokens lengthen every verify
-                tuned = tune_tree_budget(target, drafter, tune_prompt, looked, eos_token_id=eos_ids)
-                looked = dataclasses.replace(looked, total_tokens=tuned["total_tokens"], depth=tuned["depth"],
-                                             lookup_tokens=tuned["lookup_tokens"])
-                looked_info["tuned_tree"] = {k: tuned[k] for k in ("total_tokens", "depth", "lookup_tokens", "summary")}
+                looked, looked_info["tuned_tree"] = _tuned_trees(target, drafter, tune_prompts, looked, eos_ids)
             methods.append(engine_method(f"{spec.label}+lookup({cfg.lookup_tokens})", target, tokenizer, drafter,
                                          looked, eos_ids=eos_ids, info=looked_info, **common))
         if cfg.alpha_protocol and (tree.shape, tree.depth, tree.topk) != ("chain", PAPER_GAMMA, 1):
@@ -469,11 +484,11 @@ def run_bench(cfg: BenchConfig) -> dict:
     names = [s["name"] for s in suites]
     if len(set(names)) != len(names):
         raise AdaspecError(f"suites {names} repeat a name; give each suite once.")
-    methods = build_methods(cfg, target, tokenizer, eos_ids, tune_prompt=suites[0]["prompts"][0])
+    methods = build_methods(cfg, target, tokenizer, eos_ids, tune_prompts={s["name"]: s["prompts"][0] for s in suites})
 
     for _ in range(cfg.warmup):  # compile / allocate / fill caches; not recorded
         for m in methods:
-            m.generate(suites[0]["prompts"][0], cfg.seed)
+            m.generate(suites[0]["prompts"][0], cfg.seed, suites[0]["name"])
 
     runs = {s["name"]: {m.name: [[] for _ in s["prompts"]] for m in methods} for s in suites}
     total = cfg.repeats * sum(len(s["prompts"]) for s in suites) * len(methods)
@@ -483,7 +498,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             for s in suites:
                 for i, ids in enumerate(s["prompts"]):
                     for m in methods:
-                        run = m.generate(ids, cfg.seed + r)
+                        run = m.generate(ids, cfg.seed + r, s["name"])
                         runs[s["name"]][m.name][i].append(run)
                         if run.steps:
                             running[m.name][0] += sum(st["accepted"] + 1 for st in run.steps)
@@ -574,10 +589,10 @@ def register_cli(sub) -> None:
     p.add_argument("--depth", type=int, default=6, help="draft tree depth")
     p.add_argument("--topk", type=int, default=8, help="children per expanded node")
     p.add_argument("--total-tokens", default="48", help="draft tokens verified per step, or 'auto': tuned per "
-                   "drafter (budget and depth) for this machine on the first prompt of the first suite")
+                   "drafter and suite (budget, depth, lookup length) for this machine on the suite's first prompt")
     p.add_argument("--tree-shape", choices=("dynamic", "static", "chain"), default="dynamic")
     p.add_argument("--draft-vocab", default="auto", help="EAGLE-1/2 heads: draft from the N most frequent training "
-                   "tokens (lossless); 0 = whole vocabulary; auto = 16384 when the head has token counts")
+                   "tokens (lossless); 0 = whole vocabulary; auto = 8192 when the head has token counts")
     p.add_argument("--peers", default="assisted,prompt_lookup",
                    help="comma list of assisted (transformers assisted generation, draft-LM drafters only) and "
                         "prompt_lookup; 'none' for neither")

@@ -172,6 +172,13 @@ def _fmt_spread(s: dict, digits=2) -> str:
     return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}–{s['max']:.{digits}f}]"
 
 
+def _tuned(suite: str, tuned: dict) -> str:
+    """One suite's tuned tree for the bench.md header: 'sharegpt 3 tokens, depth 3, lookup 0'."""
+    n = tuned["total_tokens"]
+    return (f"{suite} {n} token{'s' if n != 1 else ''}, depth {tuned['depth']}"
+            + (f", lookup {tuned['lookup_tokens']}" if "lookup_tokens" in tuned else ""))
+
+
 def markdown_table(record: dict) -> str:
     """The suite × method table of a benchmark record, with a header stating target, tree, temperature, data
     and machine (DESIGN.md section 6)."""
@@ -185,10 +192,9 @@ def markdown_table(record: dict) -> str:
         + f", max {cfg['max_new_tokens']} new tokens, {cfg['repeats']} repeat(s) after {cfg['warmup']} warm-up.",
         f"Draft tree: {tree['shape']}, depth {tree['depth']}, top-k {tree['topk']}, " + (
             f"{tree['total_tokens']} tokens a step." if tree["total_tokens"] != "auto" else
-            "budget and depth (and lookup length) tuned per drafter on the first prompt (" + "; ".join(
-                f"{m['name']}: {m['tuned_tree']['total_tokens']} tokens, depth {m['tuned_tree']['depth']}"
-                + (f", lookup {m['tuned_tree']['lookup_tokens']}" if "lookup_tokens" in m["tuned_tree"] else "")
-                for m in record["methods"] if m.get("tuned_tree")) + ").")
+            "budget and depth (and lookup length) tuned per drafter and suite on the suite's first prompt ("
+            + "; ".join(f"{m['name']}: " + " / ".join(_tuned(suite, t) for suite, t in m["tuned_tree"].items())
+                        for m in record["methods"] if m.get("tuned_tree")) + ").")
         + (f" Heads draft from the {', '.join(sorted(vocabs))} most frequent training tokens "
                      "(lossless; the target verifies every token)." if vocabs else "")
         + (" Prompt lookup in the engine: `+lookup(N)` rows graft up to N tokens (what followed the latest earlier "

@@ -21,6 +21,7 @@ import torch
 from . import AdaspecError
 
 _CACHE_KWARG: dict[type, str] = {}
+_KEEPS_LOGITS: dict[type, bool] = {}
 
 
 def cache_kwarg(model) -> str:
@@ -38,6 +39,14 @@ def cache_kwarg(model) -> str:
     return _CACHE_KWARG[cls]
 
 
+def takes_logits_to_keep(model) -> bool:
+    """Whether this model class's forward can compute only the last positions' logits (`logits_to_keep`)."""
+    cls = type(model)
+    if cls not in _KEEPS_LOGITS:
+        _KEEPS_LOGITS[cls] = "logits_to_keep" in inspect.signature(model.forward).parameters
+    return _KEEPS_LOGITS[cls]
+
+
 def new_cache(config=None):
     """An empty `DynamicCache`; with a model config its layer types follow the config (so a sliding-window
     model is refused by `compact_cache` instead of silently attending past its window)."""
@@ -47,14 +56,20 @@ def new_cache(config=None):
 
 
 def forward(model, input_ids: torch.Tensor, cache, position_ids: torch.Tensor | None = None,
-            attention_mask: torch.Tensor | None = None, output_hidden_states: bool = False):
+            attention_mask: torch.Tensor | None = None, output_hidden_states: bool = False,
+            last_logits_only: bool = False):
     """One forward of a transformers causal LM that appends to `cache` in place.
 
     input_ids: (B, Q); position_ids: (B, Q) or None (then positions follow the cache);
-    attention_mask: None (causal over cache + input) or an additive float mask (B, 1, Q, cached + Q)."""
+    attention_mask: None (causal over cache + input) or an additive float mask (B, 1, Q, cached + Q).
+    last_logits_only: the caller reads only the last position's logits; a model that supports it
+    (`logits_to_keep`) then skips the lm_head for the others (a fifth of a SmolLM2-135M prefill) and returns
+    logits (B, 1, V); others return all positions as usual."""
     kwargs = {cache_kwarg(model): cache}
     if output_hidden_states:
         kwargs["output_hidden_states"] = True
+    if last_logits_only and takes_logits_to_keep(model):
+        kwargs["logits_to_keep"] = 1
     device = model.device
     input_ids = input_ids.to(device)
     position_ids = None if position_ids is None else position_ids.to(device)
@@ -93,8 +108,9 @@ def compact_cache(cache, start: int, keep: torch.Tensor) -> None:
     a = int(keep.numel())
     if start + a > total:
         raise ValueError(f"compact_cache: keeping {start}+{a} tokens of a cache that holds {total}")
+    in_place = bool((keep.cpu() == torch.arange(a)).all())  # the path is already where it belongs: only crop
     for layer in cache.layers:
-        if not getattr(layer, "is_initialized", True) or layer.keys is None or layer.keys.numel() == 0:
+        if in_place or not getattr(layer, "is_initialized", True) or layer.keys is None or layer.keys.numel() == 0:
             continue
         idx = keep.to(layer.keys.device) + start
         # (B, heads, a, head_dim): gather first, then write, so overlapping source/destination is safe.

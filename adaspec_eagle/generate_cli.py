@@ -132,7 +132,7 @@ def register_cli(sub) -> None:
                                             "layers)")
     p.add_argument("--draft-vocab", default="auto", help="EAGLE-1/2 heads: draft from the N most frequent training "
                    "tokens only (lossless, a cheaper draft step); 0 = the whole vocabulary; auto = "
-                   "16384 when the head folder has token_counts.safetensors")
+                   "8192 when the head folder has token_counts.safetensors")
     p.add_argument("--lookup-tokens", type=int, default=0,
                    help="graft up to N prompt-lookup tokens (what followed the last n-gram's latest earlier "
                         "occurrence) onto every tree; alone, without --head / --draft-lm: prompt lookup decoding")

@@ -42,6 +42,10 @@ class Drafter:
     (EAGLE-3's fused layers)."""
 
     features: None | str | tuple[int, ...] = None
+    vocab_ids: torch.Tensor | None = None
+    """None: `root_logits` / `expand` return logits over the whole target vocabulary. Else the (Vd,) CPU target ids
+    their columns stand for (a restricted draft vocabulary); `vocab_size` is then the target's."""
+    vocab_size: int | None = None
 
     def reset(self, target) -> None:
         """Forget any previous sequence (called once per generate)."""
@@ -111,7 +115,7 @@ class DraftLMDrafter(Drafter):
     @torch.no_grad()
     def root_logits(self, seq):
         done = compat.cache_length(self.cache)
-        out = compat.forward(self.model, seq[None, done:], self.cache)  # (1, T-done) catch-up, causal
+        out = compat.forward(self.model, seq[None, done:], self.cache, last_logits_only=True)  # catch-up, causal
         self.base = len(seq)
         return _fit_vocab(out.logits[0, -1].float().cpu(), self.vocab)  # (V,)
 
@@ -129,10 +133,12 @@ class DraftLMDrafter(Drafter):
         compat.compact_cache(self.cache, self.base, torch.tensor(kept, dtype=torch.long))
 
 
-DEFAULT_DRAFT_VOCAB = 16384
-"""Draft vocabulary of an EAGLE-1/2 head drafter under "auto" (a third of SmolLM2's 49,152 ids; for the shipped
-heads the 16,384 most frequent training tokens cover 96% of held-out ShareGPT assistant tokens, the 8,192 most
-frequent 90%: `scripts/draft_vocab_cost.py`)."""
+DEFAULT_DRAFT_VOCAB = 8192
+"""Draft vocabulary of an EAGLE-1/2 head drafter under "auto" (a sixth of SmolLM2's 49,152 ids). For the shipped
+heads the 8,192 most frequent training tokens cover 90% of held-out ShareGPT assistant tokens (16,384: 96%;
+`scripts/draft_vocab_cost.py`), yet the tokens a head gets right are frequent ones: with the KD head on this
+project's 2-core CPU (3-token trees, 6 ShareGPT + 6 HumanEval prompts, 64 tokens) τ was the same with 8,192 as
+with 16,384 (1.63 / 1.54) and the draft step 1.4-1.9 ms cheaper; 4,096 began to lose τ on code."""
 
 
 def fast_draft_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -175,6 +181,8 @@ class HeadDrafter(Drafter):
         self.head = head
         self.features = tuple(head.target_layer_ids) if getattr(head, "uses_fused", False) else "last"
         self.draft_ids = self._weight = self._bias = None
+        if head.kind == "eagle3":  # it drafts over its own vocabulary: rank over that, map ids back
+            self.vocab_ids, self.vocab_size = head.draft_ids.cpu(), int(head.config.vocab_size)
         if draft_vocab == "auto":
             draft_vocab = DEFAULT_DRAFT_VOCAB if getattr(head, "token_counts", None) is not None else None
         if draft_vocab and head.kind == "eagle1":
@@ -209,16 +217,17 @@ class HeadDrafter(Drafter):
         self._weight = lm_head.weight.detach()[self.draft_ids].to(dtype).contiguous()  # (size, H)
         bias = getattr(lm_head, "bias", None)
         self._bias = None if bias is None else bias.detach()[self.draft_ids].to(dtype).contiguous()
-        self._vocab = vocab
+        self.vocab_ids, self.vocab_size = self._ids_cpu, vocab
 
     def _logits(self, hidden_out: torch.Tensor) -> torch.Tensor:
-        """(1, n, H) head outputs -> (n, V) float logits on the CPU (-inf outside a restricted draft vocab)."""
+        """(1, n, H) head outputs -> (n, V) float logits on the CPU, or (n, Vd) over `vocab_ids` for a restricted
+        draft vocabulary or an EAGLE-3 head's own."""
+        if self.head.kind == "eagle3":
+            return self.head.draft_logits(hidden_out)[0].float().cpu()
         if self._weight is None:
             return self.head.logits(hidden_out)[0].float().cpu()
         sub = torch.nn.functional.linear(hidden_out[0].to(self._weight.dtype), self._weight, self._bias)  # (n, Vd)
-        full = torch.full((sub.shape[0], self._vocab), float("-inf"))
-        full[:, self._ids_cpu] = sub.float().cpu()
-        return full
+        return sub.float().cpu()
 
     def reset(self, target) -> None:
         self.cache = compat.new_cache()
@@ -370,7 +379,8 @@ def speculative_generate(target, prompt_ids, drafter: Drafter, max_new_tokens: i
         kind = drafter.features
         seq = torch.tensor(ids, dtype=torch.long)
         if len(ids) > 1:
-            out = compat.forward(target, seq[None, :-1], cache, output_hidden_states=kind is not None)
+            out = compat.forward(target, seq[None, :-1], cache, output_hidden_states=kind is not None,
+                                   last_logits_only=True)  # its logits are not read
             if kind is not None:
                 drafter.add_features(_select_features(out, kind, torch.arange(len(ids) - 1)))
         stats = {"steps": 0, "accepted_lengths": [], "drafted_tokens": 0, "accepted_drafts": 0, "draft_time_s": 0.0,
@@ -382,7 +392,8 @@ def speculative_generate(target, prompt_ids, drafter: Drafter, max_new_tokens: i
             root = int(seq[-1])
             root_logits = drafter.root_logits(seq)
             draft = (DraftTree.root_only(root) if root_logits is None
-                     else build_tree(root, root_logits, drafter.expand, tree_cfg, sample if temperature > 0 else None))
+                     else build_tree(root, root_logits, drafter.expand, tree_cfg, sample if temperature > 0 else None,
+                                     drafter.vocab_ids, drafter.vocab_size))
             if tree_cfg.lookup_tokens:
                 positions_left = (tree_cfg.lookup_tokens if limit is None
                                   else min(tree_cfg.lookup_tokens, limit - len(seq)))
@@ -449,7 +460,7 @@ def plain_generate(target, prompt_ids, max_new_tokens: int = 128, eos_token_id=N
         eos = _eos_set(target, eos_token_id)
         t_start = time.perf_counter()
         cache = compat.new_cache(target.config)
-        logits = compat.forward(target, torch.tensor([ids]), cache).logits[0, -1].cpu()
+        logits = compat.forward(target, torch.tensor([ids]), cache, last_logits_only=True).logits[0, -1].cpu()
         stats = {"steps": 0, "accepted_lengths": [], "drafted_tokens": 0, "accepted_drafts": 0, "draft_time_s": 0.0,
                  "verify_time_s": 0.0, "prefill_time_s": time.perf_counter() - t_start}
         new: list[int] = []
@@ -541,7 +552,7 @@ def measure_verify_cost(target, prefix_len: int, sizes, repeats: int = 3) -> dic
     g = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, vocab, (1, max(prefix_len, 1)), generator=g)
     cache = compat.new_cache(target.config)
-    compat.forward(target, prefix, cache)
+    compat.forward(target, prefix, cache, last_logits_only=True)
     start = compat.cache_length(cache)
     costs = {}
     with kernels.small_batch_linears(target):

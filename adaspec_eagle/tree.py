@@ -126,8 +126,15 @@ def prune(tree: DraftTree, keep: torch.Tensor) -> DraftTree:
 ExpandFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def to_vocab(logits: torch.Tensor, vocab_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(..., Vd) logits over the target ids `vocab_ids` -> (..., vocab_size) with -inf for every other id."""
+    full = logits.new_full((*logits.shape[:-1], vocab_size), float("-inf"))
+    return full.index_copy_(-1, vocab_ids.to(logits.device), logits)
+
+
 def build_tree(root_token: int, root_logits: torch.Tensor, expand: ExpandFn, cfg: TreeConfig,
-               sample: Callable[[torch.Tensor], tuple[int, torch.Tensor]] | None = None) -> DraftTree:
+               sample: Callable[[torch.Tensor], tuple[int, torch.Tensor]] | None = None,
+               vocab_ids: torch.Tensor | None = None, vocab_size: int | None = None) -> DraftTree:
     """Grow a draft tree level by level with one batched drafter forward per level.
 
     root_logits: (V,) the drafter's logits for the token after the root.
@@ -138,6 +145,10 @@ def build_tree(root_token: int, root_logits: torch.Tensor, expand: ExpandFn, cfg
     the r - 1 better nodes at depth d, so r > total_tokens - d would be pruned anyway.
     sample: for a chain only, draw each child from the draft distribution instead of taking the argmax:
     logits (V,) -> (token, probs (V,) it was drawn from); recorded in `draft_probs` for stochastic verification.
+    vocab_ids: the drafter's logits cover only these target ids (Vd,) (a restricted draft vocabulary, whose other
+    ids would be -inf); the top-k children are picked over them and mapped back, which is the same choice at a
+    third of the softmax and top-k work. Static and sampled trees scatter them into the whole vocabulary
+    (`vocab_size` ids) first, so `sample` always sees (V,) logits.
     """
     budget = cfg.total_tokens
     # A chain, or a dynamic tree's kept set (ancestor-closed, `top_budget`), never goes deeper than the budget:
@@ -149,14 +160,16 @@ def build_tree(root_token: int, root_logits: torch.Tensor, expand: ExpandFn, cfg
     probs: dict[int, torch.Tensor] = {}
     frontier, frontier_logits, n_forwarded = [0], root_logits[None], 0
     batched = shape is None and (sample is None or cfg.shape != "chain")
+    if vocab_ids is not None and not batched:
+        frontier_logits = to_vocab(frontier_logits, vocab_ids, vocab_size)
     for d in range(1, depth_max + 1):
         level = []
         children = []  # per frontier node: (child tokens, their ranks, their draft log-probs)
         if batched:  # the top-k children of every frontier node, one device sync per level
-            k = 1 if cfg.shape == "chain" else cfg.topk
+            k = min(1 if cfg.shape == "chain" else cfg.topk, frontier_logits.shape[-1])
             top = torch.log_softmax(frontier_logits.float(), dim=-1).topk(k, dim=-1)  # (n, k) values and ids
-            children = [(picks, range(k), logps) for picks, logps in zip(top.indices.cpu().tolist(),
-                                                                         top.values.cpu().tolist())]
+            ids = top.indices.cpu() if vocab_ids is None else vocab_ids[top.indices.cpu()]
+            children = [(picks, range(k), logps) for picks, logps in zip(ids.tolist(), top.values.cpu().tolist())]
         else:  # static ranks, or a sampled chain: node by node
             for node, logits in zip(frontier, frontier_logits):
                 logp = torch.log_softmax(logits.float(), dim=-1)  # (V,)
@@ -199,6 +212,8 @@ def build_tree(root_token: int, root_logits: torch.Tensor, expand: ExpandFn, cfg
         parent_slots = torch.tensor([slots[parents[n]] for n in frontier])
         frontier_logits = expand(torch.tensor([tokens[n] for n in frontier]), torch.tensor([d] * n_new),
                                  parent_slots, visible)
+        if vocab_ids is not None and not batched:
+            frontier_logits = to_vocab(frontier_logits, vocab_ids, vocab_size)
         n_forwarded += n_new
     tree = DraftTree(torch.tensor(tokens), torch.tensor(parents), torch.tensor(depth), torch.tensor(scores),
                      torch.tensor(slots), probs)

@@ -272,6 +272,37 @@ def test_bench_cli_end_to_end_on_tiny_models(tmp_path):
     assert "`+lookup(N)` rows graft up to N tokens" in md and "| prompts | 2 | lookup:4 |" in md
 
 
+def test_bench_tunes_the_tree_per_suite(tmp_path, monkeypatch):
+    """Each suite runs with the tree tuned on its own first prompt: the tuner (faked here, to give the two suites
+    different budgets) is called once per suite, and every step of a suite's runs drafts that suite's budget."""
+    from adaspec_eagle.cli import main
+
+    calls = []
+
+    def fake_tune(target, drafter, prompt_ids, tree, **kwargs):
+        calls.append(list(prompt_ids))
+        n = 1 if len(calls) % 2 else 4  # first suite: 1 token, second: 4
+        return {"total_tokens": n, "depth": min(tree.depth, n), "lookup_tokens": 0, "summary": f"fake {n}"}
+
+    monkeypatch.setattr("adaspec_eagle.speculative.tune_tree_budget", fake_tune)
+    code = tmp_path / "code.jsonl"
+    code.write_text('{"prompt": "def add(a, b):\\n    return a + b\\n"}\n{"prompt": "for i in range(10):"}\n')
+    out = tmp_path / "bench"
+    rc = main(TINY + ["--drafter", "self=draft-lm:layers=1", "--suite", f"jsonl:{_prompts(tmp_path)}", "--suite",
+                      f"jsonl:{code}", "--repeats", "1", "--warmup", "0", "--total-tokens", "auto", "--peers", "none",
+                      "--out", str(out)])
+    assert rc == 0 and len(calls) == 2 and calls[0] != calls[1]
+    rec = json.loads((out / "bench.json").read_text())
+    method = next(m for m in rec["methods"] if m["name"] == "self")
+    assert {k: v["total_tokens"] for k, v in method["tuned_tree"].items()} == {"prompts": 1, "code": 4}
+    assert {k: v["total_tokens"] for k, v in method["trees"].items()} == {"prompts": 1, "code": 4}
+    for suite, budget in (("prompts", 1), ("code", 4)):
+        drafted = [d for row in rec["results"][suite]["self"]["per_prompt"] for d in row["drafted"]]
+        assert drafted and set(drafted) == {budget}, (suite, drafted)
+    assert all(rec["lossless"].values())
+    assert "(self: prompts 1 token, depth 1 / code 4 tokens, depth 3)" in (out / "bench.md").read_text()
+
+
 def test_bench_tunes_the_tree_per_drafter(tmp_path):
     from adaspec_eagle.cli import main
     from adaspec_eagle.speculative import AUTO_BUDGETS
@@ -290,10 +321,11 @@ def test_bench_tunes_the_tree_per_drafter(tmp_path):
     for m in rec["methods"][1:]:
         if m in chains:
             continue
-        tuned = m["tuned_tree"]
+        tuned = m["tuned_tree"]["prompts"]  # per suite; one suite here
         assert tuned["total_tokens"] in AUTO_BUDGETS and tuned["depth"] <= tuned["total_tokens"]
         assert m["tree"]["total_tokens"] == tuned["total_tokens"] and m["tree"]["depth"] == tuned["depth"]
-    assert "tuned per drafter on the first prompt (self:" in (out / "bench.md").read_text()
+        assert m["trees"]["prompts"] == m["tree"]
+    assert "tuned per drafter and suite on the suite's first prompt (self: prompts " in (out / "bench.md").read_text()
     assert "--total-tokens auto" in rec["command"]
     with pytest.raises(AdaspecError, match="--total-tokens 'x'"):
         B.BenchConfig(total_tokens="x")

@@ -11,9 +11,9 @@ from adaspec_eagle import AdaspecError, compat
 from adaspec_eagle.config import HeadConfig, TreeConfig
 from adaspec_eagle.heads import build_head
 from adaspec_eagle.models import TINY_FAMILIES, tiny_model, tiny_tokenizer
-from adaspec_eagle.speculative import (DraftLMDrafter, HeadDrafter, LookupDrafter, lookup_continuation, plain_generate,
-                                      speculative_generate)
-from adaspec_eagle.tree import ancestor_matrix, tree_mask
+from adaspec_eagle.speculative import (DEFAULT_DRAFT_VOCAB, DraftLMDrafter, HeadDrafter, LookupDrafter,
+                                      lookup_continuation, plain_generate, speculative_generate)
+from adaspec_eagle.tree import ancestor_matrix, to_vocab, tree_mask
 from adaspec_eagle.verify import warp_probs
 from test_verify import chi_square_ok
 
@@ -81,7 +81,8 @@ def test_perfect_drafter_gets_everything_accepted(shape):
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_compacted_cache_equals_recomputed(family):
+@pytest.mark.parametrize("kept", [(0, 2, 3, 5), (0, 1), (0,)])  # a gather; already in place (only a crop)
+def test_compacted_cache_equals_recomputed(family, kept):
     target = target_of(family)
     ids = torch.tensor(prompt(seed=3, length=9))
     #   root = ids[-1]; tree: 1,2 children of root; 3 child of 2; 4 child of 1; 5 child of 3
@@ -94,11 +95,11 @@ def test_compacted_cache_equals_recomputed(family):
         start = compat.cache_length(cache)
         mask = compat.additive_mask(tree_mask(ancestor_matrix(parents), start), target.dtype)
         compat.forward(target, tokens[None], cache, (depth + start)[None], mask)
-        path = torch.tensor([0, 2, 3, 5])
+        path = torch.tensor(kept)
         compat.compact_cache(cache, start, path)
         fresh = compat.new_cache(target.config)
         compat.forward(target, torch.cat([ids[:-1], tokens[path]])[None], fresh)
-    assert compat.cache_length(cache) == compat.cache_length(fresh) == len(ids) + 3
+    assert compat.cache_length(cache) == compat.cache_length(fresh) == len(ids) - 1 + len(kept)
     for a, b in zip(cache.layers, fresh.layers):
         torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-4)
@@ -294,7 +295,8 @@ def test_restricted_draft_vocab_is_lossless_and_cheaper(monkeypatch):
     assert eos in drafter.draft_ids.tolist()  # EOS is always draftable
     full = HeadDrafter(drafter.head)
     hidden = torch.randn(1, 3, target.config.hidden_size)
-    a, b = drafter._logits(hidden), full._logits(hidden)
+    assert drafter._logits(hidden).shape == (3, 40) and drafter.vocab_ids.tolist() == drafter.draft_ids.tolist()
+    a, b = to_vocab(drafter._logits(hidden), drafter.vocab_ids, drafter.vocab_size), full._logits(hidden)
     inside = torch.zeros(b.shape[-1], dtype=torch.bool)
     inside[drafter.draft_ids] = True
     tol = {} if drafter._weight.dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}  # bf16 ranking weights
@@ -306,7 +308,7 @@ def test_restricted_draft_vocab_is_lossless_and_cheaper(monkeypatch):
     # what the choices mean, and the errors
     assert HeadDrafter(drafter.head, draft_vocab=0).draft_vocab_size is None
     assert HeadDrafter(drafter.head, draft_vocab=10_000).draft_vocab_size is None  # >= V: the whole vocabulary
-    assert HeadDrafter(drafter.head, draft_vocab="auto").draft_vocab_size is None  # 16384 >= 102 ids: all of them
+    assert HeadDrafter(drafter.head, draft_vocab="auto").draft_vocab_size is None  # 8192 >= 102 ids: all of them
     monkeypatch.setattr("adaspec_eagle.speculative.DEFAULT_DRAFT_VOCAB", 50)
     assert HeadDrafter(drafter.head, draft_vocab="auto").draft_vocab_size == 50  # with counts: the default
     drafter.head.token_counts = None
@@ -494,7 +496,7 @@ def test_shipped_heads_are_lossless_and_accept_drafts(smollm2, name):
                                           tree=TreeConfig(depth=3, topk=4, total_tokens=8))
         assert out == ref
         assert stats["tau"] > 1.2, stats["tau"]
-    assert drafter.draft_vocab_size == 16384  # the shipped heads carry their training-token counts
+    assert drafter.draft_vocab_size == DEFAULT_DRAFT_VOCAB == 8192  # the shipped heads carry their training-token counts
 
 
 @pytest.mark.slow
