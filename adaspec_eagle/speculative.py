@@ -497,20 +497,27 @@ class _CommitRecorder:
         return self.inner.commit(tree, path)
 
 
-def accepted_within_budget(tree: DraftTree, path: list[int], budget: int, lookup_cap: int | None = None) -> int:
+def accepted_within_budget(tree: DraftTree, path: list[int], budget: int, lookup_cap: int | None = None,
+                           max_depth: int | None = None) -> int:
     """Draft tokens of `path` that a tree pruned to its `budget` best nodes by score would still accept.
 
     Pruning keeps an ancestor-closed top set (`tree.top_budget`) and greedy acceptance on a subtree is the
     accepted path cut at the first missing node, so this is exact for greedy dynamic trees and chains. Prompt-lookup
     nodes (`tree.grafted`) do not count against the budget: they stay while the path above them does (a lower
     bound: a cut tree can leave the lookup chain more of its own nodes to add). lookup_cap: a chain cut to that
-    many tokens (a grafted node's depth is its place in the chain), None: as grafted."""
-    order = torch.sort(tree.scores[1:], descending=True, stable=True).indices + 1  # best first
+    many tokens (a grafted node's depth is its place in the chain), None: as grafted. max_depth: a dynamic tree
+    drafted only that many levels deep, whose budget goes to the best nodes of those levels (exact as well: the
+    levels it drafts are the same)."""
+    scores = tree.scores[1:]
+    if max_depth is not None:
+        scores = scores.masked_fill(tree.depth[1:] > max_depth, float("-inf"))
+    order = torch.sort(scores, descending=True, stable=True).indices + 1  # best first
     rank = torch.empty(tree.size + 1, dtype=torch.long)
     rank[order] = torch.arange(tree.size)
     kept = 0
     for node in path[1:]:
-        if node < tree.first_grafted and int(rank[node]) >= budget:
+        if node < tree.first_grafted and (int(rank[node]) >= budget
+                                          or max_depth is not None and int(tree.depth[node]) > max_depth):
             break
         if node >= tree.first_grafted and lookup_cap is not None and int(tree.depth[node]) > lookup_cap:
             break
@@ -518,11 +525,13 @@ def accepted_within_budget(tree: DraftTree, path: list[int], budget: int, lookup
     return kept
 
 
-def _verified_tokens(tree: DraftTree, budget: int, lookup_cap: int) -> int:
-    """Draft tokens a verify forward carries for `tree` cut to `budget` drafted nodes and `lookup_cap` lookup
-    tokens (the same lower bound as `accepted_within_budget`)."""
+def _verified_tokens(tree: DraftTree, budget: int, lookup_cap: int, max_depth: int | None = None) -> int:
+    """Draft tokens a verify forward carries for `tree` cut to `budget` drafted nodes (of depth <= `max_depth`)
+    and `lookup_cap` lookup tokens (the same lower bound as `accepted_within_budget`)."""
+    drafted = tree.depth[1:tree.first_grafted]
+    available = int((drafted <= max_depth).sum()) if max_depth is not None else int(drafted.numel())
     grafted = tree.depth[tree.first_grafted:]
-    return min(budget, tree.first_grafted - 1) + int((grafted <= lookup_cap).sum())
+    return min(budget, available) + int((grafted <= lookup_cap).sum())
 
 
 def _interpolate(costs: dict[int, float], n: int) -> float:
@@ -585,8 +594,8 @@ AUTO_BUDGETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 def tune_tree_budget(target, drafter: Drafter, prompt_ids, tree: TreeConfig, sizes=AUTO_BUDGETS,
                      profile_tokens: int = 32, eos_token_id=None) -> dict:
-    """Pick the tree budget (total_tokens), and with lookup the lookup chain length, that maximise expected tokens
-    per second on this machine.
+    """Pick the tree budget (total_tokens), its depth, and with lookup the lookup chain length, that maximise
+    expected tokens per second on this machine.
 
     Measures (1) the acceptance profile: a greedy run of `profile_tokens` tokens from the prompt with the largest
     budget, giving for every budget n the mean tokens per step tau(n) had the tree been cut to its n best nodes
@@ -594,7 +603,9 @@ def tune_tree_budget(target, drafter: Drafter, prompt_ids, tree: TreeConfig, siz
     min(depth, n) levels, see `tree.build_tree`); (3) the target's verify cost c(m) of m draft tokens at this
     prompt length (`measure_verify_cost`), each step of the profile priced at the tokens it would have verified.
     Returns {"total_tokens", "depth", "lookup_tokens", "table": [(n, tau, draft_s, verify_s, tokens_per_s,
-    lookup)], "summary"} maximising tau / (draft + verify); "depth" is min(tree.depth, n).
+    lookup, depth)], "summary"} maximising tau / (draft + verify). A dynamic tree tries every depth up to
+    min(tree.depth, n) (`accepted_within_budget`'s max_depth): on a CPU one level fewer is a draft forward less,
+    often for the same tau; other shapes keep min(tree.depth, n) (static: tree.depth).
 
     With `tree.lookup_tokens`, the profile grafts lookup chains of that length; they count in tau (not against n)
     and every chain length L in `LOOKUP_CAPS` up to it is tried (the chain cut to L tokens), so a machine where
@@ -610,22 +621,28 @@ def tune_tree_budget(target, drafter: Drafter, prompt_ids, tree: TreeConfig, siz
     per_level = sorted(stats["draft_times_s"])[len(stats["draft_times_s"]) // 2] / levels
     n_prompt = len(prompt_ids.flatten().tolist() if isinstance(prompt_ids, torch.Tensor) else prompt_ids)
     caps = sorted({c for c in LOOKUP_CAPS if c < tree.lookup_tokens} | {tree.lookup_tokens})
-    verified = {(n, cap): [_verified_tokens(t, n, cap) for t, _ in rec.steps] for n in sizes for cap in caps}
+    def depths(n):
+        return range(1, min(tree.depth, n) + 1) if tree.shape == "dynamic" else [
+            min(tree.depth, n) if tree.shape == "chain" else tree.depth]
+
+    verified = {(n, cap, d): [_verified_tokens(t, n, cap, d) for t, _ in rec.steps]
+                for n in sizes for cap in caps for d in depths(n)}
     needed = {m for ms in verified.values() for m in ms}
     exact = {m for m in needed if m <= EXACT_COST_TOKENS} | {n for n in sizes if n <= max(needed)} | {max(needed)}
     costs = measure_verify_cost(target, n_prompt + profile_tokens // 2, sorted(exact))
     table = []
     for n in sizes:
-        draft_s = per_level * (min(tree.depth, n) if tree.shape != "static" else levels)
         rows = []
-        for cap in caps:
-            tau = sum(1 + accepted_within_budget(t, p, n, cap) for t, p in rec.steps) / len(rec.steps)
-            verify_s = sum(_interpolate(costs, m) for m in verified[n, cap]) / len(rec.steps)
-            rows.append((n, tau, draft_s, verify_s, tau / (draft_s + verify_s), cap))
+        for d in depths(n):
+            draft_s = per_level * (d if tree.shape != "static" else levels)
+            cut = d if tree.shape == "dynamic" else None
+            for cap in caps:
+                tau = sum(1 + accepted_within_budget(t, p, n, cap, cut) for t, p in rec.steps) / len(rec.steps)
+                verify_s = sum(_interpolate(costs, m) for m in verified[n, cap, d]) / len(rec.steps)
+                rows.append((n, tau, draft_s, verify_s, tau / (draft_s + verify_s), cap, d))
         table.append(max(rows, key=lambda row: row[4]))
     best = max(table, key=lambda row: row[4])
-    depth = min(tree.depth, best[0]) if tree.shape != "static" else tree.depth
     summary = (f"tau {best[1]:.2f}, draft {best[2] * 1e3:.0f} ms + verify {best[3] * 1e3:.0f} ms a step, expected "
                f"{best[4]:.1f} tok/s" + (f", lookup {best[5]}" if tree.lookup_tokens else "") + "; "
-               + ", ".join(f"{n}:{tps:.1f}" for n, _, _, _, tps, _ in table))
-    return {"total_tokens": best[0], "depth": depth, "lookup_tokens": best[5], "table": table, "summary": summary}
+               + ", ".join(f"{row[0]}:{row[4]:.1f}" for row in table))
+    return {"total_tokens": best[0], "depth": best[6], "lookup_tokens": best[5], "table": table, "summary": summary}

@@ -347,8 +347,9 @@ def test_tree_budget_tuning_picks_the_best_measured_budget():
     assert taus[0] >= 1 and all(a <= b + 1e-9 for a, b in zip(taus, taus[1:]))  # a bigger tree never accepts less
     assert all(row[4] == pytest.approx(row[1] / (row[2] + row[3])) for row in table)
     best = max(table, key=lambda row: row[4])
-    assert tuned["total_tokens"] == best[0] and tuned["depth"] == min(4, best[0])
-    assert table[0][2] < table[-1][2]  # a 1-token budget drafts one level, not four
+    assert tuned["total_tokens"] == best[0] and tuned["depth"] == best[6] <= min(4, best[0])
+    assert table[0][6] == 1 and all(1 <= row[6] <= min(4, row[0]) for row in table)  # a 1-token budget: one level
+    assert all(row[2] == pytest.approx(table[0][2] * row[6]) for row in table)  # a draft forward per level
     out, _ = speculative_generate(target, prompt(), drafter, 12, eos_token_id=[],
                                   tree=TreeConfig(depth=tuned["depth"], topk=3, total_tokens=tuned["total_tokens"]))
     assert out == plain_generate(target, prompt(), 12, eos_token_id=[])[0]
@@ -371,6 +372,15 @@ def test_budget_accounting_and_tuning_with_lookup(monkeypatch):
     assert [accepted_within_budget(tree, [0, 1, 3], n) for n in (1, 2, 3)] == [1, 1, 2]  # 6 ranks third
     assert [accepted_within_budget(tree, path, 3, cap) for cap in (0, 1, 2, 3, 8)] == [1, 1, 2, 3, 3]
     assert [_verified_tokens(tree, n, cap) for n, cap in ((1, 3), (3, 2), (3, 0), (9, 9))] == [3, 4, 3, 5]
+    assert accepted_within_budget(tree, [0, 1, 3], 3, max_depth=1) == 1  # 6 sits at depth 2: not drafted
+    assert _verified_tokens(tree, 3, 0, max_depth=1) == 2  # only 4 and 5 are drafted one level deep
+
+    # A shallower tree spends its budget on the best nodes it still drafts: root -> 4 (-0.1) -> 5 (-0.2) and
+    # root -> 6 (-0.5). Two tokens two levels deep keep 4, 5; one level deep they keep 4, 6.
+    deep = DraftTree(torch.tensor([9, 4, 5, 6]), torch.tensor([-1, 0, 1, 0]), torch.tensor([0, 1, 2, 1]),
+                     torch.tensor([0.0, -0.1, -0.2, -0.5]), torch.tensor([-1, 0, 1, 2]))
+    assert [accepted_within_budget(deep, [0, 3], 2, max_depth=d) for d in (None, 2, 1)] == [0, 0, 1]
+    assert [accepted_within_budget(deep, [0, 1, 2], 2, max_depth=d) for d in (None, 2, 1)] == [2, 2, 1]
 
     target = target_of("llama")
     ids = prompt(seed=1, length=10)

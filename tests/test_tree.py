@@ -121,6 +121,29 @@ def test_dynamic_tree_expands_only_nodes_whose_children_can_be_kept():
     assert [len(c[0]) for c in drafter.calls] == [3, 2, 1]
 
 
+def test_budget_and_depth_cuts_of_a_profiled_tree_equal_building_the_smaller_tree():
+    """What the tuner assumes (`speculative.accepted_within_budget`): cutting one big profiled tree to n nodes at
+    most d levels deep keeps exactly what building the (n, d) tree keeps, so every accepted path of the big
+    tree is accepted by the smaller one up to its first missing node."""
+    from adaspec_eagle.speculative import accepted_within_budget
+
+    for seed in range(8):
+        for topk in (2, 4):
+            drafter = ScriptedDrafter(vocab=8, seed=seed)
+            big = build_tree(1, drafter.table[1], drafter.expand, TreeConfig(depth=5, topk=topk, total_tokens=64))
+            paths = {n: tuple(big.tokens[path_to(big.parents, n)[1:]].tolist()) for n in range(1, big.size + 1)}
+            for budget in (1, 2, 3, 4, 6):
+                for depth in range(1, min(5, budget) + 1):
+                    small = build_tree(1, drafter.table[1], ScriptedDrafter(vocab=8, seed=seed).expand,
+                                       TreeConfig(depth=depth, topk=topk, total_tokens=budget))
+                    kept = {tuple(small.tokens[path_to(small.parents, n)[1:]].tolist())
+                            for n in range(1, small.size + 1)}
+                    for node, tokens in paths.items():
+                        want = next((i for i in range(len(tokens)) if tokens[:i + 1] not in kept), len(tokens))
+                        got = accepted_within_budget(big, path_to(big.parents, node), budget, max_depth=depth)
+                        assert got == want, (seed, topk, budget, depth, tokens)
+
+
 def test_chain_and_static_trees():
     drafter = ScriptedDrafter(seed=1)
     chain = build_tree(2, drafter.table[2], drafter.expand, TreeConfig(depth=4, topk=3, total_tokens=9, shape="chain"))
