@@ -267,7 +267,7 @@ class EagleHead(_HeadBase):
         head = self.target_lm_head
         weight = head.weight
         hidden = hidden_out.to(device=weight.device, dtype=weight.dtype)
-        if weight.requires_grad:  # a target left trainable by the caller: still never train it from here
+        if weight.requires_grad and torch.is_grad_enabled():  # a target left trainable: never train it from here
             bias = getattr(head, "bias", None)
             return F.linear(hidden, weight.detach(), None if bias is None else bias.detach())
         return head(hidden)
