@@ -138,7 +138,7 @@ DEFAULT_DRAFT_VOCAB = 8192
 heads the 8,192 most frequent training tokens cover 90% of held-out ShareGPT assistant tokens (16,384: 96%;
 `scripts/draft_vocab_cost.py`), yet the tokens a head gets right are frequent ones: with the KD head on this
 project's 2-core CPU (3-token trees, 6 ShareGPT + 6 HumanEval prompts, 64 tokens) τ was the same with 8,192 as
-with 16,384 (1.63 / 1.54) and the draft step 1.4-1.9 ms cheaper; 4,096 began to lose τ on code."""
+with 16,384 (1.63 / 1.53) and the draft step about 1 ms cheaper; 4,096 began to lose τ on code."""
 
 
 def fast_draft_dtype(weight: torch.Tensor) -> torch.dtype:
