@@ -243,7 +243,9 @@ def engine_method(name: str, target, tokenizer, drafter, tree, max_new_tokens: i
         phases = {k: float(stats[k]) for k in ("draft_time_s", "verify_time_s", "prefill_time_s") if k in stats}
         return Run(_ids(new), seconds, steps=engine_step_records(stats, recorder.records), phases=phases)
 
-    chain = default.shape == "chain" and default.topk == 1 and not default.lookup_tokens  # alpha: a drafted chain's
+    # alpha is a drafted chain's, of one length gamma for every suite (trees tuned per suite may differ: no alpha)
+    shapes = {(t.shape, t.topk, t.lookup_tokens, t.depth) for t in (trees or {"": tree}).values()}
+    chain = len(shapes) == 1 and default.shape == "chain" and default.topk == 1 and not default.lookup_tokens
     info = dict(info or {}, implementation="adaspec_eagle.speculative.speculative_generate",
                 tree=dataclasses.asdict(default))
     if trees:
@@ -486,9 +488,10 @@ def run_bench(cfg: BenchConfig) -> dict:
         raise AdaspecError(f"suites {names} repeat a name; give each suite once.")
     methods = build_methods(cfg, target, tokenizer, eos_ids, tune_prompts={s["name"]: s["prompts"][0] for s in suites})
 
-    for _ in range(cfg.warmup):  # compile / allocate / fill caches; not recorded
-        for m in methods:
-            m.generate(suites[0]["prompts"][0], cfg.seed, suites[0]["name"])
+    for _ in range(cfg.warmup):  # compile / allocate / fill caches, with each suite's tree; not recorded
+        for s in suites:
+            for m in methods:
+                m.generate(s["prompts"][0], cfg.seed, s["name"])
 
     runs = {s["name"]: {m.name: [[] for _ in s["prompts"]] for m in methods} for s in suites}
     total = cfg.repeats * sum(len(s["prompts"]) for s in suites) * len(methods)
@@ -585,7 +588,8 @@ def register_cli(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (outputs checked against plain)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=3, help="timed runs of every method on every prompt")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs of every method before timing")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed runs of every method on each suite's first prompt before timing")
     p.add_argument("--depth", type=int, default=6, help="draft tree depth")
     p.add_argument("--topk", type=int, default=8, help="children per expanded node")
     p.add_argument("--total-tokens", default="48", help="draft tokens verified per step, or 'auto': tuned per "

@@ -55,12 +55,12 @@ class Drafter:
 
     def root_logits(self, seq: torch.Tensor) -> torch.Tensor | None:
         """seq: (T,) every accepted token, the last being the tree root. Catch the drafter's cache up and return
-        its logits (V,) for the token after the root, or None when it cannot draft (then the step decodes one
-        token)."""
+        its logits (V,) for the token after the root ((Vd,) over `vocab_ids` when set), or None when it cannot
+        draft (then the step decodes one token)."""
         raise NotImplementedError
 
     def expand(self, tokens, depth, parent_slots, visible) -> torch.Tensor:
-        """One batched forward of tree nodes (see `tree.ExpandFn`) -> logits (n, V)."""
+        """One batched forward of tree nodes (see `tree.ExpandFn`) -> logits (n, V), or (n, Vd) over `vocab_ids`."""
         raise NotImplementedError
 
     def commit(self, tree: DraftTree, path: list[int]) -> None:
@@ -183,6 +183,12 @@ class HeadDrafter(Drafter):
         self.draft_ids = self._weight = self._bias = None
         if head.kind == "eagle3":  # it drafts over its own vocabulary: rank over that, map ids back
             self.vocab_ids, self.vocab_size = head.draft_ids.cpu(), int(head.config.vocab_size)
+            ids = self.vocab_ids
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size
+                                or int(ids.unique().numel()) != int(ids.numel())):
+                raise AdaspecError(f"this EAGLE-3 head's draft vocabulary (d2t) maps to ids outside 0..{self.vocab_size - 1} "
+                                   "or to one id twice; its d2t buffer does not fit this target. Retrain or re-export "
+                                   "the head for this target's vocabulary.")
         if draft_vocab == "auto":
             draft_vocab = DEFAULT_DRAFT_VOCAB if getattr(head, "token_counts", None) is not None else None
         if draft_vocab and head.kind == "eagle1":
@@ -251,7 +257,7 @@ class HeadDrafter(Drafter):
         self.done += n
         self.root_hidden = out[:, -1:]  # (1, 1, H)
         self.tree_hidden = out[:, :0]  # (1, S, H) outputs of forwarded tree nodes, by slot
-        return self._logits(self.root_hidden)[0]  # (V,)
+        return self._logits(self.root_hidden)[0]  # (V,) or (Vd,)
 
     @torch.no_grad()
     def expand(self, tokens, depth, parent_slots, visible):
@@ -261,7 +267,7 @@ class HeadDrafter(Drafter):
         position_ids = (depth + self.done - 1)[None]  # the root's pair sits at done - 1
         out = self.head(hidden_in, tokens[None], position_ids, allowed, self.cache)  # (1, n, H)
         self.tree_hidden = torch.cat([self.tree_hidden, out], dim=1)
-        return self._logits(out)  # (n, V)
+        return self._logits(out)  # (n, V) or (n, Vd)
 
     def commit(self, tree, path):
         compat.truncate_cache(self.cache, self.done)
@@ -393,7 +399,7 @@ def speculative_generate(target, prompt_ids, drafter: Drafter, max_new_tokens: i
             root_logits = drafter.root_logits(seq)
             draft = (DraftTree.root_only(root) if root_logits is None
                      else build_tree(root, root_logits, drafter.expand, tree_cfg, sample if temperature > 0 else None,
-                                     drafter.vocab_ids, drafter.vocab_size))
+                                     getattr(drafter, "vocab_ids", None), getattr(drafter, "vocab_size", None)))
             if tree_cfg.lookup_tokens:
                 positions_left = (tree_cfg.lookup_tokens if limit is None
                                   else min(tree_cfg.lookup_tokens, limit - len(seq)))

@@ -122,7 +122,7 @@ def prune(tree: DraftTree, keep: torch.Tensor) -> DraftTree:
 
 
 # An expansion step: (tokens (n,), depth (n,), parent_slots (n,) with -1 = root, visible (n, S + n) bool over the
-# S tree nodes already forwarded plus the n new ones) -> draft logits (n, V).
+# S tree nodes already forwarded plus the n new ones) -> draft logits (n, V), or (n, Vd) over `vocab_ids`.
 ExpandFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -137,7 +137,7 @@ def build_tree(root_token: int, root_logits: torch.Tensor, expand: ExpandFn, cfg
                vocab_ids: torch.Tensor | None = None, vocab_size: int | None = None) -> DraftTree:
     """Grow a draft tree level by level with one batched drafter forward per level.
 
-    root_logits: (V,) the drafter's logits for the token after the root.
+    root_logits: (V,) the drafter's logits for the token after the root ((Vd,) with `vocab_ids`).
     cfg.shape: 'chain' (one child per level, `depth` levels), 'static' (`static_shape`: fixed ranks), or
     'dynamic' (EAGLE-2: each level expands the `topk` best nodes of the previous level by cumulative log-prob,
     each into its `topk` best children; finally the `total_tokens` best nodes overall are kept). Level d expands
@@ -146,8 +146,8 @@ def build_tree(root_token: int, root_logits: torch.Tensor, expand: ExpandFn, cfg
     sample: for a chain only, draw each child from the draft distribution instead of taking the argmax:
     logits (V,) -> (token, probs (V,) it was drawn from); recorded in `draft_probs` for stochastic verification.
     vocab_ids: the drafter's logits cover only these target ids (Vd,) (a restricted draft vocabulary, whose other
-    ids would be -inf); the top-k children are picked over them and mapped back, which is the same choice at a
-    third of the softmax and top-k work. Static and sampled trees scatter them into the whole vocabulary
+    ids would be -inf); the top-k children are picked over them and mapped back: the same choice, with softmax
+    and top-k over Vd ids instead of the whole vocabulary. Static and sampled trees scatter them into the whole vocabulary
     (`vocab_size` ids) first, so `sample` always sees (V,) logits.
     """
     budget = cfg.total_tokens

@@ -303,6 +303,21 @@ def test_bench_tunes_the_tree_per_suite(tmp_path, monkeypatch):
     assert "(self: prompts 1 token, depth 1 / code 4 tokens, depth 3)" in (out / "bench.md").read_text()
 
 
+def test_alpha_gamma_only_when_every_suite_drafts_the_same_chain():
+    from adaspec_eagle.config import TreeConfig
+
+    def chain(depth, lookup=0):
+        return TreeConfig(shape="chain", depth=depth, topk=1, total_tokens=depth, lookup_tokens=lookup)
+
+    def gamma(tree):
+        return B.engine_method("m", None, None, None, tree, 8, 0.0, 1.0, eos_ids=[]).gamma
+
+    assert gamma(chain(4)) == 4 and gamma({"a": chain(4), "b": chain(4)}) == 4
+    assert gamma({"a": chain(2), "b": chain(4)}) is None  # tuned per suite to different lengths: no single gamma
+    assert gamma({"a": chain(4), "b": chain(4, lookup=2)}) is None  # lookup nodes are not drafted
+    assert gamma({"a": chain(4), "b": TreeConfig(depth=4, topk=2, total_tokens=4)}) is None
+
+
 def test_bench_tunes_the_tree_per_drafter(tmp_path):
     from adaspec_eagle.cli import main
     from adaspec_eagle.speculative import AUTO_BUDGETS

@@ -334,6 +334,43 @@ def test_sampling_with_a_restricted_draft_vocab_matches_the_target():
     assert ok, (stat, crit)
 
 
+def test_eagle3_head_with_a_restricted_draft_vocabulary():
+    """An EAGLE-3 head drafting over 40 of the target's ids: the drafter ranks over them (its logits equal the head's
+    whole-vocabulary logits there), greedy output equals plain greedy for every tree shape, sampling keeps the
+    target's distribution, and a d2t that leaves the target's vocabulary is refused."""
+    target = target_of("llama")
+    vocab = target.config.vocab_size
+    counts = torch.randperm(vocab, generator=torch.Generator().manual_seed(1)).float()
+    torch.manual_seed(0)
+    head = build_head(target, HeadConfig(kind="eagle3", draft_vocab_size=40), token_counts=counts).eval()
+    drafter = HeadDrafter(head)
+    assert drafter.vocab_ids.numel() == 40 and drafter.vocab_size == vocab
+    assert drafter.vocab_ids.tolist() == head.draft_ids.tolist() != list(range(40))
+    hidden = torch.randn(1, 3, target.config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(drafter._logits(hidden), head.logits(hidden)[0][:, drafter.vocab_ids])
+    ids = prompt()
+    ref, _ = plain_generate(target, ids, 16, eos_token_id=[])
+    for shape, cfg in SHAPES.items():
+        out, _ = speculative_generate(target, ids, drafter, 16, tree=cfg, eos_token_id=[])
+        assert out == ref, shape
+    bad = copy.deepcopy(head)
+    bad.d2t[0] = vocab  # draft id 0 -> target id vocab: outside the target
+    with pytest.raises(AdaspecError, match="d2t"):
+        HeadDrafter(bad)
+
+    small = tiny_model("llama", seed=0, vocab_size=8)
+    torch.manual_seed(3)
+    head8 = build_head(small, HeadConfig(kind="eagle3", draft_vocab_size=4),
+                       token_counts=torch.randperm(8, generator=torch.Generator().manual_seed(3)).float()).eval()
+    ids8 = prompt(seed=5, length=6, vocab=8)
+    for cfg in (TreeConfig(depth=2, topk=1, total_tokens=2, shape="chain"),
+                TreeConfig(depth=2, topk=2, total_tokens=4, shape="dynamic")):
+        counts8, joint, _, _ = sample_first_two(small, ids8, HeadDrafter(head8), cfg, 0.8, 1.0)
+        ok, stat, crit = chi_square_ok(counts8, joint)
+        assert ok, (cfg.shape, stat, crit)
+
+
 def test_tree_budget_tuning_picks_the_best_measured_budget():
     from adaspec_eagle.speculative import AUTO_BUDGETS, tune_tree_budget
 
