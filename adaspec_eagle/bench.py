@@ -243,14 +243,15 @@ def engine_method(name: str, target, tokenizer, drafter, tree, max_new_tokens: i
         phases = {k: float(stats[k]) for k in ("draft_time_s", "verify_time_s", "prefill_time_s") if k in stats}
         return Run(_ids(new), seconds, steps=engine_step_records(stats, recorder.records), phases=phases)
 
+    every = list(trees.values()) or [tree]
     # alpha is a drafted chain's, of one length gamma for every suite (trees tuned per suite may differ: no alpha)
-    shapes = {(t.shape, t.topk, t.lookup_tokens, t.depth) for t in (trees or {"": tree}).values()}
+    shapes = {(t.shape, t.topk, t.lookup_tokens, t.depth) for t in every}
     chain = len(shapes) == 1 and default.shape == "chain" and default.topk == 1 and not default.lookup_tokens
     info = dict(info or {}, implementation="adaspec_eagle.speculative.speculative_generate",
                 tree=dataclasses.asdict(default))
     if trees:
         info["trees"] = {k: dataclasses.asdict(t) for k, t in trees.items()}
-    return Method(name, "speculative", generate, depth=max(t.max_depth for t in (trees or {"": tree}).values()),
+    return Method(name, "speculative", generate, depth=max(t.max_depth for t in every),
                   gamma=default.depth if chain else None, info=info)
 
 

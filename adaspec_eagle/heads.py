@@ -333,8 +333,9 @@ class Eagle3Head(_HeadBase):
 
 def draft_to_target_logits(draft_logits: torch.Tensor, draft_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """(..., V_draft) -> (..., V) with non-draft ids at -inf (differentiable w.r.t. draft_logits)."""
-    full = draft_logits.new_full((*draft_logits.shape[:-1], vocab_size), float("-inf"))
-    return full.index_copy(-1, draft_ids, draft_logits)
+    from .tree import to_vocab
+
+    return to_vocab(draft_logits, draft_ids, vocab_size)
 
 
 def build_draft_vocab(token_counts: torch.Tensor, draft_vocab_size: int,

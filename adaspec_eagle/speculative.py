@@ -180,15 +180,15 @@ class HeadDrafter(Drafter):
         EAGLE-3 heads already draft over their own vocabulary and ignore it."""
         self.head = head
         self.features = tuple(head.target_layer_ids) if getattr(head, "uses_fused", False) else "last"
-        self.draft_ids = self._weight = self._bias = None
+        self._weight = self._bias = None  # the restricted drafting lm_head (`_restrict`)
         if head.kind == "eagle3":  # it drafts over its own vocabulary: rank over that, map ids back
             self.vocab_ids, self.vocab_size = head.draft_ids.cpu(), int(head.config.vocab_size)
             ids = self.vocab_ids
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size
                                 or int(ids.unique().numel()) != int(ids.numel())):
-                raise AdaspecError(f"this EAGLE-3 head's draft vocabulary (d2t) maps to ids outside 0..{self.vocab_size - 1} "
-                                   "or to one id twice; its d2t buffer does not fit this target. Retrain or re-export "
-                                   "the head for this target's vocabulary.")
+                raise AdaspecError(f"this EAGLE-3 head's draft vocabulary (d2t) maps to ids outside "
+                                   f"0..{self.vocab_size - 1} or to one id twice; its d2t buffer does not fit this "
+                                   "target. Retrain or re-export the head for this target's vocabulary.")
         if draft_vocab == "auto":
             draft_vocab = DEFAULT_DRAFT_VOCAB if getattr(head, "token_counts", None) is not None else None
         if draft_vocab and head.kind == "eagle1":
@@ -200,7 +200,7 @@ class HeadDrafter(Drafter):
     @property
     def draft_vocab_size(self) -> int | None:
         """Tokens the head drafts from (None: the whole target vocabulary or the EAGLE-3 head's own)."""
-        return None if self.draft_ids is None else int(self.draft_ids.numel())
+        return None if self._weight is None else int(self._weight.shape[0])
 
     def _restrict(self, size: int) -> None:
         from .heads import always_drafted_ids, build_draft_vocab
@@ -217,13 +217,12 @@ class HeadDrafter(Drafter):
                                "in its folder, written by train-head); this head has none. Draft over the whole "
                                "vocabulary (--draft-vocab 0) or add them with heads.write_token_counts.")
         d2t, _ = build_draft_vocab(counts, size, always_drafted_ids(self.head.config))  # drops ids >= vocab
-        self._ids_cpu = torch.arange(d2t.numel()) + d2t  # (size,) target ids, ascending
-        self.draft_ids = self._ids_cpu.to(lm_head.weight.device)
+        self.vocab_ids, self.vocab_size = torch.arange(d2t.numel()) + d2t, vocab  # (size,) target ids, ascending
+        rows = self.vocab_ids.to(lm_head.weight.device)
         dtype = fast_draft_dtype(lm_head.weight)
-        self._weight = lm_head.weight.detach()[self.draft_ids].to(dtype).contiguous()  # (size, H)
+        self._weight = lm_head.weight.detach()[rows].to(dtype).contiguous()  # (size, H)
         bias = getattr(lm_head, "bias", None)
-        self._bias = None if bias is None else bias.detach()[self.draft_ids].to(dtype).contiguous()
-        self.vocab_ids, self.vocab_size = self._ids_cpu, vocab
+        self._bias = None if bias is None else bias.detach()[rows].to(dtype).contiguous()
 
     def _logits(self, hidden_out: torch.Tensor) -> torch.Tensor:
         """(1, n, H) head outputs -> (n, V) float logits on the CPU, or (n, Vd) over `vocab_ids` for a restricted
@@ -627,6 +626,7 @@ def tune_tree_budget(target, drafter: Drafter, prompt_ids, tree: TreeConfig, siz
     per_level = sorted(stats["draft_times_s"])[len(stats["draft_times_s"]) // 2] / levels
     n_prompt = len(prompt_ids.flatten().tolist() if isinstance(prompt_ids, torch.Tensor) else prompt_ids)
     caps = sorted({c for c in LOOKUP_CAPS if c < tree.lookup_tokens} | {tree.lookup_tokens})
+
     def depths(n):
         return range(1, min(tree.depth, n) + 1) if tree.shape == "dynamic" else [
             min(tree.depth, n) if tree.shape == "chain" else tree.depth]

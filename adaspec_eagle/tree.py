@@ -127,7 +127,8 @@ ExpandFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], to
 
 
 def to_vocab(logits: torch.Tensor, vocab_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """(..., Vd) logits over the target ids `vocab_ids` -> (..., vocab_size) with -inf for every other id."""
+    """(..., Vd) logits over the target ids `vocab_ids` -> (..., vocab_size) with -inf for every other id
+    (differentiable w.r.t. `logits`)."""
     full = logits.new_full((*logits.shape[:-1], vocab_size), float("-inf"))
     return full.index_copy_(-1, vocab_ids.to(logits.device), logits)
 
@@ -147,8 +148,8 @@ def build_tree(root_token: int, root_logits: torch.Tensor, expand: ExpandFn, cfg
     logits (V,) -> (token, probs (V,) it was drawn from); recorded in `draft_probs` for stochastic verification.
     vocab_ids: the drafter's logits cover only these target ids (Vd,) (a restricted draft vocabulary, whose other
     ids would be -inf); the top-k children are picked over them and mapped back: the same choice, with softmax
-    and top-k over Vd ids instead of the whole vocabulary. Static and sampled trees scatter them into the whole vocabulary
-    (`vocab_size` ids) first, so `sample` always sees (V,) logits.
+    and top-k over Vd ids instead of the whole vocabulary. Static and sampled trees scatter them into the whole
+    vocabulary (`vocab_size` ids) first, so `sample` always sees (V,) logits.
     """
     budget = cfg.total_tokens
     # A chain, or a dynamic tree's kept set (ancestor-closed, `top_budget`), never goes deeper than the budget:

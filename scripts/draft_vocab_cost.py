@@ -63,16 +63,18 @@ def main() -> int:
             speculative_generate(target, suite["prompts"][0], drafter, 16, tree=tree, eos_token_id=[])
         ref = {}
         for n, drafter in drafters.items():
-            steps = tokens = 0
-            draft = verify = total = 0.0
+            sums, tokens = dict.fromkeys(("steps", "draft_time_s", "verify_time_s", "total_time_s"), 0.0), 0
             for i, ids in enumerate(suite["prompts"]):
                 new, st = speculative_generate(target, ids, drafter, args.max_new_tokens, tree=tree, eos_token_id=[])
                 if ref.setdefault(i, new) != new:
                     raise SystemExit(f"{suite['name']} prompt {i}: draft_vocab={n} changed the output")
-                steps, tokens = steps + st["steps"], tokens + len(new)
-                draft, verify, total = draft + st["draft_time_s"], verify + st["verify_time_s"], total + st["total_time_s"]
-            print(f"{suite['name']}: draft_vocab={n or 'all'}: tau {tokens / steps:.3f}  draft {1e3 * draft / steps:.2f}"
-                  f" ms/step  verify {1e3 * verify / steps:.2f} ms/step  {tokens / total:.1f} tok/s")
+                tokens += len(new)
+                for k in sums:
+                    sums[k] += st[k]
+            steps = sums["steps"]
+            print(f"{suite['name']}: draft_vocab={n or 'all'}: tau {tokens / steps:.3f}  draft "
+                  f"{1e3 * sums['draft_time_s'] / steps:.2f} ms/step  verify {1e3 * sums['verify_time_s'] / steps:.2f}"
+                  f" ms/step  {tokens / sums['total_time_s']:.1f} tok/s")
     return 0
 
 
