@@ -46,6 +46,12 @@ class LossConfig:
     'mean': mean over kept tokens."""
     chunk_size: int = 1024
     """Tokens per chunk in the memory-efficient path (never three [tokens, vocab] fp32 tensors at once)."""
+    budget: Literal["equal_tokens", "equal_steps"] = "equal_tokens"
+    """Training budget of the AdaSPEC stage against the reference stage. 'equal_tokens' (the AdaSPEC reference
+    implementation's scripts): the AdaSPEC stage runs as many optimizer steps as the reference, each on
+    round(batch_size / k) sequences, i.e. 1/k times the epochs, so each step trains on as many *kept* tokens as
+    a reference step (k = 0.4: batch 16 -> 40, 3 epochs -> 7.5). 'equal_steps': the same steps and batch as
+    the reference, so AdaSPEC trains on k times the tokens (kept for comparison)."""
 
     def __post_init__(self):
         _check(0.0 < self.k <= 1.0, "loss.k", self.k, "0 < k <= 1")
@@ -72,11 +78,18 @@ class DataConfig:
     self_distill: bool = False
     """Train on the target's own greedy answers (regen.py: the first user turn of each chat / each prompt is
     answered by the target, train and held-out splits, cached resumably in OUT/regen.jsonl)."""
+    answer_tokens: int | None = None
+    """data.self_distill: answer with at most this many new tokens (None: up to max_length)."""
+    regen_batch_size: int = 32
+    """data.self_distill: prompts answered per batched `generate` call (left-padded, sorted by length)."""
 
     def __post_init__(self):
         _check(self.max_length >= 8, "data.max_length", self.max_length, ">= 8")
         _check(self.num_samples is None or self.num_samples >= 1, "data.num_samples", self.num_samples, ">= 1")
         _check(self.holdout >= 0, "data.holdout", self.holdout, ">= 0")
+        _check(self.answer_tokens is None or self.answer_tokens >= 1, "data.answer_tokens", self.answer_tokens,
+               ">= 1")
+        _check(self.regen_batch_size >= 1, "data.regen_batch_size", self.regen_batch_size, ">= 1")
 
 
 @dataclass
@@ -117,6 +130,10 @@ class TrainConfig:
     """Optimizer steps between checkpoints (atomic; the run resumes from the last one)."""
     log_every: int = 10
     seed: int = 0
+    eval_every: int | None = None
+    """Optimizer steps between held-out evaluations of a head stage (chain acceptance, `evaluate_head`); the
+    stage then keeps the head with the best held-out chain tau, not the last one (loss keeps falling after tau
+    peaks). None: no evaluation during training; the last head is kept."""
 
     def __post_init__(self):
         _check(self.epochs > 0, "train.epochs", self.epochs, "> 0")
@@ -126,6 +143,7 @@ class TrainConfig:
         _check(self.grad_accum >= 1, "train.grad_accum", self.grad_accum, ">= 1")
         _check(self.save_every >= 1, "train.save_every", self.save_every, ">= 1")
         _check(self.log_every >= 1, "train.log_every", self.log_every, ">= 1")
+        _check(self.eval_every is None or self.eval_every >= 1, "train.eval_every", self.eval_every, ">= 1")
 
 
 @dataclass
@@ -139,15 +157,37 @@ class HeadConfig:
     """EAGLE-3 training-time-test unroll length."""
     ttt_decay: float = 0.8
     """Weight of unroll step j is ttt_decay**j."""
-    fc_bias: bool = True
-    feature_loss_weight: float = 0.1
-    """EAGLE-1 smooth-L1 feature regression weight (0 disables); EAGLE-3 has none."""
+    fc_bias: bool = False
+    """A bias on the EAGLE-1 fc layer. vLLM's EAGLE-1 layout has none (an exported bias must be folded)."""
+    token_loss_weight: float = 0.1
+    """EAGLE-1/2: weight of the token loss (the AdaSPEC / KD divergence to the target's next-token distribution;
+    EAGLE-1 trains its soft cross-entropy, which has the same gradient, at 0.1)."""
+    feature_loss_weight: float = 1.0
+    """EAGLE-1/2: weight of the smooth-L1 regression of the next target feature (EAGLE-1: 1.0; 0 disables).
+    Under AdaSPEC it covers the tokens the selection keeps. EAGLE-3 has none."""
+    feature_noise: float = 0.2
+    """EAGLE-1/2: uniform noise U(-a/2, a/2) of width a added to the input target features while training
+    (never at inference), so the head learns to read its own, imperfect, features at deeper tree levels.
+    EAGLE-1 adds width 0.2 * 512 / (padded batch length), i.e. 0.2 at 512 tokens; this is the fixed width."""
+    train_vocab_size: int = 0
+    """EAGLE-1/2: train the token loss over the this-many most frequent trainable tokens of the data only
+    (0: the whole vocabulary). The teacher is renormalised over them, positions whose target token lies
+    outside are left out (`exclude_out_of_vocab`); the saved token counts make `HeadDrafter(draft_vocab=N)`
+    draft over the same ids."""
+    exclude_out_of_vocab: bool = True
+    """With a restricted (EAGLE-3 draft or EAGLE-1 training) vocabulary: leave out of the token loss the
+    positions whose target token is not in it (EAGLE-3's rule), instead of training on a renormalised teacher
+    that cannot name the right token."""
 
     def __post_init__(self):
         _check(self.draft_vocab_size >= 2, "head.draft_vocab_size", self.draft_vocab_size, ">= 2")
         _check(self.ttt_steps >= 1, "head.ttt_steps", self.ttt_steps, ">= 1")
         _check(0 < self.ttt_decay <= 1, "head.ttt_decay", self.ttt_decay, "0 < decay <= 1")
         _check(self.feature_loss_weight >= 0, "head.feature_loss_weight", self.feature_loss_weight, ">= 0")
+        _check(self.token_loss_weight > 0, "head.token_loss_weight", self.token_loss_weight, "> 0")
+        _check(self.feature_noise >= 0, "head.feature_noise", self.feature_noise, ">= 0")
+        _check(self.train_vocab_size == 0 or self.train_vocab_size >= 2, "head.train_vocab_size",
+               self.train_vocab_size, "0 (whole vocabulary) or >= 2")
 
 
 MAX_LOOKUP_TOKENS = 256

@@ -335,7 +335,7 @@ def _forward_common(ctx, student: _Rows, teacher: _Rows, reference: _Rows | None
         if use_ref is not None and cfg.scope == "global":
             quantile_threshold(torch.empty(0, device=device), cfg.k, "global")  # take part in the collective
         ctx.kept = torch.empty(0, dtype=torch.long, device=device)
-        stats.update(kl=0.0, kept=0.0, valid=0.0)
+        stats.update(kl=0.0, kept=0.0, valid=0.0, kept_index=ctx.kept)
         return torch.zeros((), dtype=torch.float32, device=device)
     actual, ref = _divergence_pass(student, teacher, use_ref, n, vocab, cfg, device)
     _check_finite_rows(actual, ref, {names["student"]: student, names["teacher"]: teacher,
@@ -344,6 +344,7 @@ def _forward_common(ctx, student: _Rows, teacher: _Rows, reference: _Rows | None
     ctx.kept = keep.nonzero().squeeze(1)  # (n_kept,) indices into the valid-token list
     loss_sum = actual[ctx.kept].sum()
     stats.update(kl=actual.sum().item() / n, kept=float(ctx.kept.numel()), valid=float(n))
+    stats["kept_index"] = ctx.kept  # (popped by the public losses unless their caller asks for it)
     return loss_sum
 
 
@@ -479,11 +480,13 @@ def adaspec_loss(student_logits: Tensor, teacher_logits: Tensor, reference_logit
     pos = tuple(loss_mask.to(torch.bool).nonzero().unbind(1))  # ((n,), (n,)) batch and time indices
     stats: dict = {}
     loss_sum = _LogitsLoss.apply(student_logits, teacher_logits, reference_logits, pos, cfg, stats)
+    stats.pop("kept_index", None)
     return _reduce(loss_sum, stats, cfg, num_items), stats
 
 
 def chunked_adaspec_loss(student_hidden: Tensor, student_weight: Tensor, teacher, reference, valid: Tensor,
-                         cfg: LossConfig, num_items=None, student_bias: Tensor | None = None) -> tuple[Tensor, dict]:
+                         cfg: LossConfig, num_items=None, student_bias: Tensor | None = None,
+                         return_kept: bool = False) -> tuple[Tensor, dict]:
     """AdaSPEC loss from the student's hidden states and lm_head, never materialising its [N, V] logits.
 
     student_hidden: (N, H) (flatten and shift (B, T, H) yourself); student_weight: (V, H); student_bias: (V,)|None.
@@ -491,7 +494,8 @@ def chunked_adaspec_loss(student_hidden: Tensor, student_weight: Tensor, teacher
     [, bias]) tuples computed chunkwise; reference may be None (plain KD). valid: (N,) bool.
     Student logits per chunk are F.linear(hidden, weight, bias) in the input dtype, then fp32, exactly like the
     direct path `adaspec_loss(F.linear(h, W, b)[None], ...)`, whose loss and gradients (wrt hidden, weight,
-    bias) this reproduces. Returns (loss, stats) as adaspec_loss.
+    bias) this reproduces. Returns (loss, stats) as adaspec_loss; with `return_kept`, stats["kept"] is
+    joined by stats["kept_index"] (n_kept,): the kept tokens as indices into the N rows.
     """
     _check_cfg(cfg)
     if student_hidden.dim() != 2 or student_weight.dim() != 2 or student_hidden.shape[1] != student_weight.shape[1]:
@@ -510,4 +514,7 @@ def chunked_adaspec_loss(student_hidden: Tensor, student_weight: Tensor, teacher
     pos = (valid.to(torch.bool).nonzero().squeeze(1),)  # ((n_valid,),)
     stats: dict = {}
     loss_sum = _HiddenLoss.apply(student_hidden, student_weight, student_bias, teacher, reference, pos, cfg, stats)
+    kept = stats.pop("kept_index", None)
+    if return_kept:
+        stats["kept_index"] = pos[0][kept] if kept is not None else pos[0][:0]
     return _reduce(loss_sum, stats, cfg, num_items), stats

@@ -331,12 +331,16 @@ LossFn = Callable[[torch.nn.Module, dict, float], "tuple[torch.Tensor, dict]"]
 
 def train(model: torch.nn.Module, dataset: Sequence, loss_fn: LossFn, *, collate: Callable, count_items: Callable,
           train_cfg: TrainConfig, optim_cfg: OptimConfig, out_dir: str | os.PathLike, accelerator=None,
-          desc: str = "train", stop_at: int | None = None, progress: bool = True) -> dict:
+          desc: str = "train", stop_at: int | None = None, progress: bool = True,
+          evaluate: Callable | None = None) -> dict:
     """Train `model` (its parameters with requires_grad) on `dataset` and return the run's record.
 
     loss_fn(model, batch, num_items) -> (loss, stats): loss normalised by `num_items` (see the module
     docstring); stats floats summed over micro-batches and ranks ("kept", "valid", "kl_sum", ...).
     count_items(batch) -> int: valid (loss) tokens of a batch, for num_items.
+    evaluate(model, step) -> dict of floats: called on the main process every `train_cfg.eval_every` steps and
+    after the last one (the caller keeps what it needs, e.g. the best head so far); its records are kept in the
+    loop state (so a resumed run has them) and returned as "evals".
     out_dir gets `checkpoints/` and `tb/`. A checkpoint there is resumed from. `stop_at` ends the call after that
     step without a final checkpoint (as a kill would), for tests of resume.
 
@@ -442,6 +446,16 @@ def train(model: torch.nn.Module, dataset: Sequence, loss_fn: LossFn, *, collate
             if writer is not None and (state["step"] % train_cfg.log_every == 0 or state["step"] == steps):
                 for key, value in stats_out.items():
                     writer.add_scalar(f"{desc}/{key}", value, state["step"])
+            if (evaluate is not None and acc.is_main_process and train_cfg.eval_every
+                    and (state["step"] % train_cfg.eval_every == 0 or state["step"] == steps)):
+                model.eval()
+                record = {"step": state["step"], **evaluate(acc.unwrap_model(model), state["step"])}
+                model.train()
+                state.setdefault("evals", []).append(record)
+                if writer is not None:
+                    for key, value in record.items():
+                        if key != "step" and isinstance(value, (int, float)):
+                            writer.add_scalar(f"{desc}/heldout_{key}", value, state["step"])
             if state["step"] % train_cfg.save_every == 0 or state["step"] == steps or interrupted:
                 state["seconds"] = seconds0 + elapsed
                 saved = save_checkpoint(acc, ckpt_dir, state)
@@ -457,6 +471,6 @@ def train(model: torch.nn.Module, dataset: Sequence, loss_fn: LossFn, *, collate
     acc.wait_for_everyone()
     acc.free_memory()  # forget this stage's model/optimizer so a next stage checkpoints only its own
     return {"model": unwrapped, "steps": state["step"], "total_steps": steps, "losses": state["losses"],
-            "budget_steps": state.get("budget_steps"),
+            "budget_steps": state.get("budget_steps"), "evals": state.get("evals", []),
             "tokens": state["tokens"], "stats": stats_out, "seconds": seconds,
             "tokens_per_s": (state["tokens"] - tokens0) / max(elapsed, 1e-9)}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -91,18 +92,45 @@ def _is_partitioned(module) -> bool:
     return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
+def restricted_vocab(head, token_counts, size: int) -> torch.Tensor | None:
+    """(Vd,) int64 target ids of a restricted training vocabulary: the `size` most frequent trainable tokens
+    plus the EOS / BOS / PAD ids, exactly the ids `speculative.HeadDrafter(draft_vocab=size)` drafts over.
+    None when `size` is 0 or covers the whole vocabulary."""
+    from .heads import always_drafted_ids, build_draft_vocab
+
+    counts = torch.as_tensor(token_counts)
+    if size <= 0 or size >= counts.numel():
+        return None
+    d2t, _ = build_draft_vocab(counts, size, always_drafted_ids(head.config))
+    return d2t + torch.arange(d2t.numel())
+
+
+def add_feature_noise(features: torch.Tensor, width: float) -> torch.Tensor:
+    """features + U(-width/2, width/2) noise (EAGLE-1's training noise at a fixed width); unchanged at 0."""
+    if width <= 0:
+        return features
+    return features + (torch.rand_like(features) - 0.5) * width
+
+
 def head_loss(head, batch: dict, *, target, loss_cfg: LossConfig, reference=None, feature_loss_weight: float = 0.0,
-              num_items: float | None = None):
-    """AdaSPEC (or KD) loss of an EAGLE-1 head on a batch, plus the smooth-L1 feature loss.
+              num_items: float | None = None, token_loss_weight: float = 1.0, feature_noise: float = 0.0,
+              vocab_ids: torch.Tensor | None = None, exclude_out_of_vocab: bool = True):
+    """token_loss_weight x AdaSPEC (or KD) loss of an EAGLE-1 head on a batch + feature_loss_weight x smooth-L1.
 
     batch: input_ids / attention_mask / loss_mask (B, T) and optionally cached features (B, T, H).
     Student, teacher and reference logits are lm_head(hidden) at the N valid positions only, evaluated chunkwise
     by `losses.chunked_adaspec_loss` (never an [N, V] fp32 tensor for all three at once).
+    feature_noise: width of the uniform noise on the input features (student and reference read the same
+    noisy input; the teacher and the regression target stay clean). vocab_ids (Vd,): the token loss over these
+    target ids only (lm_head rows; the teacher renormalised over them), and with `exclude_out_of_vocab` only at
+    positions whose target token x_{t+2} is one of them. The feature loss covers the positions the token loss
+    keeps (every valid one for KD; the AdaSPEC selection otherwise).
     Returns (loss, stats) with stats {"kept", "valid", "kl_sum"} (floats, for the loop's logs)."""
     from .losses import adaspec_loss, chunked_adaspec_loss
 
     features = batch_features(batch, target).float()  # (B, T, H)
-    hidden = head_forward(head, features, batch["input_ids"])  # (B, T-1, H)
+    inputs = add_feature_noise(features, feature_noise) if torch.is_grad_enabled() else features
+    hidden = head_forward(head, inputs, batch["input_ids"])  # (B, T-1, H)
     valid = head_valid_mask(batch["loss_mask"], batch.get("attention_mask"))  # (B, T-1)
     h_v = hidden[valid]  # (N, H)
     f_next = features[:, 1:][valid]  # (N, H) f_{t+1}: the teacher's hidden state and the regression target
@@ -110,28 +138,48 @@ def head_loss(head, batch: dict, *, target, loss_cfg: LossConfig, reference=None
     ref_h = None
     if reference is not None and loss_cfg.kind == "adaspec":
         with torch.no_grad():
-            ref_h = head_forward(reference, features, batch["input_ids"])[valid]  # (N, H)
+            ref_h = head_forward(reference, inputs, batch["input_ids"])[valid]  # (N, H)
+    in_vocab = torch.ones(h_v.shape[0], dtype=torch.bool, device=h_v.device)  # (N,)
+    if vocab_ids is not None:
+        vocab_ids = vocab_ids.to(h_v.device)
+        if exclude_out_of_vocab:
+            labels = batch["input_ids"][:, 2:]  # (B, T-2) x_{t+2}; the last head position never counts
+            labels = torch.nn.functional.pad(labels, (0, 1))[valid]  # (N,)
+            member = torch.zeros(lm_head.weight.shape[0], dtype=torch.bool, device=h_v.device)
+            member[vocab_ids] = True
+            in_vocab = member[labels]
     if _is_partitioned(lm_head):
+        if vocab_ids is not None:
+            raise AdaspecError("head.train_vocab_size under DeepSpeed ZeRO-3 is not supported (the lm_head weight "
+                               "is a shard); set head.train_vocab_size=0 or use a DDP / ZeRO-2 config.")
         # ZeRO-3: the lm_head weight is a shard; calling the module gathers it (its hooks run), raw weights would
         # not. This path holds the [N, V] logits (chunked selection and backward all the same).
-        mask = torch.ones(1, h_v.shape[0], dtype=torch.bool, device=h_v.device)  # (1, N)
         dtype = lm_head.weight.dtype  # (DeepSpeed's ZeRO-3 linear does not autocast)
         with torch.no_grad():
             teacher = lm_head(f_next.to(dtype))[None]  # (1, N, V)
             ref = lm_head(ref_h.to(dtype))[None] if ref_h is not None else None
         student = getattr(head, "module", head).logits(h_v[None])  # (1, N, V); .module: a DDP/DeepSpeed wrapper
-        loss, stats = adaspec_loss(student, teacher, ref, mask, loss_cfg, num_items=num_items)
+        loss, stats = adaspec_loss(student, teacher, ref, in_vocab[None], loss_cfg, num_items=num_items)
+        kept = in_vocab if loss_cfg.kind == "kd" else None
     else:
-        student = _lm_head_spec(lm_head, h_v)
-        ref = _lm_head_spec(lm_head, ref_h) if ref_h is not None else None
-        ones = torch.ones(h_v.shape[0], dtype=torch.bool, device=h_v.device)  # (N,)
-        loss, stats = chunked_adaspec_loss(student[0], student[1], _lm_head_spec(lm_head, f_next), ref, ones,
-                                           loss_cfg, num_items=num_items,
-                                           student_bias=student[2] if len(student) > 2 else None)
+        w = lm_head.weight if vocab_ids is None else lm_head.weight[vocab_ids]  # (V or Vd, H)
+        b = getattr(lm_head, "bias", None)
+        b = b if b is None or vocab_ids is None else b[vocab_ids]
+        spec = (lambda h: (h.to(w.dtype), w) if b is None else (h.to(w.dtype), w, b))
+        ref = spec(ref_h) if ref_h is not None else None
+        loss, stats = chunked_adaspec_loss(h_v.to(w.dtype), w, spec(f_next), ref, in_vocab, loss_cfg,
+                                           num_items=num_items, student_bias=b, return_kept=True)
+        kept = torch.zeros_like(in_vocab)
+        kept[stats.pop("kept_index")] = True
+    loss = token_loss_weight * loss
     if feature_loss_weight > 0 and h_v.shape[0] > 0:
+        if kept is None:  # (ZeRO-3 AdaSPEC: the selection is not returned; every valid position)
+            kept = torch.ones_like(in_vocab)
+        if loss_cfg.kind == "kd":
+            kept = torch.ones_like(in_vocab)  # KD trains every position's feature, in the vocabulary or not
         per_pos = F.smooth_l1_loss(h_v.float(), f_next, reduction="none").mean(-1)  # (N,)
-        denom = num_items if (loss_cfg.reduction == "num_items" and num_items) else per_pos.shape[0]
-        loss = loss + feature_loss_weight * per_pos.sum() / denom
+        denom = (num_items or per_pos.shape[0]) if loss_cfg.reduction == "num_items" else max(int(kept.sum()), 1)
+        loss = loss + feature_loss_weight * (per_pos * kept).sum() / denom
     loss = loss + 0.0 * hidden.sum()  # keeps every rank's graph connected when a micro-batch has no valid token
     return loss, {"kept": float(stats["kept"]), "valid": float(stats["valid"]),
                   "kl_sum": float(stats["kl"]) * float(stats["valid"])}
@@ -190,11 +238,13 @@ def batch_fused(batch: dict, target) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def eagle3_loss(unroll, batch: dict, *, target, loss_cfg: LossConfig, steps: int, decay: float, reference=None,
-                num_items: float | None = None):
+                num_items: float | None = None, exclude_out_of_vocab: bool = True):
     """sum_j decay^j * AdaSPEC/KD loss of unroll step j, over the draft vocabulary.
 
     The teacher is the target's distribution restricted to the draft vocabulary and renormalised (lm_head rows
-    of the draft ids, as EAGLE-3 does); no feature loss. num_items counts step-0 positions."""
+    of the draft ids, as EAGLE-3 does); no feature loss. With `exclude_out_of_vocab`, positions whose target
+    token x_{t+2+j} is outside the draft vocabulary are left out (EAGLE-3's position mask). num_items counts
+    step-0 positions."""
     from .losses import chunked_adaspec_loss
 
     head = getattr(unroll, "module", unroll).head
@@ -219,9 +269,12 @@ def eagle3_loss(unroll, batch: dict, *, target, loss_cfg: LossConfig, steps: int
         if ref_outs is not None:
             w_r = reference.lm_head.weight
             ref = (reference.norm(ref_outs[j][valid]).to(w_r.dtype), w_r)
-        ones = torch.ones(f_next.shape[0], dtype=torch.bool, device=h.device)
+        keep = torch.ones(f_next.shape[0], dtype=torch.bool, device=h.device)  # (N_j,)
+        if exclude_out_of_vocab:
+            labels = torch.nn.functional.pad(batch["input_ids"][:, 2 + j:], (0, 1 + j))[:, :h.shape[1]]  # x_{t+2+j}
+            keep = head.t2d.to(h.device)[labels[valid]]
         w_s = head.lm_head.weight
-        loss, stats = chunked_adaspec_loss(head.norm(h[valid]).to(w_s.dtype), w_s, teacher, ref, ones, loss_cfg,
+        loss, stats = chunked_adaspec_loss(head.norm(h[valid]).to(w_s.dtype), w_s, teacher, ref, keep, loss_cfg,
                                            num_items=num_items)
         total = total + decay ** j * loss
         for key, value in (("kept", stats["kept"]), ("valid", stats["valid"]),
@@ -231,19 +284,77 @@ def eagle3_loss(unroll, batch: dict, *, target, loss_cfg: LossConfig, steps: int
     return total, stats_sum
 
 
+def _argmax_rows(hidden: torch.Tensor, lm_head, ids=None, chunk: int = 1024) -> torch.Tensor:
+    """(N, H) -> (N,) the target ids of argmax lm_head(hidden) over `ids` (all when None), in chunks of rows.
+    A ZeRO-3 partitioned lm_head is called as a module (its hooks gather the weight)."""
+    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    sharded = _is_partitioned(lm_head)
+    w = weight if ids is None or sharded else weight[ids]
+    b = bias if bias is None or ids is None or sharded else bias[ids]
+    out = torch.empty(hidden.shape[0], dtype=torch.long, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk):
+        rows = hidden[start:start + chunk].to(weight.dtype)
+        if sharded:
+            logits = lm_head(rows)
+            logits = logits if ids is None else logits[:, ids]
+        else:
+            logits = F.linear(rows, w, b)  # (c, V or Vd)
+        best = logits.argmax(-1)
+        out[start:start + chunk] = best if ids is None else ids[best]
+    return out
+
+
+def chain_acceptance(draft: torch.Tensor, greedy: torch.Tensor, input_ids: torch.Tensor, start: torch.Tensor):
+    """Accepted draft tokens of greedy chains (teacher-forced, EAGLE decoding semantics).
+
+    draft: (gamma, B, T-1) the head's chain token at step j from head position t (a guess for x_{t+2+j});
+    greedy: (B, T) the target's argmax after each prefix (greedy[:, s] is its next token after x_0..x_s);
+    input_ids: (B, T); start: (B, T-1) bool, the head positions where a chain starts.
+    A chain from t starts where x_{t+1} is the target's own token (greedy[t]); step j is accepted when every
+    earlier step was, the text followed the target there (x_{t+1+j} == greedy[t+j]) and draft j equals
+    greedy[t+1+j]. Positions whose chain runs past T count as rejected there.
+    Returns (accepted (gamma, B, T-1) bool, alive (gamma, B, T-1) bool: step j was reached)."""
+    gamma, B, n = draft.shape
+    T = input_ids.shape[1]
+    def shifted(x, k):  # x[:, t + k] for t < n, False/-1 past the end
+        out = torch.full((B, n), -1, dtype=x.dtype, device=x.device)
+        if k < T:
+            width = min(n, T - k)
+            out[:, :width] = x[:, k:k + width]
+        return out
+    alive = start.clone()
+    accepted, reached = [], []
+    for j in range(gamma):
+        on_path = shifted(input_ids, 1 + j) == shifted(greedy, j)  # x_{t+1+j} is the target's token
+        alive = alive & on_path
+        reached.append(alive)
+        ok = alive & (draft[j] == shifted(greedy, 1 + j)) & (shifted(greedy, 1 + j) >= 0)
+        accepted.append(ok)
+        alive = ok
+    return torch.stack(accepted), torch.stack(reached)
+
+
 @torch.no_grad()
-def evaluate_head(head, target, heldout, batch_size: int = 8, pad_id: int = 0) -> dict:
+def evaluate_head(head, target, heldout, batch_size: int = 8, pad_id: int = 0, chain: int = 0,
+                  vocab_ids: torch.Tensor | None = None) -> dict:
     """Held-out agreement of a head with its target at the valid (loss) positions.
 
     heldout: samples {"input_ids", "loss_mask"[, "features"]} (a list or a FeatureCache).
     Returns {"top1": fraction where argmax(head logits) == argmax(target logits), "kl": mean forward
-    KL(target || head), "positions": N}."""
+    KL(target || head), "positions": N}. chain = gamma > 0 adds "chain": greedy chain drafting of gamma tokens from
+    every valid position (`chain_acceptance`; the head reads its own outputs from step 1 on, as when drafting,
+    through the training-time-test unroll), {"gamma", "tau": 1 + mean accepted tokens per chain (the mean
+    accepted length of chain speculation), "accept_by_depth": P(step j accepted | step j reached), "chains"};
+    drafts rank over `vocab_ids` (the drafter's restricted vocabulary) when given."""
     from .features import pad_batch
 
     device = next(target.parameters()).device
     head.eval()
     lm_head = target.get_output_embeddings()
     hits, kl_sum, total = 0, 0.0, 0
+    acc_sum = torch.zeros(max(chain, 1), dtype=torch.float64)
+    reach_sum = torch.zeros(max(chain, 1), dtype=torch.float64)
+    ids = None if vocab_ids is None else vocab_ids.to(device)
     for start in range(0, len(heldout), batch_size):
         batch = pad_batch([heldout[i] for i in range(start, min(len(heldout), start + batch_size))], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -252,10 +363,11 @@ def evaluate_head(head, target, heldout, batch_size: int = 8, pad_id: int = 0) -
             continue
         if getattr(head, "uses_fused", False):  # EAGLE-3: the first unroll step
             features, fused = (x.float() for x in batch_fused(batch, target))
-            hidden = TTTUnroll(head)(fused, batch["input_ids"], 1)[0]  # (B, T-1, H)
         else:
             features = batch_features(batch, target).float()  # (B, T, H)
-            hidden = head_forward(head, features, batch["input_ids"])  # (B, T-1, H)
+            fused = features
+        steps = TTTUnroll(head)(fused, batch["input_ids"], max(chain, 1))  # [(B, T-1, H)] * steps
+        hidden = steps[0]
         student = head.logits(hidden[valid][None])[0].float()  # (N, V)
         teacher = lm_head(features[:, 1:][valid].to(lm_head.weight.dtype)).float()  # (N, V)
         hits += int((student.argmax(-1) == teacher.argmax(-1)).sum())
@@ -264,7 +376,28 @@ def evaluate_head(head, target, heldout, batch_size: int = 8, pad_id: int = 0) -
         log_p = teacher.log_softmax(-1)
         kl_sum += float((log_p.exp() * (log_p - student.log_softmax(-1))).sum())
         total += int(valid.sum())
-    return {"top1": hits / max(total, 1), "kl": kl_sum / max(total, 1), "positions": total}
+        if chain:
+            B, T = batch["input_ids"].shape
+            real = batch["attention_mask"].bool()  # (B, T)
+            greedy = torch.full((B, T), -1, dtype=torch.long, device=device)
+            greedy[real] = _argmax_rows(features[real], lm_head)
+            draft = torch.full((chain, B, T - 1), -2, dtype=torch.long, device=device)
+            for j, h in enumerate(steps):
+                if getattr(head, "uses_fused", False):
+                    logits = head.logits(h[valid][None])[0]  # (N, V): -inf outside the draft vocabulary
+                    draft[j][valid] = logits.argmax(-1) if ids is None else ids[logits[:, ids].argmax(-1)]
+                else:
+                    draft[j][valid] = _argmax_rows(h[valid], lm_head, ids)
+            accepted, reached = chain_acceptance(draft, greedy, batch["input_ids"], valid)
+            acc_sum += accepted.sum((1, 2)).double().cpu()
+            reach_sum += reached.sum((1, 2)).double().cpu()
+    out = {"top1": hits / max(total, 1), "kl": kl_sum / max(total, 1), "positions": total}
+    if chain:
+        chains = float(reach_sum[0])
+        out["chain"] = {"gamma": chain, "tau": 1.0 + float(acc_sum.sum()) / max(chains, 1.0),
+                        "accept_by_depth": [float(a / r) if r else 0.0 for a, r in zip(acc_sum, reach_sum)],
+                        "chains": int(chains)}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -285,7 +418,7 @@ def load_samples(cfg: HeadRecipe, tokenizer, target=None, accelerator=None, fres
         from .regen import CACHE_NAME, self_distill_examples
 
         main = accelerator is None or accelerator.is_main_process
-        kw = dict(batch_size=cfg.train.batch_size, log=log)
+        kw = dict(batch_size=cfg.data.regen_batch_size, log=log)
         if main:
             examples = self_distill_examples(cfg.data, tokenizer, target, Path(cfg.output_dir) / CACHE_NAME,
                                              progress=progress, fresh=fresh, **kw)
@@ -345,6 +478,74 @@ def check_outputs(cfg: HeadRecipe, stages: list[str], resume: bool, overwrite: b
                                "another --output-dir.")
 
 
+CHAIN_GAMMA = 4
+"""Chain length of the held-out acceptance evaluation (the AdaSPEC paper's alpha uses gamma = 4)."""
+
+
+def stage_budget(cfg: HeadRecipe, stage: str, ref_steps: int | None):
+    """The TrainConfig a stage runs with (`loss.budget`).
+
+    Reference and KD stages: cfg.train. AdaSPEC stage, 'equal_tokens': batch round(B / k), epochs E * B' / B, so
+    that each step trains on about as many kept tokens as a reference step and the step count is the same.
+    Both protocols: when the reference's step count is known (trained in this run, or recorded in its head),
+    the AdaSPEC stage runs exactly that many steps (a time-capped reference caps it too) and has no time cap
+    of its own."""
+    import dataclasses
+
+    train_cfg = cfg.train
+    if stage != "adaspec":
+        return train_cfg
+    if cfg.loss.budget == "equal_tokens" and cfg.loss.k < 1.0:
+        batch = max(1, round(train_cfg.batch_size / cfg.loss.k))
+        train_cfg = dataclasses.replace(train_cfg, batch_size=batch,
+                                        epochs=train_cfg.epochs * batch / train_cfg.batch_size)
+    if ref_steps:
+        train_cfg = dataclasses.replace(train_cfg, max_steps=int(ref_steps), max_minutes=None)
+    return train_cfg
+
+
+def reference_steps(records: dict, reference) -> int | None:
+    """Optimizer steps the reference stage ran: from this run's record, else from the loaded head's meta."""
+    if "reference" in records and records["reference"].get("steps"):
+        return int(records["reference"]["steps"])
+    steps = (getattr(reference, "meta", None) or {}).get("steps")
+    return int(steps) if steps else None
+
+
+class BestHeadKeeper:
+    """The loop's `evaluate` hook for a head stage: held-out chain acceptance (`evaluate_head`, gamma =
+    CHAIN_GAMMA, drafting over the engine's default restricted vocabulary when the head has token counts), and
+    the head with the best chain tau so far saved to `folder` (with best.json; both survive a resume)."""
+
+    def __init__(self, folder, target, heldout, batch_size, pad_id, token_counts, meta):
+        self.folder, self.target, self.heldout = Path(folder), target, heldout
+        self.batch_size, self.pad_id, self.token_counts, self.meta = batch_size, pad_id, token_counts, meta
+        record = self.folder.parent / "best.json"
+        self.best = json.loads(record.read_text()) if record.is_file() and (self.folder / "config.json").is_file() \
+            else None
+
+    def __call__(self, model, step: int) -> dict:
+        from . import heads as heads_mod
+        from .speculative import DEFAULT_DRAFT_VOCAB
+
+        head = model.head if isinstance(model, TTTUnroll) else model
+        ids = None if head.uses_fused else restricted_vocab(head, self.token_counts, DEFAULT_DRAFT_VOCAB)
+        e = evaluate_head(head, self.target, self.heldout, self.batch_size, self.pad_id, chain=CHAIN_GAMMA,
+                          vocab_ids=ids)
+        record = {"top1": e["top1"], "kl": e["kl"], "tau": e["chain"]["tau"],
+                  "accept_by_depth": e["chain"]["accept_by_depth"]}
+        rank = (record["tau"], record["top1"], -record["kl"])  # ties (e.g. early, all-rejecting heads): top-1, KL
+        if self.best is None or rank > (self.best["tau"], self.best["top1"], -self.best["kl"]):
+            self.best = {"step": step, **record}
+            heads_mod.save_head(head, self.folder, {**self.meta, "steps": step, "selected_at": step},
+                                token_counts=self.token_counts)
+            tmp = self.folder.parent / "best.json.tmp"
+            tmp.write_text(json.dumps(self.best))
+            os.replace(tmp, self.folder.parent / "best.json")
+        return {k: v for k, v in record.items() if k != "accept_by_depth"} | {
+            f"accept_depth{j + 1}": a for j, a in enumerate(record["accept_by_depth"])}
+
+
 def run_pipeline(cfg: HeadRecipe, resume: bool = False, overwrite: bool = False, stop_at: int | None = None,
                  progress: bool = True, log=print) -> dict:
     """Train the stages of `cfg`; return {"train": {stage: record}, "eval": {stage: evaluate_head(...)},
@@ -394,6 +595,9 @@ def _run_pipeline(cfg: HeadRecipe, resume, overwrite, stop_at, progress, log, cl
     train_set, heldout = load_samples(cfg, tokenizer, target, accelerator, fresh=overwrite, progress=progress,
                                       log=log if accelerator.is_main_process else (lambda m: None))
     check_samples_fit([*train_set, *heldout], target, f"target {cfg.target}")
+    if cfg.train.eval_every and not heldout:
+        raise AdaspecError("train.eval_every selects heads by held-out acceptance but data.holdout=0; set "
+                           "data.holdout (e.g. 64) or drop train.eval_every.")
     n_valid = sum(int(head_valid_mask(torch.as_tensor(s["loss_mask"])[None]).sum()) for s in train_set)
     if n_valid == 0:
         raise AdaspecError(f"the training data slice has no trainable head positions ({len(train_set)} samples; a "
@@ -469,34 +673,51 @@ def _run_pipeline(cfg: HeadRecipe, resume, overwrite, stop_at, progress, log, cl
             if main:
                 save_resolved(cfg, run_dir)
             loss_cfg = cfg.loss if stage == "adaspec" else LossConfig(**{**to_dict(cfg.loss), "kind": "kd", "k": 1.0})
+            stage_train = stage_budget(cfg, stage, reference_steps(records, reference))
             torch.manual_seed(cfg.train.seed)  # every stage starts from the same head initialisation
             head = heads_mod.build_head(target, cfg.head, token_counts if eagle3 else None)
+            vocab_ids = None if eagle3 else restricted_vocab(head, token_counts, cfg.head.train_vocab_size)
             if reference is not None:
                 reference = reference.to(accelerator.device).requires_grad_(False).eval()
             stage_ref = reference if stage == "adaspec" else None
 
-            def loss_fn(model, batch, num_items, loss_cfg=loss_cfg, stage_ref=stage_ref):
+            def loss_fn(model, batch, num_items, loss_cfg=loss_cfg, stage_ref=stage_ref, vocab_ids=vocab_ids):
+                hc = cfg.head
                 if eagle3:
-                    return eagle3_loss(model, batch, target=target, loss_cfg=loss_cfg, steps=cfg.head.ttt_steps,
-                                       decay=cfg.head.ttt_decay, reference=stage_ref, num_items=num_items)
+                    return eagle3_loss(model, batch, target=target, loss_cfg=loss_cfg, steps=hc.ttt_steps,
+                                       decay=hc.ttt_decay, reference=stage_ref, num_items=num_items,
+                                       exclude_out_of_vocab=hc.exclude_out_of_vocab)
                 return head_loss(model, batch, target=target, loss_cfg=loss_cfg, reference=stage_ref,
-                                 feature_loss_weight=cfg.head.feature_loss_weight, num_items=num_items)
+                                 feature_loss_weight=hc.feature_loss_weight, num_items=num_items,
+                                 token_loss_weight=hc.token_loss_weight, feature_noise=hc.feature_noise,
+                                 vocab_ids=vocab_ids, exclude_out_of_vocab=hc.exclude_out_of_vocab)
 
-            run = train(TTTUnroll(head) if eagle3 else head, dataset, loss_fn, collate=collate, count_items=count_items, train_cfg=cfg.train,
-                        optim_cfg=cfg.optim, out_dir=run_dir, accelerator=accelerator, desc=stage, stop_at=stop_at,
-                        progress=progress)
+            meta = {"stage": stage, "loss": loss_cfg.kind, "k": loss_cfg.k, "divergence": loss_cfg.divergence,
+                    "budget": cfg.loss.budget if stage == "adaspec" else None,
+                    "batch_size": stage_train.batch_size,
+                    "data": {**to_dict(cfg.data), "samples": len(train_set)},
+                    "reference": str(ref_path or out / "reference") if stage == "adaspec" else None}
+            evaluate = None
+            if cfg.train.eval_every:
+                evaluate = BestHeadKeeper(run_dir / "best", target, heldout, cfg.train.batch_size, pad_id,
+                                          token_counts, meta)
+            run = train(TTTUnroll(head) if eagle3 else head, dataset, loss_fn, collate=collate,
+                        count_items=count_items, train_cfg=stage_train, optim_cfg=cfg.optim, out_dir=run_dir,
+                        accelerator=accelerator, desc=stage, stop_at=stop_at, progress=progress, evaluate=evaluate)
             head = run.pop("model")
             head = head.head if eagle3 else head
             if run["steps"] < run["total_steps"]:  # stopped by stop_at: resumable, not complete
                 records[stage] = run
                 return {"train": records, "eval": evals, "stopped": True, "main": main}
             records[stage] = {k: run[k] for k in ("steps", "tokens", "seconds", "tokens_per_s", "losses",
-                                                  "budget_steps")}
+                                                  "budget_steps", "evals")}
+            records[stage]["batch_size"] = stage_train.batch_size
             if main:
-                meta = {"stage": stage, "loss": loss_cfg.kind, "k": loss_cfg.k, "divergence": loss_cfg.divergence,
-                        "steps": run["steps"], "tokens": run["tokens"],
-                        "data": {**to_dict(cfg.data), "samples": len(train_set)},
-                        "reference": str(ref_path or out / "reference") if stage == "adaspec" else None}
+                meta = {**meta, "steps": run["steps"], "tokens": run["tokens"]}
+                if evaluate is not None and evaluate.best is not None:  # the best held-out tau, not the last
+                    head = heads_mod.load_head(str(run_dir / "best"), target).to(accelerator.device)
+                    meta["selected"] = {"by": "held-out chain tau", **evaluate.best}
+                    records[stage]["selected"] = meta["selected"]
                 try:
                     heads_mod.save_head(head, head_dir, meta, token_counts=token_counts)
                 except OSError as e:  # disk full: save_head wrote into a temp folder, now deleted
@@ -510,9 +731,15 @@ def _run_pipeline(cfg: HeadRecipe, resume, overwrite, stop_at, progress, log, cl
         if stage == "reference":
             reference = trained
         if heldout:
-            evals[stage] = e = evaluate_head(trained, target, heldout, cfg.train.batch_size, pad_id)
+            from .speculative import DEFAULT_DRAFT_VOCAB
+
+            ids = None if eagle3 else restricted_vocab(trained, token_counts, DEFAULT_DRAFT_VOCAB)
+            evals[stage] = e = evaluate_head(trained, target, heldout, cfg.train.batch_size, pad_id,
+                                             chain=CHAIN_GAMMA, vocab_ids=ids)
+            depth = " / ".join(f"{a:.2f}" for a in e["chain"]["accept_by_depth"])
             main and log(f"stage {stage}: held-out top-1 agreement with the target {e['top1']:.2%} (KL {e['kl']:.3f}, "
-                f"{e['positions']} positions)")
+                f"{e['positions']} positions); chain of {CHAIN_GAMMA}: tau {e['chain']['tau']:.3f}, acceptance by "
+                f"depth {depth}")
     if main:
         summary = {"eval": evals, "train": {s: {k: v for k, v in r.items() if k != "losses"}
                                             for s, r in records.items()}}

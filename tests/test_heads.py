@@ -62,13 +62,15 @@ def inputs(target, head, T=9, B=2, seed=0):
 
 
 def test_state_dict_layouts():
-    _, h1 = make("eagle1")
+    _, h1 = make("eagle1", fc_bias=True)
     assert {k: tuple(v.shape) for k, v in h1.state_dict().items()} == EAGLE1_KEYS
     _, h3 = make("eagle3")
     assert {k: tuple(v.shape) for k, v in h3.state_dict().items()} == eagle3_keys(40)
     assert h3.d2t.dtype == torch.int64 and h3.t2d.dtype == torch.bool
     _, nobias = make("eagle1", fc_bias=False)
     assert "fc.bias" not in nobias.state_dict()
+    _, default = make("eagle1")  # new heads have no fc bias (vLLM's EAGLE-1 layout has none)
+    assert set(default.state_dict()) == set(EAGLE1_KEYS) - {"fc.bias"}
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -315,4 +317,4 @@ def test_deepcopy_shares_target_and_accelerate_prepare():
     loss = prepared(hin[:, :-1], ids[:, 1:]).pow(2).mean()
     loss.backward()
     opt.step()
-    assert set(prepared.state_dict()) == set(EAGLE1_KEYS)
+    assert set(prepared.state_dict()) == set(EAGLE1_KEYS) - {"fc.bias"}

@@ -173,4 +173,8 @@ def test_train_head_self_distill_end_to_end(tmp_path, monkeypatch):
     assert manifest  # features were cached from these samples
     calls.clear()  # a rerun finds every answer cached and every stage complete
     again = run_pipeline(cfg, **quiet)
-    assert calls == [] and all(again["eval"][k] == pytest.approx(v) for k, v in result["eval"].items())
+    assert calls == []
+    for stage, e in result["eval"].items():  # the same heads, evaluated again: the same numbers
+        assert {k: v for k, v in again["eval"][stage].items() if k != "chain"} == pytest.approx(
+            {k: v for k, v in e.items() if k != "chain"})
+        assert again["eval"][stage]["chain"]["tau"] == pytest.approx(e["chain"]["tau"])

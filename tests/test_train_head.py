@@ -400,4 +400,7 @@ def test_pipeline_resume_after_stop(tmp_path):
     assert cut["stopped"] and not (tmp_path / "cut" / "reference").exists()
     resumed = run_pipeline(cfg(tmp_path / "cut"), **quiet)
     assert resumed["train"]["reference"]["losses"] == pytest.approx(full["train"]["reference"]["losses"], abs=1e-6)
+    chain, chain_full = resumed["eval"]["reference"].pop("chain"), full["eval"]["reference"].pop("chain")
     assert resumed["eval"]["reference"] == pytest.approx(full["eval"]["reference"])
+    assert chain["chains"] == chain_full["chains"] and chain["tau"] == pytest.approx(chain_full["tau"])
+    assert chain["accept_by_depth"] == pytest.approx(chain_full["accept_by_depth"])
