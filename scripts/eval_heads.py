@@ -30,16 +30,17 @@ from adaspec_eagle.speculative import DEFAULT_DRAFT_VOCAB
 from adaspec_eagle.train_head import CHAIN_GAMMA, evaluate_head, restricted_vocab
 
 
-def answered_examples(cfg: DataConfig, tokenizer, path: str) -> list:
-    """The data's examples with the cache's answers in place (None where an example has none)."""
-    examples, _ = load_examples(cfg, tokenizer.eos_token or "")
+def answered_examples(cfg: DataConfig, tokenizer, path: str):
+    """(examples, SourceInfo) of the data with the cache's answers in place (None where an example has none), as
+    `data.build_dataset(..., examples=...)` takes them."""
+    examples, source = load_examples(cfg, tokenizer.eos_token or "")
     opener = lzma.open if path.endswith(".xz") else open
     with opener(path, "rt", encoding="utf-8") as f:
         records = [json.loads(line) for line in f][1:]
     out = [None] * len(examples)
     for rec in records:
         out[rec["index"]] = with_answer(examples[rec["index"]], rec["answer"], tokenizer.eos_token or "")
-    return out
+    return out, source
 
 
 def main() -> int:
@@ -59,8 +60,8 @@ def main() -> int:
     cfg = DataConfig(dataset=a.dataset, max_length=a.max_length, holdout=a.holdout, seed=a.seed)
     examples = answered_examples(cfg, tok, a.answers) if a.answers else None
     if examples is not None:  # only held-out examples are needed; the rest stays unanswered (skipped)
-        held_idx = set(split_order(len(examples), a.holdout, a.seed)[0])
-        examples = [e if i in held_idx else None for i, e in enumerate(examples)]
+        held_idx = set(split_order(len(examples[0]), a.holdout, a.seed)[0])
+        examples = ([e if i in held_idx else None for i, e in enumerate(examples[0])], examples[1])
     held = build_dataset(cfg, tok, "heldout", examples)
     held = list(held)[: a.limit] if a.limit else list(held)
     pad = tok.pad_token_id or 0

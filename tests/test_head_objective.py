@@ -265,3 +265,51 @@ def test_trained_head_chain_metrics_are_consistent():
     assert len(depth) == 3 and all(0.0 <= a <= 1.0 for a in depth)
     assert 1.0 <= e["chain"]["tau"] <= 1.0 + depth[0] + 1e-9 + depth[0] * depth[1] * 2  # bounded by the rates
     assert e["chain"]["chains"] > 0
+
+
+def test_eval_every_keeps_the_head_with_the_best_heldout_tau(tmp_path, monkeypatch):
+    """The stage's saved head is the evaluation with the best chain tau, not the last one (faked scores)."""
+    import json as _json
+    from pathlib import Path
+
+    from adaspec_eagle import train_head
+    from adaspec_eagle.config import load_recipe
+    from adaspec_eagle.heads import load_head
+
+    scores = iter([1.2, 1.9, 1.5, 1.1, 1.3, 1.6, 1.0, 1.0])  # reference: best at its 2nd evaluation (step 2)
+    real = train_head.evaluate_head
+
+    def fake(head, target, heldout, *args, **kw):
+        out = real(head, target, heldout, *args, **kw)
+        if kw.get("chain"):
+            out["chain"]["tau"] = next(scores)
+        return out
+
+    monkeypatch.setattr(train_head, "evaluate_head", fake)
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "heads" / "tiny.yaml")
+    cfg = load_recipe(HeadRecipe, recipe, [f"output_dir={tmp_path}", "train.max_steps=4", "train.eval_every=1",
+                                           "stage=reference"])
+    result = train_head.run_pipeline(cfg, progress=False, log=lambda m: None)
+    record = result["train"]["reference"]
+    assert [e["step"] for e in record["evals"]] == [1, 2, 3, 4]
+    assert record["selected"]["step"] == 2 and record["selected"]["tau"] == 1.9
+    saved = _json.loads((tmp_path / "reference" / "config.json").read_text())["adaspec"]["meta"]
+    assert saved["selected"]["step"] == 2 and saved["steps"] == 4
+    best = load_head(str(tmp_path / "runs" / "reference" / "best"), train_head.load_target(cfg.target)[0])
+    kept = load_head(str(tmp_path / "reference"), train_head.load_target(cfg.target)[0])
+    for (name, a), (_, b) in zip(best.state_dict().items(), kept.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_eval_every_without_a_heldout_split_is_refused(tmp_path):
+    from pathlib import Path
+
+    from adaspec_eagle import AdaspecError
+    from adaspec_eagle.config import load_recipe
+    from adaspec_eagle.train_head import run_pipeline
+
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "heads" / "tiny.yaml")
+    cfg = load_recipe(HeadRecipe, recipe, [f"output_dir={tmp_path / 'o'}", "train.eval_every=2", "data.holdout=0"])
+    with pytest.raises(AdaspecError, match="data.holdout"):
+        run_pipeline(cfg, progress=False, log=lambda m: None)
+    assert not (tmp_path / "o" / "reference").exists()

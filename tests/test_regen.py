@@ -178,3 +178,34 @@ def test_train_head_self_distill_end_to_end(tmp_path, monkeypatch):
         assert {k: v for k, v in again["eval"][stage].items() if k != "chain"} == pytest.approx(
             {k: v for k, v in e.items() if k != "chain"})
         assert again["eval"][stage]["chain"]["tau"] == pytest.approx(e["chain"]["tau"])
+
+
+def test_answer_tokens_caps_each_answer_and_is_part_of_the_cache_key(tiny, tmp_path):
+    model, tok = tiny
+    path = tmp_path / "r.jsonl"
+    capped, stats = regen.regenerate(model, tok, EXAMPLES, [0, 4], path, max_length=72, batch_size=2,
+                                     progress=False, answer_tokens=5)
+    for i, ex in capped.items():
+        ids = regen.prompt_ids(tok, EXAMPLES[i])
+        want, _ = greedy_reference(model, ids, 5)
+        assert tok(ex["messages"][-1]["content"], add_special_tokens=False)["input_ids"] == want  # the first 5
+    assert stats["new_tokens"] == 10
+    longer, stats = regen.regenerate(model, tok, EXAMPLES, [0, 4], path, max_length=72, batch_size=2,
+                                     progress=False, answer_tokens=8)
+    assert stats["generated"] == 2 and stats["new_tokens"] == 16  # another cap: answered again, not reused
+
+
+def test_regen_batch_size_sets_the_generate_batches(tmp_path, monkeypatch):
+    from adaspec_eagle.train_head import load_samples
+
+    model, tok = load_model("tiny-llama")
+    rows = count_generate(model, monkeypatch)
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                      {"role": "assistant", "content": "a"}]}) + "\n"
+                             for i in range(7)))
+    cfg = load_recipe(HeadRecipe, TINY, [f"output_dir={tmp_path / 'out'}", f"data.dataset={chats}",
+                                         "data.self_distill=true", "data.regen_batch_size=3", "data.holdout=1",
+                                         "data.answer_tokens=4", "train.batch_size=1"])
+    train, held = load_samples(cfg, tok, model, progress=False, log=lambda m: None)
+    assert rows == [3, 3, 1] and len(train) == 6 and len(held) == 1
