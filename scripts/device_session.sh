@@ -5,7 +5,8 @@
 #   .dev/c1/         gguf.part-a        (first 56 MiB of the bundled SmolLM2 GGUF)
 #   .dev/c2/         gguf.part-b, sharegpt-smollm2-1024.safetensors.xz (`data-tokenize`), sharegpt-heldout.jsonl
 # Call 1 (carry .whl .dev/c1):  bash scripts/device_session.sh part1   -- step costs at phi-2 shape, ZeRO/FSDP
-# Call 2 (carry .dev/c2):       bash scripts/device_session.sh part2   -- SmolLM2 heads trained, then benched
+# Call 2 (carry .dev/c2):       bash scripts/device_session.sh part2   -- the heads of an earlier recipe; the
+#                               current heads come from scripts/device_heads.sh (recipe at 0d3b9e4 for this one)
 # Call 3 (carry .whl, a second lease): bash scripts/device_session.sh part3  -- what part1 left unmeasured
 # Rehearse on a CPU machine with the device's package versions first (it caught three faults before the lease):
 #   DRY_RUN=1 SHAPE=smollm2-135m TRAIN_ARGS="--batch 1 --length 128" OUT=/tmp/dry bash scripts/device_session.sh part1

@@ -77,7 +77,7 @@ def main() -> int:
         "ShareGPT prompts).",
         f"- **Budget:** {record['steps']} steps of {record['batch_size']} sequences "
         f"({record['tokens']:,} tokens, {record['seconds']:.0f} s at {record['tokens_per_s']:,.0f} tok/s) on "
-        f"{a.trained_on}, {tr['precision']}, AdamW lr {opt['lr']:g} ({opt['schedule']}, {opt['warmup_steps']} "
+        f"{a.trained_on}, {tr['precision']}, AdamW lr {float(opt['lr']):g} ({opt['schedule']}, {opt['warmup_steps']} "
         f"warm-up steps); the reference stage was capped at {tr.get('max_minutes')} minutes "
         "(`train.max_minutes`)" + (", the AdaSPEC stage ran the same steps." if a.stage == "adaspec" else ".")
         + (f" Kept: the checkpoint of step {sel['step']} (best held-out chain tau among evaluations every "

@@ -1,0 +1,116 @@
+"""The README's head-experiment table, generated from the runs' own records (nothing typed by hand):
+scripts/gpu_heads.py's results.json (training budget, held-out evaluations on the GPU), scripts/eval_heads.py's
+JSON lines (held-out evaluation on this CPU) and `adaspec-eagle bench` records (tau and speedup per suite).
+
+    python scripts/heads_table.py --results runs/gpu1/results.json --eval runs/eval/heads.jsonl \
+        --bench runs/bench-heads-auto --bench32 runs/bench-heads-32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+# (row label, run, stage, bench drafter name, eval key) in table order
+ROWS = [
+    ("KD, shipped before (original answers)", None, None, "old-kd", "heads/smollm2-135m-kd"),
+    ("AdaSPEC, shipped before (equal steps)", None, None, "old-adaspec", "heads/smollm2-135m-adaspec"),
+    ("KD, seed 0", "s0", "reference", "kd-s0", "runs/gpu1/heads/s0-reference"),
+    ("AdaSPEC k=0.4 equal tokens, seed 0", "s0", "adaspec", "adaspec-s0", "runs/gpu1/heads/s0-adaspec"),
+    ("KD, seed 1", "s1", "reference", "kd-s1", "runs/gpu1/heads/s1-reference"),
+    ("AdaSPEC k=0.4 equal tokens, seed 1", "s1", "adaspec", "adaspec-s1", "runs/gpu1/heads/s1-adaspec"),
+    ("AdaSPEC k=0.4 equal steps, seed 0", "s0-equal-steps", "adaspec", None, None),
+    ("KD, old objective (1.0 KL + 0.1 feature, no noise), seed 0", "s0-old-objective", "reference", None, None),
+]
+
+
+def bench_cell(record: dict | None, name: str | None, key: str) -> str:
+    if record is None or name is None:
+        return "—"
+    cells = []
+    for suite in ("sharegpt", "humaneval"):
+        res = record["results"].get(suite, {}).get(name)
+        if not res or res.get(key) is None:
+            cells.append("—")
+            continue
+        value = res[key]
+        value = value["median"] if isinstance(value, dict) else value
+        cells.append(f"{value:.2f}")
+    return " / ".join(cells)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", required=True)
+    p.add_argument("--eval", required=True)
+    p.add_argument("--bench")
+    p.add_argument("--bench32")
+    a = p.parse_args()
+    runs = json.loads(Path(a.results).read_text())["runs"]
+    evals = {json.loads(line)["head"]: json.loads(line) for line in Path(a.eval).read_text().splitlines()}
+    bench = json.loads((Path(a.bench) / "bench.json").read_text()) if a.bench else None
+    bench32 = json.loads((Path(a.bench32) / "bench.json").read_text()) if a.bench32 else None
+    print("| head | steps x batch (tokens) | held-out top-1 | chain tau (gamma 4) | acceptance by depth 1/2/3/4 "
+          "| tau, tuned tree (ShareGPT / HumanEval) | speedup, tuned tree | tau, 32-token tree | speedup, 32-token tree |")
+    print("|---|---:|---:|---:|---|---:|---:|---:|---:|")
+    for label, run, stage, drafter, key in ROWS:
+        if run is not None and run not in runs:
+            continue
+        budget = "—"
+        if run is not None:
+            t = runs[run]["train"][stage]
+            budget = f"{t['steps']} x {t['batch_size']} ({t['tokens'] / 1e6:.1f}M)"
+        if key in evals:
+            e = evals[key]
+            top1, tau, depth, mark = e["top1"], e["chain_tau"], e["accept_by_depth"], ""
+        else:  # no head came back from the GPU: its own held-out evaluation there (bf16 target)
+            e = runs[run]["eval"][stage]
+            top1, tau, depth, mark = e["top1"], e["chain"]["tau"], e["chain"]["accept_by_depth"], " (GPU)"
+        print(f"| {label} | {budget} | {top1:.1%}{mark} | {tau:.3f}{mark} | {' / '.join(f'{x:.2f}' for x in depth)} "
+              f"| {bench_cell(bench, drafter, 'tau')} | {bench_cell(bench, drafter, 'speedup')} "
+              f"| {bench_cell(bench32, drafter, 'tau')} | {bench_cell(bench32, drafter, 'speedup')} |")
+    # the objectives at equal steps, from the held-out evaluations during training (GPU, bf16 target)
+    curves = [(label, run, stage) for label, run, stage in (("EAGLE-1 objective, seed 0", "s0", "reference"),
+                                                             ("EAGLE-1 objective, seed 1", "s1", "reference"),
+                                                             ("old objective, seed 0", "s0-old-objective",
+                                                              "reference")) if run in runs]
+    steps = sorted({e["step"] for _, r, s in curves for e in runs[r]["train"][s]["evals"] if e["step"] % 150 == 0})
+    print()
+    print("| KD head: held-out top-1 / chain tau at step | " + " | ".join(str(x) for x in steps) + " |")
+    print("|---|" + "---:|" * len(steps))
+    for label, run, stage in curves:
+        at = {e["step"]: e for e in runs[run]["train"][stage]["evals"]}
+        print(f"| {label} | " + " | ".join(f"{at[x]['top1']:.1%} / {at[x]['tau']:.3f}" if x in at else "—"
+                                            for x in steps) + " |")
+    # AdaSPEC - KD per seed (same run, same steps)
+    print()
+    diffs = {"top-1 (points)": [], "chain tau": []}
+    for seed in ("s0", "s1"):
+        if seed not in runs:
+            continue
+        kd, ada = (evals[f"runs/gpu1/heads/{seed}-{s}"] for s in ("reference", "adaspec"))
+        diffs["top-1 (points)"].append(100 * (ada["top1"] - kd["top1"]))
+        diffs["chain tau"].append(ada["chain_tau"] - kd["chain_tau"])
+    for what, values in diffs.items():
+        if values:
+            spread = f", spread {max(values) - min(values):.3f}" if len(values) > 1 else ""
+            print(f"- AdaSPEC - KD, {what}: " + ", ".join(f"{v:+.3f}" for v in values)
+                  + f" (mean {statistics.mean(values):+.3f}{spread})")
+    for name, rec in (("tuned tree", bench), ("32-token tree", bench32)):
+        if rec is None:
+            continue
+        for suite in ("sharegpt", "humaneval"):
+            values = []
+            for seed in ("s0", "s1"):
+                r = rec["results"].get(suite, {})
+                if f"adaspec-{seed}" in r and f"kd-{seed}" in r:
+                    values.append(r[f"adaspec-{seed}"]["tau"] - r[f"kd-{seed}"]["tau"])
+            if values:
+                print(f"- AdaSPEC - KD, bench tau ({name}, {suite}): " + ", ".join(f"{v:+.3f}" for v in values))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
