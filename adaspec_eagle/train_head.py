@@ -160,7 +160,7 @@ def head_loss(head, batch: dict, *, target, loss_cfg: LossConfig, reference=None
             ref = lm_head(ref_h.to(dtype))[None] if ref_h is not None else None
         student = getattr(head, "module", head).logits(h_v[None])  # (1, N, V); .module: a DDP/DeepSpeed wrapper
         loss, stats = adaspec_loss(student, teacher, ref, in_vocab[None], loss_cfg, num_items=num_items)
-        kept = in_vocab if loss_cfg.kind == "kd" else None
+        kept = None  # (the selection is not returned on this path: the feature loss covers every valid position)
     else:
         w = lm_head.weight if vocab_ids is None else lm_head.weight[vocab_ids]  # (V or Vd, H)
         b = getattr(lm_head, "bias", None)
@@ -173,10 +173,8 @@ def head_loss(head, batch: dict, *, target, loss_cfg: LossConfig, reference=None
         kept[stats.pop("kept_index")] = True
     loss = token_loss_weight * loss
     if feature_loss_weight > 0 and h_v.shape[0] > 0:
-        if kept is None:  # (ZeRO-3 AdaSPEC: the selection is not returned; every valid position)
+        if kept is None or loss_cfg.kind == "kd":  # KD: every position's feature, in the vocabulary or not
             kept = torch.ones_like(in_vocab)
-        if loss_cfg.kind == "kd":
-            kept = torch.ones_like(in_vocab)  # KD trains every position's feature, in the vocabulary or not
         per_pos = F.smooth_l1_loss(h_v.float(), f_next, reduction="none").mean(-1)  # (N,)
         denom = (num_items or per_pos.shape[0]) if loss_cfg.reduction == "num_items" else max(int(kept.sum()), 1)
         loss = loss + feature_loss_weight * (per_pos * kept).sum() / denom
@@ -304,12 +302,14 @@ def _argmax_rows(hidden: torch.Tensor, lm_head, ids=None, chunk: int = 1024) -> 
     return out
 
 
-def chain_acceptance(draft: torch.Tensor, greedy: torch.Tensor, input_ids: torch.Tensor, start: torch.Tensor):
+def chain_acceptance(draft: torch.Tensor, greedy: torch.Tensor, input_ids: torch.Tensor, start: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None):
     """Accepted draft tokens of greedy chains (teacher-forced, EAGLE decoding semantics).
 
     draft: (gamma, B, T-1) the head's chain token at step j from head position t (a guess for x_{t+2+j});
     greedy: (B, T) the target's argmax after each prefix (greedy[:, s] is its next token after x_0..x_s);
-    input_ids: (B, T); start: (B, T-1) bool, the head positions where a chain starts.
+    input_ids: (B, T); start: (B, T-1) bool, the head positions where a chain starts; attention_mask (B, T):
+    padding never counts as text the target followed.
     A chain from t starts where x_{t+1} is the target's own token (greedy[t]); step j is accepted when every
     earlier step was, the text followed the target there (x_{t+1+j} == greedy[t+j]) and draft j equals
     greedy[t+1+j]. Positions whose chain runs past T count as rejected there.
@@ -326,6 +326,8 @@ def chain_acceptance(draft: torch.Tensor, greedy: torch.Tensor, input_ids: torch
     accepted, reached = [], []
     for j in range(gamma):
         on_path = shifted(input_ids, 1 + j) == shifted(greedy, j)  # x_{t+1+j} is the target's token
+        if attention_mask is not None:
+            on_path = on_path & (shifted(attention_mask.long(), 1 + j) == 1)
         alive = alive & on_path
         reached.append(alive)
         ok = alive & (draft[j] == shifted(greedy, 1 + j)) & (shifted(greedy, 1 + j) >= 0)
@@ -388,7 +390,7 @@ def evaluate_head(head, target, heldout, batch_size: int = 8, pad_id: int = 0, c
                     draft[j][valid] = logits.argmax(-1) if ids is None else ids[logits[:, ids].argmax(-1)]
                 else:
                     draft[j][valid] = _argmax_rows(h[valid], lm_head, ids)
-            accepted, reached = chain_acceptance(draft, greedy, batch["input_ids"], valid)
+            accepted, reached = chain_acceptance(draft, greedy, batch["input_ids"], valid, batch["attention_mask"])
             acc_sum += accepted.sum((1, 2)).double().cpu()
             reach_sum += reached.sum((1, 2)).double().cpu()
     out = {"top1": hits / max(total, 1), "kl": kl_sum / max(total, 1), "positions": total}
@@ -453,7 +455,7 @@ def run_key(cfg: HeadRecipe, stage: str) -> dict:
     for key in ("stage", "reference", "output_dir"):
         d.pop(key)
     if stage != "adaspec":  # KD stages ignore the selection settings
-        for key in ("kind", "k", "scope"):
+        for key in ("kind", "k", "scope", "budget"):
             d["loss"].pop(key)
     return d
 
@@ -515,14 +517,22 @@ def reference_steps(records: dict, reference) -> int | None:
 class BestHeadKeeper:
     """The loop's `evaluate` hook for a head stage: held-out chain acceptance (`evaluate_head`, gamma =
     CHAIN_GAMMA, drafting over the engine's default restricted vocabulary when the head has token counts), and
-    the head with the best chain tau so far saved to `folder` (with best.json; both survive a resume)."""
+    the head with the best chain tau so far saved to `folder` (atomically, its scores in its own meta).
 
-    def __init__(self, folder, target, heldout, batch_size, pad_id, token_counts, meta):
+    Resume: a kept head from a step later than the checkpoint the stage resumes from belongs to a trajectory that
+    was lost with the run; it is discarded (`resume_step`: the resumed checkpoint's step, 0 for a fresh start)."""
+
+    def __init__(self, folder, target, heldout, batch_size, pad_id, token_counts, meta, resume_step: int = 0):
         self.folder, self.target, self.heldout = Path(folder), target, heldout
         self.batch_size, self.pad_id, self.token_counts, self.meta = batch_size, pad_id, token_counts, meta
-        record = self.folder.parent / "best.json"
-        self.best = json.loads(record.read_text()) if record.is_file() and (self.folder / "config.json").is_file() \
-            else None
+        self.best = None
+        saved = self.folder / "config.json"
+        if saved.is_file():
+            best = json.loads(saved.read_text()).get("adaspec", {}).get("meta", {}).get("best")
+            if best and 0 < best["step"] <= resume_step:
+                self.best = best
+            else:
+                shutil.rmtree(self.folder, ignore_errors=True)
 
     def __call__(self, model, step: int) -> dict:
         from . import heads as heads_mod
@@ -537,13 +547,23 @@ class BestHeadKeeper:
         rank = (record["tau"], record["top1"], -record["kl"])  # ties (e.g. early, all-rejecting heads): top-1, KL
         if self.best is None or rank > (self.best["tau"], self.best["top1"], -self.best["kl"]):
             self.best = {"step": step, **record}
-            heads_mod.save_head(head, self.folder, {**self.meta, "steps": step, "selected_at": step},
-                                token_counts=self.token_counts)
-            tmp = self.folder.parent / "best.json.tmp"
-            tmp.write_text(json.dumps(self.best))
-            os.replace(tmp, self.folder.parent / "best.json")
+            heads_mod.save_head(head, self.folder, {**self.meta, "steps": step, "best": self.best},
+                                token_counts=self.token_counts)  # atomic: weights and scores together
         return {k: v for k, v in record.items() if k != "accept_by_depth"} | {
             f"accept_depth{j + 1}": a for j, a in enumerate(record["accept_by_depth"])}
+
+
+def resumed_step(run_dir: Path) -> int:
+    """The step of the checkpoint a stage in `run_dir` resumes from (0: none)."""
+    from .train import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    if ckpt is None:
+        return 0
+    try:
+        return int(json.loads((ckpt / "trainer_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 def run_pipeline(cfg: HeadRecipe, resume: bool = False, overwrite: bool = False, stop_at: int | None = None,
@@ -595,6 +615,13 @@ def _run_pipeline(cfg: HeadRecipe, resume, overwrite, stop_at, progress, log, cl
     train_set, heldout = load_samples(cfg, tokenizer, target, accelerator, fresh=overwrite, progress=progress,
                                       log=log if accelerator.is_main_process else (lambda m: None))
     check_samples_fit([*train_set, *heldout], target, f"target {cfg.target}")
+    sharded = accelerator.num_processes > 1 and _is_partitioned(target.get_output_embeddings())
+    if sharded and cfg.train.eval_every:  # the main process alone would gather shards: a collective others skip
+        raise AdaspecError("train.eval_every under multi-process ZeRO-3 is not supported (the held-out evaluation "
+                           "runs on the main process alone); drop it, or use a DDP / ZeRO-2 config.")
+    if _is_partitioned(target.get_output_embeddings()) and cfg.head.train_vocab_size and cfg.head.kind == "eagle1":
+        raise AdaspecError("head.train_vocab_size under DeepSpeed ZeRO-3 is not supported (the lm_head weight is a "
+                           "shard); set head.train_vocab_size=0 or use a DDP / ZeRO-2 config.")
     if cfg.train.eval_every and not heldout:
         raise AdaspecError("train.eval_every selects heads by held-out acceptance but data.holdout=0; set "
                            "data.holdout (e.g. 64) or drop train.eval_every.")
@@ -698,9 +725,9 @@ def _run_pipeline(cfg: HeadRecipe, resume, overwrite, stop_at, progress, log, cl
                     "data": {**to_dict(cfg.data), "samples": len(train_set)},
                     "reference": str(ref_path or out / "reference") if stage == "adaspec" else None}
             evaluate = None
-            if cfg.train.eval_every:
+            if cfg.train.eval_every and main:  # (the loop evaluates on the main process only)
                 evaluate = BestHeadKeeper(run_dir / "best", target, heldout, cfg.train.batch_size, pad_id,
-                                          token_counts, meta)
+                                          token_counts, meta, resume_step=resumed_step(run_dir))
             run = train(TTTUnroll(head) if eagle3 else head, dataset, loss_fn, collate=collate,
                         count_items=count_items, train_cfg=stage_train, optim_cfg=cfg.optim, out_dir=run_dir,
                         accelerator=accelerator, desc=stage, stop_at=stop_at, progress=progress, evaluate=evaluate)

@@ -148,14 +148,18 @@ def test_eagle3_leaves_out_positions_whose_target_is_outside_the_draft_vocabular
     head = build_head(target, HeadConfig(kind="eagle3", draft_vocab_size=40), token_counts=counts)
     batch = pad_batch(samples(4, T=20, seed=2), 0)
     cfg = LossConfig(kind="kd")
-    kept, stats_in = eagle3_loss(TTTUnroll(head), batch, target=target, loss_cfg=cfg, steps=1, decay=1.0)
-    allp, stats_all = eagle3_loss(TTTUnroll(head), batch, target=target, loss_cfg=cfg, steps=1, decay=1.0,
+    kept, stats_in = eagle3_loss(TTTUnroll(head), batch, target=target, loss_cfg=cfg, steps=3, decay=1.0)
+    allp, stats_all = eagle3_loss(TTTUnroll(head), batch, target=target, loss_cfg=cfg, steps=3, decay=1.0,
                                   exclude_out_of_vocab=False)
-    valid = head_valid_mask(batch["loss_mask"], batch["attention_mask"])
-    labels = F.pad(batch["input_ids"][:, 2:], (0, 1))[valid]
-    assert stats_all["valid"] == valid.sum()
-    assert stats_in["valid"] == int(head.t2d[labels].sum()) < stats_all["valid"]
-    assert float(kept) < float(allp)
+    n_all = n_in = 0
+    for j in range(3):  # unroll step j predicts x_{t+2+j}
+        valid = head_valid_mask(batch["loss_mask"], batch["attention_mask"], j)
+        labels = F.pad(batch["input_ids"][:, 2 + j:], (0, 1 + j))[:, :valid.shape[1]][valid]
+        n_all += int(valid.sum())
+        n_in += int(head.t2d[labels].sum())
+    assert stats_all["valid"] == n_all
+    assert stats_in["valid"] == n_in < n_all
+    assert float(kept.detach()) < float(allp.detach())
 
 
 def test_equal_tokens_budget_arithmetic():
@@ -181,12 +185,39 @@ def test_equal_tokens_gives_the_same_steps_and_kept_tokens(tmp_path):
     from pathlib import Path
 
     recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "heads" / "tiny.yaml")
-    cfg = load_recipe(HeadRecipe, recipe, [f"output_dir={tmp_path}", "loss.k=0.5", "train.max_steps=3",
-                                           "train.batch_size=2"])
+    cfg = load_recipe(HeadRecipe, recipe, [f"output_dir={tmp_path}", "loss.k=0.3", "train.max_steps=null",
+                                           "train.epochs=1", "train.batch_size=2", "data.num_samples=9"])
     result = run_pipeline(cfg, progress=False, log=lambda m: None)
     ref, ada = result["train"]["reference"], result["train"]["adaspec"]
-    assert ref["steps"] == ada["steps"] == 3
-    assert (ref["batch_size"], ada["batch_size"]) == (2, 4)
+    # reference: ceil(9 / 2) = 5 steps. AdaSPEC at batch round(2 / 0.3) = 7 and 1 * 7 / 2 = 3.5 epochs would run
+    # ceil(3.5 * ceil(9 / 7)) = 7 steps by its own epochs; it runs the reference's 5, each on 7 sequences
+    assert ref["steps"] == ada["steps"] == 5
+    assert (ref["batch_size"], ada["batch_size"]) == (2, 7)
+    import json as _json
+    saved = _json.loads((tmp_path / "adaspec" / "config.json").read_text())["adaspec"]["meta"]
+    assert saved["budget"] == "equal_tokens" and saved["batch_size"] == 7 and saved["steps"] == 5
+
+
+def test_adaspec_stage_takes_the_reference_step_count_when_the_reference_is_time_capped(tmp_path, monkeypatch):
+    from adaspec_eagle import train_head
+    from adaspec_eagle.config import load_recipe
+    from pathlib import Path
+
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "heads" / "tiny.yaml")
+    cfg = load_recipe(HeadRecipe, recipe, [f"output_dir={tmp_path}", "train.max_steps=null", "train.epochs=3",
+                                           "train.batch_size=2", "data.num_samples=8"])
+    real = train_head.stage_budget
+    seen = {}
+
+    def capped(cfg, stage, ref_steps):  # the reference stops early, as a time cap would stop it
+        out = real(cfg, stage, ref_steps)
+        seen[stage] = (ref_steps, out.max_steps)
+        return dataclasses.replace(out, max_steps=5) if stage == "reference" else out
+
+    monkeypatch.setattr(train_head, "stage_budget", capped)
+    result = train_head.run_pipeline(cfg, progress=False, log=lambda m: None)
+    assert result["train"]["reference"]["steps"] == 5
+    assert seen["adaspec"] == (5, 5) and result["train"]["adaspec"]["steps"] == 5
 
 
 def test_chain_acceptance_by_hand():
@@ -331,3 +362,65 @@ def test_cpu_bf16_autocast_head_loss_stays_close_to_fp32():
     for name in g32:
         cos = F.cosine_similarity(g16[name].flatten(), g32[name].flatten(), dim=0)
         assert cos > 0.99, name
+
+
+def test_feature_loss_regresses_the_clean_next_feature_from_noisy_inputs():
+    target, head, batch = setup()
+    kd = LossConfig(kind="kd")
+    torch.manual_seed(7)
+    loss, _ = head_loss(head, batch, target=target, loss_cfg=kd, feature_loss_weight=1.0, token_loss_weight=1e-9,
+                        feature_noise=0.5)
+    feats = target_forward_features(target, batch["input_ids"], batch["attention_mask"])["features"]
+    valid = head_valid_mask(batch["loss_mask"], batch["attention_mask"])
+    torch.manual_seed(7)
+    noisy = feats + (torch.rand_like(feats) - 0.5) * 0.5
+    hidden = head_forward(head, noisy, batch["input_ids"])[valid]
+    want = F.smooth_l1_loss(hidden, feats[:, 1:][valid], reduction="none").mean(-1).sum() / valid.sum()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+
+
+def test_adaspec_with_a_restricted_vocabulary_trains_features_at_the_selected_rows():
+    """AdaSPEC + a vocabulary with gaps + the feature loss: the feature term covers exactly the selected rows."""
+    from adaspec_eagle.losses import quantile_threshold
+
+    target, head, batch = setup(n=6)
+    torch.manual_seed(3)
+    reference = build_head(target, HeadConfig())
+    ada = LossConfig(kind="adaspec", k=0.4)
+    ids = torch.arange(5, 60)
+    n_valid = float(head_valid_mask(batch["loss_mask"], batch["attention_mask"]).sum())
+    kw = dict(target=target, loss_cfg=ada, reference=reference, vocab_ids=ids, num_items=n_valid)
+    with_feat, _ = head_loss(head, batch, feature_loss_weight=1.0, **kw)
+    no_feat, stats = head_loss(head, batch, feature_loss_weight=0.0, **kw)
+    feats = target_forward_features(target, batch["input_ids"], batch["attention_mask"])["features"]
+    valid = head_valid_mask(batch["loss_mask"], batch["attention_mask"])
+    labels = F.pad(batch["input_ids"][:, 2:], (0, 1))[valid]
+    inside = (labels >= 5) & (labels < 60)
+    w = target.get_output_embeddings().weight[ids]
+    with torch.no_grad():
+        h = head_forward(head, feats, batch["input_ids"])[valid]
+        r = head_forward(reference, feats, batch["input_ids"])[valid]
+        lt = (feats[:, 1:][valid] @ w.T).log_softmax(-1)
+
+        def kl(x):
+            return (lt.exp() * (lt - (x @ w.T).log_softmax(-1))).sum(-1)
+
+        delta = (kl(h) - kl(r))[inside]
+        selected = delta >= quantile_threshold(delta, 0.4)
+        rows = inside.nonzero().squeeze(1)[selected]  # rows of the N valid positions
+        per = F.smooth_l1_loss(h, feats[:, 1:][valid], reduction="none").mean(-1)
+    assert int(stats["kept"]) == int(selected.sum()) and 0 < len(rows) < int(inside.sum())
+    torch.testing.assert_close((with_feat - no_feat).detach(), per[rows].sum() / n_valid, rtol=1e-4, atol=1e-6)
+
+
+def test_a_kept_head_from_a_lost_trajectory_is_dropped_on_resume(tmp_path):
+    from adaspec_eagle.heads import save_head
+    from adaspec_eagle.train_head import BestHeadKeeper
+
+    target, head, _ = setup()
+    folder = tmp_path / "best"
+    save_head(head, folder, {"best": {"step": 40, "tau": 2.0, "top1": 0.5, "kl": 1.0}})
+    keeper = BestHeadKeeper(folder, target, [], 4, 0, None, {}, resume_step=50)
+    assert keeper.best["step"] == 40  # from the checkpoint's own past: kept
+    keeper = BestHeadKeeper(folder, target, [], 4, 0, None, {}, resume_step=30)
+    assert keeper.best is None and not folder.exists()  # later than the resumed checkpoint: dropped
