@@ -41,13 +41,34 @@ def bench_cell(record: dict | None, name: str | None, key: str) -> str:
     return " / ".join(cells)
 
 
+def runs_table(path: str) -> None:
+    """Every run of a scripts/gpu_heads.py record: budget and held-out evaluation (of that run's own split)."""
+    runs = json.loads(Path(path).read_text())["runs"]
+    print("| run | stage | budget | k | steps x batch (tokens) | held-out top-1 | chain tau | acceptance by depth |")
+    print("|---|---|---|---:|---:|---:|---:|---|")
+    for name, run in runs.items():
+        for stage, t in run["train"].items():
+            e = run["eval"][stage]
+            k = "—" if stage == "reference" else next((o.split("=")[1] for o in run["overrides"]
+                                                       if o.startswith("loss.k=")), "0.4")
+            budget = "—" if stage == "reference" else ("equal_steps" if "loss.budget=equal_steps" in run["overrides"]
+                                                       else "equal_tokens")
+            print(f"| {name} | {'KD' if stage == 'reference' else 'AdaSPEC'} | {budget} | {k} | {t['steps']} x "
+                  f"{t['batch_size']} ({t['tokens'] / 1e3:.0f}k) | {e['top1']:.1%} | {e['chain']['tau']:.3f} | "
+                  + " / ".join(f"{x:.2f}" for x in e["chain"]["accept_by_depth"]) + " |")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--results", required=True)
-    p.add_argument("--eval", required=True)
+    p.add_argument("--results")
+    p.add_argument("--eval")
     p.add_argument("--bench")
     p.add_argument("--bench32")
+    p.add_argument("--runs", help="print only this gpu_heads.py record's runs table (e.g. the CPU sweep)")
     a = p.parse_args()
+    if a.runs:
+        runs_table(a.runs)
+        return 0
     runs = json.loads(Path(a.results).read_text())["runs"]
     evals = {json.loads(line)["head"]: json.loads(line) for line in Path(a.eval).read_text().splitlines()}
     bench = json.loads((Path(a.bench) / "bench.json").read_text()) if a.bench else None
