@@ -43,6 +43,8 @@ RUNS = [
     ("s0-k0.6", "draft", "s0", ["loss.k=0.6"]),
     ("s0-no-noise", "reference", None, ["head.feature_noise=0.0"]),
     ("s0-k0.2", "draft", "s0", ["loss.k=0.2"]),
+    ("s1-old-objective", "reference", None, ["head.token_loss_weight=1.0", "head.feature_loss_weight=0.1",
+                                             "head.feature_noise=0.0", "train.seed=1"]),
 ]
 EXPORT_HEADS = ["s0/reference", "s0/adaspec", "s1/reference", "s1/adaspec"]
 
