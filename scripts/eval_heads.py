@@ -3,7 +3,7 @@ recipes or machines are compared on the same positions: top-1, forward KL, and g
 by depth, and its tau), drafting over the engine's default restricted vocabulary where a head has token counts.
 
     OMP_NUM_THREADS=2 python scripts/eval_heads.py heads/smollm2-135m-kd heads/smollm2-135m-adaspec \
-        --answers runs/gpu1/answers.jsonl.xz --holdout 256 --max-length 512 --out runs/eval-heads.jsonl
+        --answers docs/records/heads/answers.jsonl.xz --holdout 256 --max-length 512 --out runs/eval-heads.jsonl
 
 --answers: a self-distillation answer cache (`regen.jsonl`, optionally .xz) whose held-out answers replace the
 conversations' own (the target's own text, what greedy decoding drafts against); without it the split is
