@@ -363,6 +363,14 @@ def build_draft_vocab(token_counts: torch.Tensor, draft_vocab_size: int,
     return d2t.to(torch.int64), t2d
 
 
+def frequent_ids(config, token_counts: torch.Tensor, size: int) -> torch.Tensor:
+    """(min(size, V),) int64 target ids, ascending: the `size` most frequent of `token_counts` plus the ids a
+    draft vocabulary always keeps (`always_drafted_ids(config)`). The EAGLE-1/2 restricted vocabulary, the same
+    for drafting (`speculative.HeadDrafter(draft_vocab=size)`) and training (`head.train_vocab_size`)."""
+    d2t, _ = build_draft_vocab(token_counts, size, always_drafted_ids(config))  # drops ids >= vocab
+    return torch.arange(d2t.numel()) + d2t
+
+
 def always_drafted_ids(config, generation_config=None, extra=()) -> list[int]:
     """The ids a draft vocabulary always keeps, whatever their frequency: the config's EOS / BOS / PAD, the
     generation config's EOS and `extra`."""

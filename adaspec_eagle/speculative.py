@@ -203,7 +203,7 @@ class HeadDrafter(Drafter):
         return None if self._weight is None else int(self._weight.shape[0])
 
     def _restrict(self, size: int) -> None:
-        from .heads import always_drafted_ids, build_draft_vocab
+        from .heads import frequent_ids
 
         lm_head = self.head.target_lm_head
         vocab = int(lm_head.weight.shape[0])
@@ -216,8 +216,7 @@ class HeadDrafter(Drafter):
             raise AdaspecError(f"draft_vocab={size} needs the head's training-token counts (token_counts.safetensors "
                                "in its folder, written by train-head); this head has none. Draft over the whole "
                                "vocabulary (--draft-vocab 0) or add them with heads.write_token_counts.")
-        d2t, _ = build_draft_vocab(counts, size, always_drafted_ids(self.head.config))  # drops ids >= vocab
-        self.vocab_ids, self.vocab_size = torch.arange(d2t.numel()) + d2t, vocab  # (size,) target ids, ascending
+        self.vocab_ids, self.vocab_size = frequent_ids(self.head.config, counts, size), vocab  # (size,) ascending
         rows = self.vocab_ids.to(lm_head.weight.device)
         dtype = fast_draft_dtype(lm_head.weight)
         self._weight = lm_head.weight.detach()[rows].to(dtype).contiguous()  # (size, H)

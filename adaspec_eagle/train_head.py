@@ -96,13 +96,12 @@ def restricted_vocab(head, token_counts, size: int) -> torch.Tensor | None:
     """(Vd,) int64 target ids of a restricted training vocabulary: the `size` most frequent trainable tokens
     plus the EOS / BOS / PAD ids, exactly the ids `speculative.HeadDrafter(draft_vocab=size)` drafts over.
     None when `size` is 0 or covers the whole vocabulary."""
-    from .heads import always_drafted_ids, build_draft_vocab
+    from .heads import frequent_ids
 
     counts = torch.as_tensor(token_counts)
     if size <= 0 or size >= counts.numel():
         return None
-    d2t, _ = build_draft_vocab(counts, size, always_drafted_ids(head.config))
-    return d2t + torch.arange(d2t.numel())
+    return frequent_ids(head.config, counts, size)
 
 
 def add_feature_noise(features: torch.Tensor, width: float) -> torch.Tensor:
@@ -525,7 +524,7 @@ class BestHeadKeeper:
     def __init__(self, folder, target, heldout, batch_size, pad_id, token_counts, meta, resume_step: int = 0):
         self.folder, self.target, self.heldout = Path(folder), target, heldout
         self.batch_size, self.pad_id, self.token_counts, self.meta = batch_size, pad_id, token_counts, meta
-        self.best = None
+        self.best, self.ids = None, False  # ids: the drafting vocabulary, found at the first evaluation
         saved = self.folder / "config.json"
         if saved.is_file():
             best = json.loads(saved.read_text()).get("adaspec", {}).get("meta", {}).get("best")
@@ -539,9 +538,10 @@ class BestHeadKeeper:
         from .speculative import DEFAULT_DRAFT_VOCAB
 
         head = model.head if isinstance(model, TTTUnroll) else model
-        ids = None if head.uses_fused else restricted_vocab(head, self.token_counts, DEFAULT_DRAFT_VOCAB)
+        if self.ids is False:  # the same for every evaluation of the stage
+            self.ids = None if head.uses_fused else restricted_vocab(head, self.token_counts, DEFAULT_DRAFT_VOCAB)
         e = evaluate_head(head, self.target, self.heldout, self.batch_size, self.pad_id, chain=CHAIN_GAMMA,
-                          vocab_ids=ids)
+                          vocab_ids=self.ids)
         record = {"top1": e["top1"], "kl": e["kl"], "tau": e["chain"]["tau"],
                   "accept_by_depth": e["chain"]["accept_by_depth"]}
         rank = (record["tau"], record["top1"], -record["kl"])  # ties (e.g. early, all-rejecting heads): top-1, KL
