@@ -259,6 +259,25 @@ def regenerate(target, tokenizer, examples: list[dict], indices, cache_path: str
     return results, stats
 
 
+def cached_answer_examples(cfg, tokenizer, cache_path: str | os.PathLike):
+    """(examples, SourceInfo) of `data.load_examples(cfg)` with the answers of an existing answer cache in place
+    (optionally .xz-compressed, e.g. one brought back from another machine), None where an example has none;
+    no target needed. The form `data.build_dataset(..., examples=...)` takes."""
+    import lzma
+
+    from .data import load_examples
+
+    eos = tokenizer.eos_token or ""
+    examples, source = load_examples(cfg, eos)
+    opener = lzma.open if str(cache_path).endswith(".xz") else open
+    with opener(cache_path, "rt", encoding="utf-8") as f:
+        records = [json.loads(line) for line in f][1:]  # (the first line is the header)
+    out = [None] * len(examples)
+    for rec in records:
+        out[rec["index"]] = with_answer(examples[rec["index"]], rec["answer"], eos)
+    return out, source
+
+
 def self_distill_examples(cfg, tokenizer, target, cache_path, *, batch_size: int = 8, progress: bool = True,
                           fresh: bool = False, log=None):
     """`data.load_examples(cfg)` with answers from the target, for `data.build_dataset(..., examples=...)`.

@@ -48,12 +48,9 @@ def samples_for(tok, n: int, max_length: int, answers: str | None):
     cfg = DataConfig(dataset="sharegpt", max_length=max_length, holdout=256, num_samples=n)
     examples = None
     if answers:
-        import importlib.util
+        from adaspec_eagle.regen import cached_answer_examples
 
-        spec = importlib.util.spec_from_file_location("eval_heads", Path(__file__).with_name("eval_heads.py"))
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        examples = mod.answered_examples(cfg, tok, answers)
+        examples = cached_answer_examples(cfg, tok, answers)
     return list(build_dataset(cfg, tok, "train", examples))[:n]
 
 

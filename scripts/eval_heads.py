@@ -14,33 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import lzma
 import tempfile
 from pathlib import Path
 
 import torch
 
 from adaspec_eagle.config import DataConfig
-from adaspec_eagle.data import build_dataset, load_examples, split_order
+from adaspec_eagle.data import build_dataset, split_order
 from adaspec_eagle.features import build_cache, open_cache
 from adaspec_eagle.heads import load_head
 from adaspec_eagle.models import load_model
-from adaspec_eagle.regen import with_answer
+from adaspec_eagle.regen import cached_answer_examples
 from adaspec_eagle.speculative import DEFAULT_DRAFT_VOCAB
 from adaspec_eagle.train_head import CHAIN_GAMMA, evaluate_head, restricted_vocab
-
-
-def answered_examples(cfg: DataConfig, tokenizer, path: str):
-    """(examples, SourceInfo) of the data with the cache's answers in place (None where an example has none), as
-    `data.build_dataset(..., examples=...)` takes them."""
-    examples, source = load_examples(cfg, tokenizer.eos_token or "")
-    opener = lzma.open if path.endswith(".xz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        records = [json.loads(line) for line in f][1:]
-    out = [None] * len(examples)
-    for rec in records:
-        out[rec["index"]] = with_answer(examples[rec["index"]], rec["answer"], tokenizer.eos_token or "")
-    return out, source
 
 
 def main() -> int:
@@ -58,7 +44,7 @@ def main() -> int:
     a = p.parse_args()
     target, tok = load_model(a.target)
     cfg = DataConfig(dataset=a.dataset, max_length=a.max_length, holdout=a.holdout, seed=a.seed)
-    examples = answered_examples(cfg, tok, a.answers) if a.answers else None
+    examples = cached_answer_examples(cfg, tok, a.answers) if a.answers else None
     if examples is not None:  # only held-out examples are needed; the rest stays unanswered (skipped)
         held_idx = set(split_order(len(examples[0]), a.holdout, a.seed)[0])
         examples = ([e if i in held_idx else None for i, e in enumerate(examples[0])], examples[1])

@@ -209,3 +209,24 @@ def test_regen_batch_size_sets_the_generate_batches(tmp_path, monkeypatch):
                                          "data.answer_tokens=4", "train.batch_size=1"])
     train, held = load_samples(cfg, tok, model, progress=False, log=lambda m: None)
     assert rows == [3, 3, 1] and len(train) == 6 and len(held) == 1
+
+
+def test_cached_answers_replace_the_examples_answers_without_a_target(tiny, tmp_path):
+    import lzma
+
+    model, tok = tiny
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": list(ex["messages"])}) + "\n"
+                             for ex in EXAMPLES if "messages" in ex))
+    cfg = load_recipe(HeadRecipe, TINY, [f"data.dataset={chats}"]).data
+    from adaspec_eagle.data import load_examples
+
+    examples, _ = load_examples(cfg, tok.eos_token)
+    answered, _ = regen.regenerate(model, tok, examples, [0, 3], tmp_path / "r.jsonl", max_length=72,
+                                   progress=False, answer_tokens=4)
+    packed = tmp_path / "r.jsonl.xz"
+    packed.write_bytes(lzma.compress((tmp_path / "r.jsonl").read_bytes()))
+    for path in (tmp_path / "r.jsonl", packed):
+        got, source = regen.cached_answer_examples(cfg, tok, path)
+        assert got[0] == answered[0] and got[3] == answered[3]
+        assert got[1] is None and got[2] is None and len(got) == len(examples) and source is not None
