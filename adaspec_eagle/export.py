@@ -4,17 +4,25 @@ and the `adaspec-eagle export` subcommand. Import (any of these layouts -> our h
 An export is a pure rename/reshape of a saved head folder (config.json + weights): no target model is loaded
 unless `--with-embeddings` asks for its embedding. What each format writes:
 
-| format | head      | architectures          | fc.bias                                 | files                  |
-|--------|-----------|------------------------|-----------------------------------------|------------------------|
-| eagle  | EAGLE-1/2 | LlamaForCausalLM       | as trained; config "bias" tells EaModel | safetensors + .bin     |
-| eagle3 | EAGLE-3   | LlamaForCausalLMEagle3 | none                                    | safetensors + .bin     |
-| sglang | EAGLE-1/2 | LlamaForCausalLMEagle  | always (zeros if trained without)       | model.safetensors      |
-| sglang | EAGLE-3   | LlamaForCausalLMEagle3 | none                                    | model.safetensors      |
-| vllm   | EAGLE-1/2 | LlamaForCausalLM (*)   | never: a non-zero bias is refused       | model.safetensors      |
-| vllm   | EAGLE-3   | LlamaForCausalLMEagle3 | none                                    | model.safetensors      |
+| format | head      | architectures          | fc.bias                                   | files              |
+|--------|-----------|------------------------|-------------------------------------------|--------------------|
+| eagle  | EAGLE-1/2 | LlamaForCausalLM       | as trained; config "bias" tells EaModel   | safetensors + .bin |
+| eagle3 | EAGLE-3   | LlamaForCausalLMEagle3 | none                                      | safetensors + .bin |
+| sglang | EAGLE-1/2 | LlamaForCausalLMEagle  | always (zeros if trained without)         | model.safetensors  |
+| sglang | EAGLE-3   | LlamaForCausalLMEagle3 | none                                      | model.safetensors  |
+| vllm   | EAGLE-1/2 | LlamaForCausalLM (*)   | folded into layer 0's attention biases    | model.safetensors  |
+| vllm   | EAGLE-3   | LlamaForCausalLMEagle3 | none                                      | model.safetensors  |
 
 (*) vLLM's EAGLEConfig renames it EagleLlamaForCausalLM (llama_eagle.py, whose fc has no bias and which drops
 an fc.bias silently). `LlamaForCausalLMEagle` would become `EagleLlamaForCausalLMEagle`, which vLLM does not know.
+
+Config keys the engines read by accident: vLLM's and SGLang's Llama layers build q/k/v/o biases when `bias` (or
+`attention_bias`) is true, so only the `eagle` layout (whose `bias` EAGLE's EaModel reads as the fc's) may say
+true. The vLLM fold is exact because EAGLE-1's layer 0 has no input norm: fc(x) + b enters attention directly,
+so q/k/v_proj(h + b) = q/k/v_proj(h) + W·b, and the residual's b is added back by o_proj's bias.
+An EAGLE-3 head whose draft vocabulary is the whole target vocabulary is written in target order without
+d2t/t2d (vLLM refuses the pair then, EAGLE deletes it); `target_hidden_size` is written only where it differs
+from `hidden_size` (EAGLE skips loading the target's embedding when the key is present).
 EAGLE-3 fused layers: the engines' default (2, N//2, N-3) HF hidden_states is written as nothing; other layers go
 to eagle_config.eagle_aux_hidden_state_layer_ids in each engine's own numbering (vLLM: layer input, SGLang: output).
 """
@@ -32,11 +40,11 @@ from .heads import atomic_folder, infer_kind, read_head_config, read_weights
 FORMATS = ("eagle", "eagle3", "sglang", "vllm")
 KIND_NAMES = {"eagle1": "EAGLE-1/2", "eagle3": "EAGLE-3"}
 
-# (format, kind) -> (architecture, fc.bias policy: "keep" | "always" | "never" | None for EAGLE-3)
+# (format, kind) -> (architecture, fc.bias policy: "keep" | "always" | "fold" | None for EAGLE-3)
 LAYOUTS = {
     ("eagle", "eagle1"): ("LlamaForCausalLM", "keep"),
     ("sglang", "eagle1"): ("LlamaForCausalLMEagle", "always"),
-    ("vllm", "eagle1"): ("LlamaForCausalLM", "never"),
+    ("vllm", "eagle1"): ("LlamaForCausalLM", "fold"),
     ("eagle3", "eagle3"): ("LlamaForCausalLMEagle3", None),
     ("sglang", "eagle3"): ("LlamaForCausalLMEagle3", None),
     ("vllm", "eagle3"): ("LlamaForCausalLMEagle3", None),
@@ -103,27 +111,35 @@ def convert(state: dict[str, torch.Tensor], config: dict, fmt: str,
     out = {k: v.detach().cpu().contiguous() for k, v in state.items() if k != "embed_tokens.weight"}
     cfg = dict(config)
     hidden = int(out["fc.weight"].shape[0])
+    cfg.pop("qkv_bias", None)  # vLLM and EAGLE read it before attention_bias; these layers have no such biases
+    cfg.update(attention_bias=False, mlp_bias=False)
     if kind == "eagle1":
         bias = out.get("fc.bias")
         if bias_policy == "always" and bias is None:
             out["fc.bias"] = torch.zeros(hidden, dtype=out["fc.weight"].dtype)  # fc(x) unchanged
-        if bias_policy == "never" and bias is not None:
+        if bias_policy == "fold" and bias is not None:
             if bias.abs().max().item() > 0:
-                raise AdaspecError(
-                    f"cannot export to vllm: vLLM's EAGLE-1 head (llama_eagle.py) has an fc without bias and silently "
-                    f"drops fc.bias, but this head's fc.bias is non-zero (max |b| = {bias.abs().max().item():.3g}), "
-                    "so vLLM would draft with other weights. A bias cannot be folded into a bias-free linear layer; "
-                    "train with head.fc_bias=false for vLLM, or export --format sglang / eagle.")
-            del out["fc.bias"]
-        cfg["bias"] = "fc.bias" in out  # EAGLE's EaModel builds fc with config["bias"] (default True)
+                fold_fc_bias(out)
+                cfg["attention_bias"] = True
+            out.pop("fc.bias", None)
+        # EAGLE's EaModel builds fc with config["bias"] (default True); vLLM and SGLang read it as attention bias
+        cfg["bias"] = fmt == "eagle" and "fc.bias" in out
     else:
         if "fc.bias" in out:
             raise AdaspecError("this EAGLE-3 head has an fc.bias, which EAGLE-3 loaders do not have; re-train it "
                                "without one.")
         out["d2t"], out["t2d"] = out["d2t"].to(torch.int64), out["t2d"].to(torch.bool)
+        if out["t2d"].all():  # the whole vocabulary: lm_head rows in target order, no mapping
+            order = torch.empty_like(out["d2t"])
+            order[torch.arange(out["d2t"].numel()) + out["d2t"]] = torch.arange(out["d2t"].numel())
+            out["lm_head.weight"] = out["lm_head.weight"][order].contiguous()
+            del out["d2t"], out["t2d"]
         cfg["draft_vocab_size"] = int(out["lm_head.weight"].shape[0])
         cfg["bias"] = False  # SGLang builds the EAGLE-3 fc with config.bias; vLLM reads it as attention bias
-        cfg.setdefault("target_hidden_size", hidden)
+        target_hidden = int(out["fc.weight"].shape[1]) // 3
+        cfg.pop("target_hidden_size", None)
+        if target_hidden != hidden:
+            cfg["target_hidden_size"] = target_hidden
         layer_ids = ((config.get("adaspec") or {}).get("target_layer_ids"))
         n = ((config.get("adaspec") or {}).get("target") or {}).get("num_hidden_layers")
         if layer_ids:  # ours, as HF hidden_states indices; a foreign head's eagle_config passes through as is
@@ -148,6 +164,18 @@ def convert(state: dict[str, torch.Tensor], config: dict, fmt: str,
     adaspec["export"] = {"format": fmt, "architecture": arch, "with_embeddings": embed_tokens is not None}
     cfg["adaspec"] = adaspec
     return out, cfg
+
+
+def fold_fc_bias(state: dict[str, torch.Tensor]) -> None:
+    """EAGLE-1 layer 0 without fc.bias: q/k/v biases W·b and o_proj bias b give the same output (no input norm
+    in that layer), for layouts whose fc has no bias (vLLM). In place; float64 products, stored in the weights'
+    dtype."""
+    b = state.pop("fc.bias")
+    prefix = "layers.0.self_attn."
+    for name in ("q_proj", "k_proj", "v_proj"):
+        weight = state[prefix + name + ".weight"]
+        state[prefix + name + ".bias"] = (weight.double() @ b.double()).to(weight.dtype)
+    state[prefix + "o_proj.bias"] = b.clone()
 
 
 def model_card(cfg: dict, fmt: str, out: str) -> str:

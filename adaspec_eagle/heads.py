@@ -582,6 +582,24 @@ def read_weights(folder) -> dict[str, torch.Tensor]:
                        "The save may have been interrupted; save or export the head again.")
 
 
+def unfold_fc_bias(state: dict[str, torch.Tensor], folder) -> None:
+    """Undo `export.fold_fc_bias` in place: an EAGLE-1 layer 0 whose attention biases are a folded fc bias b
+    (q/k/v bias = W·b, o_proj bias = b) gets fc.bias = b back. Other attention biases are refused: our heads'
+    layers have none."""
+    prefix = "layers.0.self_attn."
+    b = state.get(prefix + "o_proj.bias")
+    names = [prefix + n + ".bias" for n in ("q_proj", "k_proj", "v_proj")]
+    folded = b is not None and "fc.bias" not in state and all(
+        n in state and torch.allclose(state[n].double(), state[n[:-len("bias")] + "weight"].double() @ b.double(),
+                                      rtol=1e-3, atol=1e-5 * (1 + b.abs().max().item())) for n in names)
+    if not folded:
+        raise AdaspecError(f"head {str(folder)!r} has attention biases that are not a folded fc bias (q/k/v bias = "
+                           "W·b, o_proj bias = b); this EAGLE-1 layout has no attention biases.")
+    for n in names:
+        del state[n]
+    state["fc.bias"] = state.pop(prefix + "o_proj.bias")
+
+
 def infer_kind(state: dict) -> str:
     if "midlayer.self_attn.q_proj.weight" in state:
         return "eagle3"
@@ -657,6 +675,8 @@ def load_head(folder, target_model, strict_target: bool = True, attn_implementat
     saved = read_head_config(folder)
     state = read_weights(folder)
     kind = infer_kind(state)
+    if kind == "eagle1" and any(k.startswith("layers.0.self_attn.") and k.endswith(".bias") for k in state):
+        unfold_fc_bias(state, folder)  # a vLLM export of a head with an fc bias
     adaspec = saved.get("adaspec") or {}
     recorded = adaspec.get("target")
     if strict_target and recorded:
@@ -665,8 +685,9 @@ def load_head(folder, target_model, strict_target: bool = True, attn_implementat
     fc = state.get("fc.weight")
     if fc is None:
         raise AdaspecError(f"head {str(folder)!r} has no 'fc.weight'; it is not an EAGLE head.")
-    if fc.shape[0] != hidden or int(saved.get("hidden_size", hidden)) != hidden:
-        raise AdaspecError(f"head {str(folder)!r} has hidden size {fc.shape[0]} but the target "
+    head_hidden = int(fc.shape[0]) if fc.shape[0] != hidden else int(saved.get("hidden_size", hidden))
+    if head_hidden != hidden:
+        raise AdaspecError(f"head {str(folder)!r} has hidden size {head_hidden} but the target "
                            f"{target_identity(target_model)['name']!r} has {hidden}; use the target it was trained "
                            "for.")
     head_vocab = int(state["t2d"].numel()) if "t2d" in state else int(saved.get("vocab_size", vocab))

@@ -87,7 +87,8 @@ def test_layout_keys_shapes_config_and_round_trip(tmp_path, fmt, kind):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == [arch] and cfg["model_type"] == "llama"
     assert cfg["num_hidden_layers"] == 1 and cfg["vocab_size"] == V and cfg["hidden_size"] == H
-    assert cfg["tie_word_embeddings"] is False and cfg["bias"] is ("fc.bias" in keys)
+    assert cfg["tie_word_embeddings"] is False and cfg["bias"] is (fmt == "eagle" and "fc.bias" in keys)
+    assert "target_hidden_size" not in cfg  # equal to hidden_size: EAGLE then loads the target's embedding
     for key, tp in CONFIG_TYPES.items():
         assert isinstance(cfg[key], tp), (key, cfg[key])
     if kind == "eagle3":
@@ -131,8 +132,6 @@ def test_refusals(tmp_path):
     src1 = save_head(h1, tmp_path / "h1", {})
     with pytest.raises(AdaspecError, match="eagle3 layout needs"):
         export_head(src1, "eagle3", tmp_path / "x")
-    with pytest.raises(AdaspecError, match="fc.bias is non-zero"):
-        export_head(src1, "vllm", tmp_path / "x")
     _, h3 = trained_head("eagle3")
     with pytest.raises(AdaspecError, match="EAGLE-1/2 layout reads only"):
         export_head(save_head(h3, tmp_path / "h3", {}), "eagle", tmp_path / "x")
@@ -153,6 +152,102 @@ def test_bias_policies(tmp_path):
         zero.fc.bias.zero_()
     vl = export_head(save_head(zero, tmp_path / "z", {}), "vllm", tmp_path / "vl")
     assert "fc.bias" not in load_file(str(vl / "model.safetensors"))
+
+
+def engine_reading(fmt, cfg):
+    """The parameters each engine's loader builds from a config.json, including the keys it reads by accident:
+    vLLM's and SGLang's Llama layer take `bias` (or `attention_bias`) as q/k/v/o biases, `qkv_bias` overriding
+    q/k/v; EAGLE's EaModel builds the EAGLE-1 fc with `bias` (default true) and no attention biases."""
+    if fmt == "eagle":
+        qkv = cfg.get("qkv_bias", False)
+        return {"fc": cfg.get("bias", True), "qkv": qkv, "o": False}
+    attn = bool(cfg.get("attention_bias", False) or cfg.get("bias", False))
+    return {"fc": fmt == "sglang", "qkv": cfg.get("qkv_bias", attn), "o": attn}
+
+
+@pytest.mark.parametrize("fc_bias", [True, False])
+@pytest.mark.parametrize("fmt", ["eagle", "sglang", "vllm"])
+def test_engines_build_exactly_the_exported_parameters(tmp_path, fmt, fc_bias):
+    """Every bias an engine would build from the exported config exists in the exported weights and vice versa:
+    a bias the engine builds but the file lacks stays uninitialised in vLLM (NaN drafts, no error)."""
+    _, head = trained_head("eagle1", fc_bias=fc_bias)
+    out = export_head(save_head(head, tmp_path / "h", {}), fmt, tmp_path / fmt)
+    state, cfg = load_file(str(out / "model.safetensors")), json.loads((out / "config.json").read_text())
+    built = engine_reading(fmt, cfg)
+    attn = "layers.0.self_attn."
+    assert built["fc"] == ("fc.bias" in state)
+    assert built["qkv"] == all(attn + n + ".bias" in state for n in ("q_proj", "k_proj", "v_proj"))
+    assert built["o"] == (attn + "o_proj.bias" in state)
+    assert not cfg["mlp_bias"] and not any(".mlp." in k and k.endswith("bias") for k in state)
+
+
+def eagle1_layer_as_vllm_runs_it(state, cfg, emb, feats):
+    """vLLM's EAGLE-1 forward, written from its llama_eagle.py with transformers' Llama layer: fc without bias,
+    layer 0 without input norm, attention biases when the config asks for them, output = layer + residual."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    lcfg = LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("adaspec", "architectures", "bias")})
+    lcfg.attention_bias = bool(cfg.get("attention_bias") or cfg.get("bias"))
+    layer = LlamaDecoderLayer(lcfg, layer_idx=0)
+    layer.input_layernorm = torch.nn.Identity()
+    layer.load_state_dict({k[len("layers.0."):]: v for k, v in state.items() if k.startswith("layers.0.")},
+                          strict=True)
+    fc = torch.nn.Linear(2 * H, H, bias=False)
+    fc.weight.data = state["fc.weight"]
+    h = fc(torch.cat([emb, feats], -1))
+    pos = torch.arange(h.shape[1])[None]
+    mask = torch.full((h.shape[1], h.shape[1]), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        out = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=LlamaRotaryEmbedding(lcfg)(h, pos))
+    return out[0] if isinstance(out, tuple) else out
+
+
+def test_vllm_fold_of_fc_bias_is_exact(tmp_path):
+    """A head with a non-zero fc.bias exports to vLLM's bias-free fc with the bias folded into layer 0's
+    attention biases; vLLM's forward on the export equals ours, and the export loads back to the same head."""
+    target, head = trained_head("eagle1", fc_bias=True)
+    assert head.fc.bias.abs().max() > 0.1
+    out = export_head(save_head(head, tmp_path / "h", {}), "vllm", tmp_path / "vl")
+    state, cfg = load_file(str(out / "model.safetensors")), json.loads((out / "config.json").read_text())
+    assert "fc.bias" not in state and cfg["attention_bias"] is True and cfg["bias"] is False
+    ids = torch.randint(5, V, (1, 10), generator=torch.Generator().manual_seed(3))
+    feats = target_forward_features(target, ids)["features"]
+    emb = target.get_input_embeddings()(ids)
+    with torch.no_grad():
+        ours = head(head.project(feats), ids)
+    torch.testing.assert_close(eagle1_layer_as_vllm_runs_it(state, cfg, emb, feats), ours, atol=1e-5, rtol=1e-5)
+    without = {k: v for k, v in state.items() if not k.endswith("_proj.bias")}  # the bug: bias simply dropped
+    assert not torch.allclose(eagle1_layer_as_vllm_runs_it(without, {**cfg, "attention_bias": False}, emb, feats),
+                              ours, atol=1e-3)
+    torch.testing.assert_close(logits_of(load_head(out, target), target), logits_of(head, target), atol=1e-5,
+                               rtol=1e-5)
+    state["layers.0.self_attn.q_proj.bias"] += 0.1  # real attention biases, not a fold: refused, not misread
+    from safetensors.torch import save_file
+    save_file(state, str(out / "model.safetensors"))
+    with pytest.raises(AdaspecError, match="not a folded fc bias"):
+        load_head(out, target)
+
+
+@pytest.mark.parametrize("fmt", ["eagle3", "sglang", "vllm"])
+def test_eagle3_full_vocabulary_is_written_in_target_order(tmp_path, fmt):
+    """A draft vocabulary that is the whole target vocabulary, here in a shuffled order (d2t not zero, as a
+    foreign head may have it), is written with lm_head rows in target order and no d2t/t2d: vLLM refuses a d2t
+    then, EAGLE ignores it."""
+    target = tiny_model("llama", seed=0)
+    full = build_head(target, HeadConfig(kind="eagle3", draft_vocab_size=V)).eval()
+    perm = torch.randperm(V, generator=torch.Generator().manual_seed(1))  # draft id i is target id perm[i]
+    with torch.no_grad():
+        full.lm_head.weight.copy_(torch.randn(V, H)[perm])
+    full.set_draft_vocab(perm - torch.arange(V), torch.ones(V, dtype=torch.bool))
+    head = full
+    assert head.d2t.abs().sum() > 0 and head.t2d.all()
+    out = export_head(save_head(head, tmp_path / "h", {}), fmt, tmp_path / fmt)
+    state, cfg = load_file(str(out / "model.safetensors")), json.loads((out / "config.json").read_text())
+    assert "d2t" not in state and "t2d" not in state and cfg["draft_vocab_size"] == cfg["vocab_size"] == V
+    target_ids = torch.arange(V) + head.d2t
+    assert torch.equal(state["lm_head.weight"][target_ids], head.lm_head.weight.detach())
+    torch.testing.assert_close(logits_of(load_head(out, target), target), logits_of(head, target), atol=0, rtol=0)
 
 
 def test_cli_export_and_errors(tmp_path, capsys):
