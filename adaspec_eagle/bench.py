@@ -382,6 +382,9 @@ class BenchConfig:
                                "reference for speedup).")
         if self.temperature > 0 and "engine" in self.baseline:
             raise AdaspecError("--baseline engine is greedy only; with --temperature > 0 use --baseline hf.")
+        from .models import check_runtime
+
+        check_runtime(self.device, self.dtype, self.threads)
 
 
 def chain_info(info: dict) -> dict:
@@ -551,6 +554,7 @@ def _csv(value: str) -> list[str]:
 
 
 def cmd_bench(args) -> int:
+    from .io import check_output_folder, disk_errors
     from .speculative import parse_draft_vocab
 
     cfg = BenchConfig(target=args.target, drafters=args.drafter or [], suites=args.suite or ["sharegpt"],
@@ -562,9 +566,11 @@ def cmd_bench(args) -> int:
                       alpha_protocol=args.alpha_protocol,
                       baseline=_csv(args.baseline), dtype=args.dtype, device=args.device, threads=args.threads,
                       seed=args.seed, out=args.out, progress=not args.no_progress)
+    check_output_folder(cfg.out)  # before the benchmark runs: a file, a read-only place or others' files
     record = run_bench(cfg)
-    written = write_outputs(record, cfg.out)
     print(markdown_table(record))
+    with disk_errors("the benchmark's results", cfg.out, "The table above is all of it; bench.json was not written."):
+        written = write_outputs(record, cfg.out)
     print("wrote " + ", ".join(written.values()))
     bad = [m for m, ok in record["lossless"].items() if ok is False]
     if bad:

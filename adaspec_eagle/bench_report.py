@@ -10,10 +10,10 @@ import io
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .io import atomic_write, mark_output_folder
 from .bench_metrics import (PAPER_GAMMA, or_none, drafted_acceptance, spread, summarize_steps, tau,
                             tokens_per_second)
 
@@ -140,24 +140,6 @@ def make_record(cfg: BenchConfig, suites: list[dict], methods: list[Method], run
 
 # ----------------------------------------------------------------------------------------------------------
 # Outputs: bench.json, bench.md, plots; each written to a temporary file and renamed into place
-
-
-def atomic_write(path: str | Path, data: str | bytes) -> None:
-    """Write `data` to `path` via a temporary file in the same folder and os.replace: readers never see a
-    half-written file, and an interrupted run leaves the previous one intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _fmt(x, digits=2) -> str:
@@ -320,6 +302,7 @@ def write_outputs(record: dict, out: str | Path) -> dict[str, str]:
     """bench.json, bench.md and the PNG plots in `out`; returns {name: path}."""
     out = Path(out)
     written = {}
+    mark_output_folder(out, "bench")
     atomic_write(out / "bench.json", json.dumps(record, indent=1, ensure_ascii=False) + "\n")
     atomic_write(out / "bench.md", markdown_table(record))
     for name, png in plot_figures(record).items():

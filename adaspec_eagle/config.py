@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import types
 import typing
 from dataclasses import dataclass, field
@@ -381,17 +380,44 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (YAML itself keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            try:
+                seen.add(key)
+            except TypeError:
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, what: str):
+    """Parse YAML text strictly (no duplicate keys); errors name `what` and the line."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as e:
+        raise AdaspecError(f"{what} is not valid YAML: {e}") from None
+
+
 def load_recipe(cls, path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None):
     """Defaults of `cls`, then the YAML at `path`, then `key=value` overrides; validated."""
+    from .io import read_text
+
     data: dict = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
+        if not p.exists():
             raise AdaspecError(f"recipe {str(p)!r} does not exist; see recipes/ for the shipped ones.")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise AdaspecError(f"recipe {str(p)!r} is not valid YAML: {e}") from None
+        data = load_yaml(read_text(p, "recipe"), f"recipe {str(p)!r}")
+        if data is None:
+            raise AdaspecError(f"recipe {str(p)!r} is empty; a recipe sets at least one key (e.g. `target: "
+                               "smollm2-135m`). Run without --recipe for the defaults.")
         if not isinstance(data, dict):
             raise AdaspecError(f"recipe {str(p)!r} must be a mapping of config keys, got {type(data).__name__}.")
     if overrides:
@@ -405,12 +431,10 @@ def to_dict(cfg) -> dict:
 
 def save_resolved(cfg, folder: str | os.PathLike, name: str = "config.yaml") -> Path:
     """Write the resolved config next to an output (atomically)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(cfg))), sort_keys=False))
-    os.replace(tmp, path)
+    from .io import atomic_write
+
+    path = Path(folder) / name
+    atomic_write(path, yaml.safe_dump(json.loads(json.dumps(to_dict(cfg))), sort_keys=False, allow_unicode=True))
     return path
 
 
@@ -422,15 +446,20 @@ def _diff_keys(old, new, prefix: str = "") -> list[str]:
 
 
 @contextlib.contextmanager
-def claim_output_dir(folder: str | os.PathLike, cfg, overwrite: bool = False):
-    """Make `folder` this run's own for the duration of the block.
+def claim_output_dir(folder: str | os.PathLike, cfg, overwrite: bool = False, command: str = "train"):
+    """Make `folder` this run's own for the duration of the block (the rule of `io.check_output_folder`).
 
-    Refuses (before anything is written) a folder that holds a different run (its resolved config differs; the
-    differing keys are named) or unrelated files, unless `overwrite`, which empties the folder; and refuses a folder another live process
-    is writing to (an exclusive lock, so two runs never interleave). The same config resumes. Only the main
-    process of a distributed launch checks and locks."""
+    Refuses (before anything is written) a folder holding files this tool did not make, whatever `overwrite`
+    says, and a folder holding a different run (its resolved config differs; the differing keys are named)
+    unless `overwrite`, which empties that run's folder; and a folder another live process is writing to (an
+    exclusive lock, so two runs never interleave). The same config resumes. Only the main process of a
+    distributed launch checks and locks."""
+    from .io import check_output_folder, empty_folder, mark_output_folder, output_lock
+
     folder = Path(folder)
     main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process:
+        check_output_folder(folder, replace=overwrite)
     if main_process and folder.exists() and not overwrite:
         saved = folder / "config.yaml"
         if saved.is_file():
@@ -441,46 +470,12 @@ def claim_output_dir(folder: str | os.PathLike, cfg, overwrite: bool = False):
                 raise AdaspecError(f"output folder {str(folder)!r} holds a different run (config differs at "
                                    f"{', '.join(differ[:6])}); choose another output_dir, or pass --overwrite to "
                                    "delete that run and start afresh.")
-        elif any(p.name != ".lock" for p in folder.iterdir()):
-            raise AdaspecError(f"output folder {str(folder)!r} exists and holds files that are not an adaspec-eagle "
-                               "run; choose another output_dir (or pass --overwrite).")
     folder.mkdir(parents=True, exist_ok=True)
     if not main_process:
         yield folder
         return
     with output_lock(folder):
+        mark_output_folder(folder, command)
         if overwrite:  # start afresh: nothing of the previous run may be resumed with another config
-            for p in folder.iterdir():
-                if p.name != ".lock":
-                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            empty_folder(folder)
         yield folder
-
-
-@contextlib.contextmanager
-def output_lock(folder: str | os.PathLike):
-    """Hold an exclusive, non-blocking lock on `folder`/.lock for the block (created with the folder if needed);
-    an AdaspecError if another live process holds it. The kernel drops the lock when its holder dies (even by
-    SIGKILL), so a crashed run never blocks the next one."""
-    import fcntl
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = open(folder / ".lock", "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        holder = lock.read().strip()
-        lock.close()
-        who = f" (process {holder})" if holder else ""
-        raise AdaspecError(f"another run{who} is writing to {str(folder)!r} right now; wait for it to finish or "
-                           "choose another output_dir.") from None
-    try:
-        lock.seek(0)
-        lock.truncate()
-        lock.write(str(os.getpid()))
-        lock.flush()
-        yield folder
-    finally:
-        fcntl.flock(lock, fcntl.LOCK_UN)
-        lock.close()

@@ -194,9 +194,18 @@ def read_records(path: str) -> list:
     AdaspecError naming the file and line."""
     if not os.path.isfile(path):
         raise AdaspecError(f"data file {path!r} does not exist; check data.path / --path.")
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
+    if path.endswith(".gz"):
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise AdaspecError(f"data file {path!r} is not UTF-8 text: byte {e.start} of its uncompressed contents "
+                               f"(0x{raw[e.start]:02x}) cannot be decoded; save it as UTF-8.") from None
+    else:
+        from .io import read_text
+
+        text = read_text(path, "data file")
     if not text.strip():
         raise AdaspecError(f"data file {path!r} is empty; it needs one JSON record per line (.jsonl) or a JSON "
                            "array of records (.json).")
@@ -546,7 +555,7 @@ def write_tokenized(path: str, tokenizer, cfg: DataConfig, progress: bool = True
     from safetensors.numpy import save
     from tqdm.auto import tqdm
 
-    from .bench_report import atomic_write
+    from .io import atomic_write
 
     if not path.endswith(".safetensors"):
         raise AdaspecError(f"tokenized data goes to a .safetensors file; got {path!r}.")
@@ -679,6 +688,10 @@ def build_dataset(cfg: DataConfig, tokenizer, split: str = "train", examples=Non
     if not examples:
         raise AdaspecError(f"no trainable tokens: {source.line()}; none has an assistant turn or completion to "
                            "train on. Give chats with assistant turns, or prompt/completion pairs.")
+    if split == "train" and (source.dropped_malformed or source.dropped_empty):
+        warnings.warn(f"data: {source.line()}. A malformed record is one whose messages / conversations is not a "
+                      "list of turns with a role and text content; `adaspec-eagle data-stats` shows the counts.",
+                      stacklevel=2)
     heldout, train = split_order(len(examples), cfg.holdout, cfg.seed)
     order, limit = (heldout, None) if split == "heldout" else (train, cfg.num_samples)
     if not order:

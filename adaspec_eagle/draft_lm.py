@@ -28,7 +28,7 @@ def parse_draft_init(spec: str) -> tuple[str, dict]:
             key, _, value = item.partition("=")
             if key not in ("hidden", "layers", "heads", "intermediate") or not value.isdigit() or int(value) < 1:
                 raise AdaspecError(f"draft init {spec!r}: expected fresh:hidden=H,layers=L[,heads=A]"
-                                   "[,intermediate=I] with positive integers; bad item {item!r}.")
+                                   f"[,intermediate=I] with positive integers; bad item {item!r}.")
             fields[key] = int(value)
         if "hidden" not in fields or "layers" not in fields:
             raise AdaspecError(f"draft init {spec!r} needs at least hidden= and layers=.")
@@ -48,7 +48,7 @@ def derive_from_target(target, layers: int):
 
     total = _decoder_layer_count(target.config)
     if not 1 <= layers <= total:
-        raise AdaspecError(f"--draft-init layers={layers}: the target has {total} decoder layers; "
+        raise AdaspecError(f"--draft layers={layers}: the target has {total} decoder layers; "
                            f"choose 1..{total}.")
     cfg = copy.deepcopy(target.config)
     cfg.num_hidden_layers = layers

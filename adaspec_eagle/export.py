@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 from . import AdaspecError
-from .heads import atomic_folder, infer_kind, read_head_config, read_weights
+from .heads import infer_kind, read_head_config, read_weights
+from .io import MARKER, atomic_folder, check_output_folder, disk_errors
 
 FORMATS = ("eagle", "eagle3", "sglang", "vllm")
 KIND_NAMES = {"eagle1": "EAGLE-1/2", "eagle3": "EAGLE-3"}
@@ -94,7 +95,7 @@ USAGE = {
               "--speculative-num-draft-tokens 32`.",
     "vllm": "vLLM: `vllm serve TARGET --speculative-config '{{\"method\": \"{method}\", \"model\": \"{out}\", "
             "\"num_speculative_tokens\": 5}}'`.",
-    "adaspec": "adaspec-eagle: `adaspec-eagle generate --target TARGET --drafter head:{out}` "
+    "adaspec": "adaspec-eagle: `adaspec-eagle generate --target TARGET --head {out} \"PROMPT\"` "
                "(any of the four layouts loads back with `heads.load_head`).",
 }
 
@@ -219,9 +220,15 @@ def export_head(head_folder, fmt: str, out, with_embeddings: bool = False, targe
     out = Path(out)
     if Path(head_folder).resolve() == out.resolve():
         raise AdaspecError(f"--out {str(out)!r} is the head folder itself; export into another folder.")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise AdaspecError(f"output folder {str(out)!r} exists and is not empty; choose another --out or pass --force.")
+    check_output_folder(out, replace=force, flag="--force")
+    if out.exists() and any(p.name != MARKER for p in out.iterdir()) and not force:
+        raise AdaspecError(f"output folder {str(out)!r} exists and is not empty; choose another --out or pass --force "
+                           "to replace the export there.")
     config, state = read_head_config(head_folder), read_weights(head_folder)
+    if not config:
+        raise AdaspecError(f"head folder {str(head_folder)!r} has no config.json, and an export needs the head's "
+                           "hidden size, vocabulary and attention shapes from it; export from the folder "
+                           "train-head or save_head wrote (it has config.json next to the weights).")
     embed = None
     if with_embeddings:
         if target is not None:
@@ -238,12 +245,14 @@ def export_head(head_folder, fmt: str, out, with_embeddings: bool = False, targe
             raise AdaspecError("--with-embeddings needs the target's embedding: pass --target NAME_OR_PATH (the "
                                "model the head was trained for).")
     tensors, cfg = convert(state, config, fmt, embed)
-    with atomic_folder(out) as tmp:
+    kept = "An earlier export there is intact." if out.exists() else "Nothing was written."
+    with disk_errors("the exported head", out, kept), atomic_folder(out) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if fmt in ("eagle", "eagle3"):  # EAGLE's EaModel tries pytorch_model.bin first
             torch.save(tensors, tmp / "pytorch_model.bin")
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
         (tmp / "README.md").write_text(model_card(cfg, fmt, str(out)))
+        (tmp / MARKER).write_text(json.dumps({"made_by": "adaspec-eagle", "command": "export"}) + "\n")
     return out
 
 

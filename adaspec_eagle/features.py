@@ -14,6 +14,7 @@ a cache built for another target (shapes, vocabulary or weights) or other data.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from . import AdaspecError
+from .io import fsync_dir, fsync_tree
 from .models import identity_mismatch, target_forward_features, target_identity
 
 STORAGE = {"fp16": (np.float16, torch.float16), "bf16": (np.int16, torch.bfloat16), "fp32": (np.float32, torch.float32)}
@@ -57,25 +59,54 @@ def pad_batch(samples: Sequence[dict], pad_id: int = 0) -> dict:
     return out
 
 
+def reserve(path: Path) -> None:
+    """Allocate a (sparse) file's blocks now, so a full disk is an ENOSPC here rather than a SIGBUS when the
+    memory map writes into it. A no-op where the filesystem cannot preallocate."""
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return
+            raise
+
+
 def build_cache(target, samples: Sequence[dict], folder: str | os.PathLike, *, dtype: str = "fp16",
                 fused: bool = False, batch_size: int = 8, pad_id: int = 0, progress: bool = True) -> "FeatureCache":
-    """Run `target` (frozen) over `samples` ({"input_ids", "loss_mask"}) and write the cache to `folder`."""
-    from tqdm.auto import tqdm
-
+    """Run `target` (frozen) over `samples` ({"input_ids", "loss_mask"}) and write the cache to `folder`. A full
+    disk is an AdaspecError and leaves no partial cache."""
     if dtype not in STORAGE:
         raise AdaspecError(f"feature cache dtype {dtype!r} is not one of {sorted(STORAGE)}.")
     if len(samples) == 0:
         raise AdaspecError("no samples to cache features for: the data slice is empty.")
-    np_dtype, torch_dtype = STORAGE[dtype]
+    from .io import disk_errors
+
     folder = Path(folder)
     shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    try:
+        with disk_errors("the target-feature cache", folder, "The partial cache was deleted; run the same command "
+                                                              "again once there is room."):
+            folder.mkdir(parents=True)
+            _fill_cache(target, samples, folder, dtype, fused, batch_size, pad_id, progress)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return FeatureCache(folder)
+
+
+def _fill_cache(target, samples, folder: Path, dtype: str, fused: bool, batch_size: int, pad_id: int,
+                progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    np_dtype, torch_dtype = STORAGE[dtype]
     lengths = np.array([len(s["input_ids"]) for s in samples], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])  # (n + 1,)
     total, H = int(offsets[-1]), int(target.config.hidden_size)
     dims = {"features": H, **({"fused": 3 * H} if fused else {})}
     arrays = {k: np.lib.format.open_memmap(folder / f"{k}.npy", mode="w+", dtype=np_dtype, shape=(total, d))
               for k, d in dims.items()}
+    for k in dims:  # a memory map grown past the free space dies with SIGBUS: claim the blocks now instead
+        reserve(folder / f"{k}.npy")
     ids = np.concatenate([np.asarray(s["input_ids"], dtype=np.int32) for s in samples])
     mask = np.concatenate([np.asarray(s["loss_mask"], dtype=np.uint8) for s in samples])
     np.save(folder / "input_ids.npy", ids)
@@ -103,14 +134,11 @@ def build_cache(target, samples: Sequence[dict], folder: str | os.PathLike, *, d
         a.flush()
     manifest = {"format": FORMAT_VERSION, "target": target_identity(target), "data": data_fingerprint(samples),
                 "dtype": dtype, "keys": dims, "samples": len(samples), "tokens": total}
-    from .train import fsync_dir, fsync_tree
-
     tmp = folder / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
     fsync_tree(folder)  # the arrays reach the disk before the manifest says they are complete
     os.replace(tmp, folder / "manifest.json")  # last: its presence marks a complete cache
     fsync_dir(folder)
-    return FeatureCache(folder)
 
 
 def cache_problem(folder: str | os.PathLike, target, samples: Sequence[dict] | None = None,
@@ -152,11 +180,20 @@ class FeatureCache:
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
-        self.manifest = json.loads((self.folder / "manifest.json").read_text())
-        self.offsets = np.load(self.folder / "offsets.npy")
-        self.input_ids = np.load(self.folder / "input_ids.npy", mmap_mode="r")
-        self.loss_mask = np.load(self.folder / "loss_mask.npy", mmap_mode="r")
-        self.arrays = {k: np.load(self.folder / f"{k}.npy", mmap_mode="r") for k in self.manifest["keys"]}
+        try:
+            self.manifest = json.loads((self.folder / "manifest.json").read_text())
+            self.offsets = np.load(self.folder / "offsets.npy")
+            self.input_ids = np.load(self.folder / "input_ids.npy", mmap_mode="r")
+            self.loss_mask = np.load(self.folder / "loss_mask.npy", mmap_mode="r")
+            self.arrays = {k: np.load(self.folder / f"{k}.npy", mmap_mode="r") for k in self.manifest["keys"]}
+            total = int(self.manifest["tokens"])
+            bad = [k for k, a in {"input_ids": self.input_ids, "loss_mask": self.loss_mask, **self.arrays}.items()
+                   if a.shape[0] != total or (k in self.arrays and a.shape[1] != int(self.manifest["keys"][k]))]
+            if bad or int(self.offsets[-1]) != total:
+                raise ValueError(f"{', '.join(bad) or 'offsets'} do not match the manifest's {total} tokens")
+        except (ValueError, OSError, KeyError, IndexError, TypeError) as e:
+            raise AdaspecError(f"the feature cache at {str(self.folder)!r} is damaged ({e}); rerun with --overwrite "
+                               "to rebuild it, or delete the folder.") from None
         self.dtype = self.manifest["dtype"]
 
     def __len__(self) -> int:

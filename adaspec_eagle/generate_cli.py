@@ -21,19 +21,26 @@ def _prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
     return tokenizer(prompt)["input_ids"]
 
 
-class _Streamer:
-    """Prints the decoded text as tokens arrive (decoding the whole output so multi-token characters render)."""
+class Streamer:
+    """Prints the decoded text as tokens arrive. The whole output is decoded each time (so characters that span
+    tokens render), and a trailing U+FFFD, a character whose bytes have not all arrived, is held back until they
+    have; `finish` prints whatever is left."""
 
     def __init__(self, tokenizer, out=None):
         self.tokenizer, self.out, self.ids, self.printed = tokenizer, out or sys.stdout, [], ""
 
-    def __call__(self, tokens: list[int]) -> None:
-        self.ids.extend(tokens)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.startswith(self.printed):
+    def _emit(self, text: str) -> None:
+        if text.startswith(self.printed) and len(text) > len(self.printed):
             self.out.write(text[len(self.printed):])
             self.out.flush()
             self.printed = text
+
+    def __call__(self, tokens: list[int]) -> None:
+        self.ids.extend(tokens)
+        self._emit(self.tokenizer.decode(self.ids, skip_special_tokens=True).rstrip("\ufffd"))
+
+    def finish(self) -> None:
+        self._emit(self.tokenizer.decode(self.ids, skip_special_tokens=True))
 
 
 def format_stats(stats: dict) -> str:
@@ -51,6 +58,34 @@ def format_stats(stats: dict) -> str:
     return "\n".join(lines)
 
 
+def check_args(args, max_lookup: int) -> None:
+    """Every flag checked before the target loads (which takes a while for a real model)."""
+    from pathlib import Path
+
+    from .models import check_runtime
+
+    check_runtime(args.device, args.dtype, args.threads)
+    checks = [(args.max_new_tokens >= 1, "--max-new-tokens", ">= 1"), (args.temperature >= 0, "--temperature",
+              ">= 0 (0 is greedy)"), (0 < args.top_p <= 1, "--top-p", "in (0, 1]"), (args.depth >= 1, "--depth",
+              ">= 1"), (args.topk >= 1, "--topk", ">= 1"), (0 <= args.lookup_tokens <= max_lookup,
+              "--lookup-tokens", f"0 (off) up to {max_lookup} tokens a step")]
+    for ok, flag, expected in checks:
+        if not ok:
+            raise AdaspecError(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: expected {expected}.")
+    if args.stop and any(s == "" for s in args.stop):
+        raise AdaspecError('--stop "": an empty stop string would stop at once; give the text to stop at.')
+    total = str(args.total_tokens)
+    if total != "auto" and (not total.isdigit() or not 1 <= int(total) <= 1024):
+        raise AdaspecError(f"--total-tokens {total!r}: expected an integer in 1..1024 or 'auto'.")
+    if args.head is not None:
+        head = Path(args.head)
+        if head.exists() and not head.is_dir():
+            raise AdaspecError(f"--head {args.head!r} is a file; pass the head's folder (it holds config.json and "
+                               "the weights).")
+        if not head.exists():
+            raise AdaspecError(f"--head {args.head!r} does not exist; pass the folder of a trained or exported head.")
+
+
 def cmd_generate(args) -> int:
     import torch
 
@@ -59,9 +94,7 @@ def cmd_generate(args) -> int:
     from .speculative import (DraftLMDrafter, HeadDrafter, LookupDrafter, eos_ids, parse_draft_vocab,
                               plain_generate, speculative_generate)
 
-    if not 0 <= args.lookup_tokens <= MAX_LOOKUP_TOKENS:
-        raise AdaspecError(f"--lookup-tokens {args.lookup_tokens}: expected 0 (off) up to {MAX_LOOKUP_TOKENS} "
-                           "tokens a step.")
+    check_args(args, MAX_LOOKUP_TOKENS)
     if args.threads:
         torch.set_num_threads(args.threads)
     target, tokenizer = load_model(args.target, dtype=args.dtype, device=args.device)
@@ -79,7 +112,7 @@ def cmd_generate(args) -> int:
         drafter = None
     ids = _prompt_ids(tokenizer, args.prompt, not args.no_chat)
     eos = eos_ids(target, tokenizer)
-    stream = _Streamer(tokenizer)
+    stream = Streamer(tokenizer)
     common = dict(max_new_tokens=args.max_new_tokens, eos_token_id=eos, stop_strings=args.stop or None,
                   tokenizer=tokenizer, on_tokens=stream)
     if drafter is None:
@@ -101,8 +134,6 @@ def cmd_generate(args) -> int:
                   + (f", lookup {tuned['lookup_tokens']}" if args.lookup_tokens else "")
                   + f"; {tuned['summary']}]", file=sys.stderr)
             total, args.depth, args.lookup_tokens = tuned["total_tokens"], tuned["depth"], tuned["lookup_tokens"]
-        elif not str(total).isdigit():
-            raise AdaspecError(f"--total-tokens {total!r}: expected a positive integer or 'auto'.")
         tree = TreeConfig(depth=args.depth, topk=args.topk, total_tokens=int(total), shape=args.tree_shape,
                           lookup_tokens=args.lookup_tokens)
         _, stats = speculative_generate(target, ids, drafter, temperature=args.temperature, top_p=args.top_p,
@@ -113,6 +144,7 @@ def cmd_generate(args) -> int:
             stats["tree"] += f" lookup_tokens={tree.lookup_tokens}"
         if getattr(drafter, "draft_vocab_size", None):
             stats["tree"] += f" draft_vocab={drafter.draft_vocab_size}"
+    stream.finish()
     print("\n")
     print(format_stats(stats), file=sys.stderr if args.stats_to_stderr else sys.stdout)
     return 0

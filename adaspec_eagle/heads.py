@@ -24,12 +24,7 @@ default past .. past+T-1.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-import uuid
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,6 +34,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from . import AdaspecError
+from .io import atomic_folder, atomic_write, fsync_dir
 from .models import check_target_identity, embedding_rows, feature_layer_ids, target_identity
 
 FORMAT_VERSION = 1
@@ -449,32 +445,6 @@ def head_config_dict(head, architectures: str | None = None) -> dict:
     return cfg
 
 
-@contextmanager
-def atomic_folder(folder):
-    """Yield a temporary sibling folder; on success its files are fsynced and it replaces `folder` in one rename
-    (an old folder is moved aside first and deleted after). On error the temporary folder is deleted and `folder`
-    is untouched."""
-    from .train import fsync_dir, fsync_tree
-
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        yield tmp
-        fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if folder.exists():
-        old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    fsync_dir(folder.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def unwrap_head(model):
     """The head inside DDP / FSDP / DeepSpeed (`.module`) or torch.compile (`._orig_mod`) wrappers."""
     while not isinstance(model, _HeadBase):
@@ -500,9 +470,6 @@ def write_token_counts(folder, counts) -> Path:
     """Add (or replace) a head folder's `token_counts.safetensors`: (V,) counts of the target tokens the head was
     trained on, which rank the frequency-restricted draft vocabulary (`speculative.HeadDrafter(draft_vocab=N)`).
     Written to a temporary file, fsynced and renamed into place."""
-    from .bench_report import atomic_write
-    from .train import fsync_dir
-
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise AdaspecError(f"{str(folder)!r} is not a head folder (no config.json).")
@@ -559,6 +526,9 @@ def read_weights(folder) -> dict[str, torch.Tensor]:
     """The state dict of a head folder (model.safetensors preferred, else pytorch_model.bin), with a leading
     'model.' prefix stripped (some published heads carry it). Clear errors for missing or corrupt files."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise AdaspecError(f"head folder {str(folder)!r} is a file; pass the folder that holds it (config.json and "
+                           "the weights).")
     if not folder.is_dir():
         raise AdaspecError(f"head folder {str(folder)!r} does not exist; pass the folder that holds config.json.")
     for name in WEIGHT_FILES:

@@ -143,6 +143,27 @@ def parse_tiny_name(name: str) -> dict | None:
     return kwargs
 
 
+def check_runtime(device: str = "cpu", dtype: str = "float32", threads: int | None = None) -> None:
+    """Refuse, before any model loads, a device this torch cannot use, an unknown dtype or a thread count < 1
+    (0 / None: torch's default)."""
+    if dtype not in DTYPES:
+        raise AdaspecError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}.")
+    if threads is not None and threads < 0:
+        raise AdaspecError(f"--threads {threads}: expected a positive number of CPU threads (0: torch's default).")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise AdaspecError(f"--device {device!r} is not a device name; use cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build of torch" if torch.version.cuda is None else "no visible CUDA device"
+            raise AdaspecError(f"--device {device}: this machine has {build}; use --device cpu.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise AdaspecError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible.")
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise AdaspecError(f"--device {device!r}: supported devices are cpu and cuda[:N].")
+
+
 def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
                with_tokenizer: bool = True):
     """Load a causal LM (and its tokenizer) in eval mode with the requested dtype and device.

@@ -49,6 +49,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import AdaspecError
+from .io import disk_full, fsync_dir, fsync_tree
 from .config import OptimConfig, TrainConfig
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -187,32 +188,6 @@ def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
 
 
-def fsync_tree(folder: Path) -> None:
-    """Flush every file under `folder`, and the folders themselves, to the disk (before a rename publishes it)."""
-    for root, _dirs, files in os.walk(folder):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(root))
-
-
-def fsync_dir(folder: Path) -> None:
-    """Flush a folder's entries (a rename into it) to the disk; a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(accelerator, folder: Path, state: dict) -> Path:
     """Atomic: write into a tmp folder, fsync, rename, then delete older checkpoints. A failed write (disk full)
     deletes the tmp folder and raises an AdaspecError; the previous checkpoint is untouched."""
@@ -232,7 +207,9 @@ def save_checkpoint(accelerator, folder: Path, state: dict) -> Path:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             fsync_dir(folder)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if isinstance(e, RuntimeError) and not disk_full(e):
+            raise
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(folder)

@@ -84,7 +84,7 @@ def top1_agreement(draft, target, samples, vocab: int, batch_size: int = 8) -> f
 def save_model_atomic(model, tokenizer, folder: Path, meta: dict) -> None:
     """save_pretrained through `heads.atomic_folder` (temp folder, fsync, one rename): a crash or a full disk
     leaves the old folder (or none), never a half-written model that looks complete."""
-    from .heads import atomic_folder
+    from .io import atomic_folder
 
     try:
         with atomic_folder(folder) as tmp:
@@ -107,7 +107,10 @@ def run(cfg: DraftLMRecipe, loss_kind: str = "adaspec", overwrite: bool = False,
     from .draft_lm import init_draft
     from .train import configure_deepspeed, make_accelerator, prepare_frozen, train
 
+    from .io import check_output_folder
+
     out = Path(cfg.output_dir)
+    check_output_folder(out, replace=overwrite)  # before the models load; claimed below, once all else is checked
     target, tok = load_model(cfg.target)
     # Validate everything that can fail before anything is written.
     train_set = build_dataset(cfg.data, tok, "train")
@@ -123,7 +126,7 @@ def run(cfg: DraftLMRecipe, loss_kind: str = "adaspec", overwrite: bool = False,
                            "first (stages=[reference, draft]).")
     acc = make_accelerator(cfg.train)
     configure_deepspeed(acc, cfg.train, cfg.optim)  # a DeepSpeed config at odds with the recipe is refused here
-    with claim_output_dir(out, cfg, overwrite=overwrite):
+    with claim_output_dir(out, cfg, overwrite=overwrite, command="train-draft-lm"):
         save_resolved(cfg, out)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         results: dict = {}
@@ -190,10 +193,12 @@ def cmd_train_draft_lm(args) -> int:
     for flag, key in ((args.target, "target"), (args.draft, "draft"), (args.output_dir, "output_dir")):
         if flag is not None:
             overrides.append(f"{key}={flag}")
-    if args.stages:
+    if args.stages is not None:  # "" is no stage at all: refused by the config, not read as "all"
         overrides.append(f"stages=[{args.stages}]")
+    if args.loss is not None:  # the flag wins over the recipe, and the saved config says what ran
+        overrides.append(f"loss.kind={args.loss}")
     cfg = load_recipe(DraftLMRecipe, args.recipe, overrides)
-    summary = run(cfg, loss_kind=args.loss, overwrite=args.overwrite)
+    summary = run(cfg, loss_kind=cfg.loss.kind, overwrite=args.overwrite)
     print(f"\nheld-out top-1 agreement with the target ({cfg.data.dataset}):")
     for name, row in summary.items():
         agree = "n/a" if row["agreement"] is None else f"{100 * row['agreement']:.1f}%"
@@ -209,8 +214,9 @@ def register_cli(sub) -> None:
     p.add_argument("--draft", help="draft init: a model name/path, 'layers=N' (first N target layers) or "
                                    "'fresh:hidden=H,layers=L'")
     p.add_argument("--stages", help="comma-separated subset of target,reference,draft")
-    p.add_argument("--loss", choices=["adaspec", "kd"], default="adaspec",
-                   help="draft stage loss: AdaSPEC (default) or plain KD (the DistillSpec baseline)")
+    p.add_argument("--loss", choices=["adaspec", "kd"], default=None,
+                   help="draft stage loss (sets loss.kind): AdaSPEC or plain KD (the DistillSpec baseline); default: "
+                        "the recipe's loss.kind, adaspec when it has none")
     p.add_argument("--output-dir")
     p.add_argument("--overwrite", action="store_true", help="reuse an output folder that holds another run")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. loss.k=0.3 train.max_steps=10")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -574,12 +573,15 @@ def run_pipeline(cfg: HeadRecipe, resume: bool = False, overwrite: bool = False,
     Layout of OUT = cfg.output_dir: config.yaml (resolved), features/ (cache), reference/ adaspec/ kd/ (heads,
     `heads.save_head`), runs/<stage>/ (config.yaml, checkpoints/, tb/, result.json once complete),
     results.json, .lock. Every check a user can fail happens before anything is written; then the main process
-    locks OUT (`config.output_lock`) until it returns, so a second run into OUT is refused, not interleaved."""
-    from .config import output_lock
+    locks OUT (`io.output_lock`) until it returns, so a second run into OUT is refused, not interleaved."""
+    from .io import mark_output_folder, output_lock
+
+    def claim():
+        held.enter_context(output_lock(cfg.output_dir))
+        mark_output_folder(cfg.output_dir, "train-head")
 
     with contextlib.ExitStack() as held:
-        return _run_pipeline(cfg, resume, overwrite, stop_at, progress, log,
-                             claim=lambda: held.enter_context(output_lock(cfg.output_dir)))
+        return _run_pipeline(cfg, resume, overwrite, stop_at, progress, log, claim=claim)
 
 
 def _run_pipeline(cfg: HeadRecipe, resume, overwrite, stop_at, progress, log, claim) -> dict:
@@ -587,8 +589,11 @@ def _run_pipeline(cfg: HeadRecipe, resume, overwrite, stop_at, progress, log, cl
     from .features import build_cache, cache_problem, open_cache, pad_batch
     from .train import configure_deepspeed, make_accelerator, prepare_frozen, train
 
+    from .io import check_output_folder, disk_full
+
     stages = stages_to_run(cfg)
     out = Path(cfg.output_dir)
+    check_output_folder(out, replace=overwrite)  # files this tool did not make: refused, never deleted
     ref_path = None
     if "adaspec" in stages and "reference" not in stages:
         if not cfg.reference:
@@ -747,7 +752,9 @@ def _run_pipeline(cfg: HeadRecipe, resume, overwrite, stop_at, progress, log, cl
                     records[stage]["selected"] = meta["selected"]
                 try:
                     heads_mod.save_head(head, head_dir, meta, token_counts=token_counts)
-                except OSError as e:  # disk full: save_head wrote into a temp folder, now deleted
+                except (OSError, RuntimeError) as e:  # disk full: save_head wrote into a temp folder, now deleted
+                    if isinstance(e, RuntimeError) and not disk_full(e):
+                        raise
                     raise AdaspecError(f"could not write the {stage} head to {str(head_dir)!r} ({e}); nothing "
                                        "half-written was left there. Free disk space and run the same command "
                                        "again: it resumes from the stage's last checkpoint.") from e

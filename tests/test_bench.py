@@ -10,6 +10,7 @@ from adaspec_eagle import AdaspecError
 from adaspec_eagle import bench as B
 from adaspec_eagle import bench_metrics as M
 from adaspec_eagle import bench_report as R
+from adaspec_eagle.io import MARKER
 
 # Four verification forwards of a greedy gamma=4 chain: all accepted, one, none, two.
 CHAIN_STEPS = [{"accepted": 4, "drafted": 4}, {"accepted": 1, "drafted": 4},
@@ -143,7 +144,8 @@ def check_schema(rec: dict) -> None:
 def test_outputs_written_atomically(tmp_path):
     rec = _fake_record()
     written = R.write_outputs(rec, tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(["bench.json", "bench.md", *R.PLOTS])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(["bench.json", "bench.md", *R.PLOTS,
+                                                                           MARKER])
     loaded = json.loads((tmp_path / "out" / "bench.json").read_text())
     check_schema(loaded)
     for name in R.PLOTS:

@@ -12,6 +12,7 @@ from adaspec_eagle.cli import main
 from adaspec_eagle.config import HeadConfig
 from adaspec_eagle.export import export_head
 from adaspec_eagle.heads import build_head, load_head, save_head
+from adaspec_eagle.io import MARKER
 from adaspec_eagle.models import TINY_VOCAB, target_forward_features, tiny_model
 
 torch.set_num_threads(2)
@@ -78,7 +79,7 @@ def test_layout_keys_shapes_config_and_round_trip(tmp_path, fmt, kind):
     out = export_head(src, fmt, tmp_path / fmt)
     keys, arch, has_bin = EXPECTED[(fmt, kind)]
     files = {p.name for p in out.iterdir()}
-    assert files == {"config.json", "model.safetensors", "README.md"} | ({"pytorch_model.bin"} if has_bin else set())
+    assert files == {"config.json", "model.safetensors", "README.md", MARKER} | ({"pytorch_model.bin"} if has_bin else set())
     state = load_file(str(out / "model.safetensors"))
     assert {k: tuple(v.shape) for k, v in state.items()} == keys
     if has_bin:
@@ -317,3 +318,19 @@ def test_non_default_fused_layers_per_engine(tmp_path):
     (sg / "config.json").write_text(json.dumps(cfg))
     with pytest.warns(UserWarning, match="SGLang way"):
         assert load_head(sg, target).target_layer_ids == (0, 1, 2)
+
+
+def test_card_commands_parse_with_our_cli(tmp_path):
+    """The adaspec-eagle command an exported head's card gives is one our CLI accepts."""
+    import re
+    import shlex
+
+    from adaspec_eagle.cli import build_parser
+
+    _, head = trained_head("eagle1", fc_bias=False)
+    src = save_head(head, tmp_path / "h", {})
+    for fmt in ("eagle", "sglang", "vllm"):
+        card = (export_head(src, fmt, tmp_path / fmt) / "README.md").read_text()
+        command = re.search(r"`(adaspec-eagle generate [^`]*)`", card).group(1)
+        args = build_parser().parse_args(shlex.split(command.replace("TARGET", "tiny-llama"))[1:])
+        assert args.head == str(tmp_path / fmt) and args.target == "tiny-llama"

@@ -73,3 +73,23 @@ def test_generate_bad_flags(tiny, capsys):
     assert rc != 0 and "give --head, --draft-lm or --lookup-tokens to sample" in err
     rc, _, err = run(capsys, "--lookup-tokens", "-2")
     assert rc != 0 and "--lookup-tokens -2" in err
+
+
+def test_streamer_holds_back_characters_split_across_tokens(smollm2):
+    """SmolLM2's byte-level BPE splits 🦉 and CJK characters over several tokens: fed one token at a time, the
+    streamer prints exactly the decoded text (no U+FFFD, nothing lost after it)."""
+    import io
+
+    from adaspec_eagle.generate_cli import Streamer
+
+    _, tok = smollm2
+    text = "Écris un haïku sur les hiboux 🦉 — 日本語でも書いて"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in tok.decode(ids[:i]) for i in range(1, len(ids)))  # some prefix ends mid-character
+    out = io.StringIO()
+    stream = Streamer(tok, out)
+    for t in ids:
+        stream([t])
+        assert "\ufffd" not in out.getvalue()
+    stream.finish()
+    assert out.getvalue() == tok.decode(ids) == text

