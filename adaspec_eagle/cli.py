@@ -20,7 +20,6 @@ COMMAND_MODULES = (
     "adaspec_eagle.generate_cli",
     "adaspec_eagle.bench",
     "adaspec_eagle.export",
-    "adaspec_eagle.bench_loss",
 )
 
 

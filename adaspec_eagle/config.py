@@ -33,15 +33,15 @@ class LossConfig:
     k: float = 0.4
     """Fraction of valid tokens kept by the AdaSPEC selection, in (0, 1]; k = 1 equals plain KD."""
     divergence: Literal["forward_kl", "reverse_kl", "tvd", "jsd"] = "forward_kl"
-    """Per-token divergence between target and draft; the seed uses forward KL(target || draft)."""
+    """Per-token divergence between target and draft; the AdaSPEC reference code uses forward KL(target || draft)."""
     beta: float = 0.5
     """JSD mixing weight in [0, 1] (only for divergence=jsd)."""
     temperature: float = 1.0
     """Softmax temperature applied to target, draft and reference logits (> 0)."""
     scope: Literal["batch", "global"] = "batch"
-    """Where the top-k threshold is taken: the micro-batch (the seed's) or all ranks' tokens together."""
+    """Where the top-k threshold is taken: the micro-batch (the AdaSPEC reference code's) or all ranks' tokens together."""
     reduction: Literal["num_items", "mean"] = "num_items"
-    """'num_items': sum over kept tokens / valid tokens in the batch (the seed's num_items_in_batch);
+    """'num_items': sum over kept tokens / valid tokens in the batch (the AdaSPEC reference code's num_items_in_batch);
     'mean': mean over kept tokens."""
     chunk_size: int = 1024
     """Tokens per chunk in the memory-efficient path (never three [tokens, vocab] fp32 tensors at once)."""

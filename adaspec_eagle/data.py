@@ -21,7 +21,7 @@ base models; loss on the assistant turns including their end-of-turn token) and 
 Sample convention: ``{"input_ids": LongTensor (T,), "loss_mask": BoolTensor (T,)}`` where ``loss_mask[t]`` is
 True when token ``t`` is a *target*: an assistant / answer token the model must predict. The logits that
 predict it sit at position ``t - 1``, so a loss over next-token logits uses ``loss_mask[:, 1:]`` against
-``logits[:, :-1]`` (`to_labels` gives the seed's ``labels`` with -100 instead).
+``logits[:, :-1]`` (`to_labels` gives the AdaSPEC reference code's ``labels`` with -100 instead).
 """
 
 from __future__ import annotations
@@ -741,7 +741,7 @@ def collate(samples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def to_labels(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """The seed's `labels`: input_ids where loss_mask, else -100 (B, T); HF models shift them internally."""
+    """The AdaSPEC reference code's `labels`: input_ids where loss_mask, else -100 (B, T); HF models shift them internally."""
     return input_ids.masked_fill(~loss_mask, IGNORE_INDEX)
 
 

@@ -2,12 +2,12 @@
 memory-efficient chunked path. Owns everything between "logits (or hidden states + lm_head)" and "scalar loss".
 
 Notation (AdaSPEC, Hu et al., NeurIPS 2025; the paper's text is not in this repository, so the equations are
-labelled (A1)-(A4) here and follow the seed README's "How AdaSPEC Works" and the seed code), per valid token t:
+labelled (A1)-(A4) here and follow the AdaSPEC README's "How AdaSPEC Works" and the AdaSPEC reference code), per valid token t:
   (A1) L_draft(t) = D(p_target(t) || p_draft(t)),   L_ref(t) = D(p_target(t) || p_ref(t))
   (A2) delta(t)   = L_draft(t) - L_ref(t)                      ("loss gap"; large = easy to learn)
   (A3) keep(t)    = delta(t) >= Quantile_{1-k}(delta over the selection scope)        (top-k fraction)
   (A4) loss       = sum_{kept t} L_draft(t) / num_items    or    mean_{kept t} L_draft(t)
-The seed (`AdaSPECTrainer.compute_loss`) uses D = forward KL(target || draft), the micro-batch as the scope,
+The AdaSPEC reference code (`AdaSPECTrainer.compute_loss`) uses D = forward KL(target || draft), the micro-batch as the scope,
 torch.quantile's linear interpolation, and `>=` so that *every* token tied with the threshold is kept (possibly
 more than a k fraction when deltas tie). We keep those semantics exactly.
 
@@ -31,11 +31,11 @@ Conventions
 - Temperature tau divides all three logits before the softmax; no tau**2 factor is applied (scale the loss
   yourself if you want Hinton's convention).
 - Only valid positions are read; NaN/inf there raises AdaspecError naming the tensor. Mask vocabulary entries
-  with a large finite negative value (e.g. -1e9), not -inf (the seed's formula gives NaN there too).
+  with a large finite negative value (e.g. -1e9), not -inf (the AdaSPEC reference code's formula gives NaN there too).
 - num_items (reduction "num_items"): defaults to this call's valid-token count. For exact gradient-accumulation
   and multi-rank invariance pass the global valid count of the optimizer step (sum over micro-batches and
   ranks); we do not multiply by the world size (the Trainer's `average_tokens_across_devices` does that).
-- Gradient accumulation: with scope "batch" the selection is per call, as in the seed. Hence splitting a batch
+- Gradient accumulation: with scope "batch" the selection is per call, as in the AdaSPEC reference code. Hence splitting a batch
   into micro-batches gives exactly the full-batch result for k = 1 (plain KD), and for k < 1 it equals the
   sum over micro-batches of each micro-batch's own top-k selection, normalised by the global num_items.
   Scope "global" takes the threshold over all ranks' tokens of the current call (torch.distributed all_gather,
@@ -102,7 +102,7 @@ def per_token_divergence(teacher_logits: Tensor, student_logits: Tensor, kind: s
     """Divergence between teacher (target) and student per token, computed in fp32 (differentiable).
 
     teacher_logits, student_logits: (N, V) any float dtype -> (N,) fp32.
-    kind: "forward_kl" KL(teacher||student) (the seed's, (A1)), "reverse_kl" KL(student||teacher),
+    kind: "forward_kl" KL(teacher||student) (the AdaSPEC reference code's, (A1)), "reverse_kl" KL(student||teacher),
     "tvd" (1/2 L1), "jsd" generalized JSD(beta) with m = beta p_teacher + (1-beta) p_student. As in GKD/TRL the
     endpoints are defined by their normalised limits: beta = 0 gives forward KL(teacher||student) (= lim
     JSD_beta / beta as beta -> 0) and beta = 1 gives reverse KL(student||teacher) (= lim JSD_beta / (1-beta)).
@@ -177,7 +177,7 @@ def select_topk(delta: Tensor, valid: Tensor, k: float, scope: str = "batch") ->
     """Keep the valid tokens whose delta is at least the (1 - k) quantile of the valid deltas (seed semantics).
 
     delta: (N,) float; valid: (N,) bool -> keep (N,) bool. Ties: every token equal to the threshold is kept (the
-    seed's `>=`), so more than a k fraction may be kept when deltas tie. No valid tokens -> all False.
+    the AdaSPEC reference code's `>=`), so more than a k fraction may be kept when deltas tie. No valid tokens -> all False.
     Non-finite valid deltas raise AdaspecError. Masked (invalid) tokens are never kept.
     """
     if delta.shape != valid.shape or delta.dim() != 1:

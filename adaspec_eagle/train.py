@@ -5,7 +5,7 @@ function of the step), gradient clipping, gradient accumulation with correct tok
 precision (Accelerator mixed_precision), the deterministic data order, atomic checkpoints with exact resume,
 the progress bar and TensorBoard logs. What a step computes is the caller's `loss_fn`.
 
-Normalisation (`reduction='num_items'`, the seed's `num_items_in_batch`). One optimizer step sees `grad_accum`
+Normalisation (`reduction='num_items'`, the AdaSPEC reference code's `num_items_in_batch`). One optimizer step sees `grad_accum`
 micro-batches on each of `world` processes. The loop counts the valid tokens N of all of them (all-reduced) and
 passes `num_items = N / (world * grad_accum)` to `loss_fn`, which returns sum(per-token loss) / num_items.
 `accelerator.backward` divides by grad_accum and DDP averages over ranks, so the gradient is exactly that of

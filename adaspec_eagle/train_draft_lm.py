@@ -7,7 +7,7 @@ Stages (one command or stage by stage, each written to OUT/<stage> and skipped w
              plain KD at the same budget (`--loss kd`, the DistillSpec baseline, OUT/kd).
 
 Alignment: logits at position t predict token t+1; a position counts when token t+1 is a target token
-(`loss_mask[:, 1:]`, the seed's labels shifted by one). Logits are cut to the vocabulary both models share
+(`loss_mask[:, 1:]`, the AdaSPEC reference code's labels shifted by one). Logits are cut to the vocabulary both models share
 (embedding tables may carry different padding rows).
 """
 

@@ -8,16 +8,18 @@
 #                                           # else cloned from GitHub at the pinned commit)
 #   bash scripts/engines.sh all
 #
-# First, in the project's venv (`bash scripts/run.sh setup`), scripts/engines/prepare.py writes .engines/work/:
+# First, in the project's venv (.venv, which `bash scripts/run.sh test` makes), scripts/engines/prepare.py writes
+# .engines/work/:
 # the bundled SmolLM2-135M as a plain model folder, the heads under test and their exports, and our engine's
 # numbers on the same prompts. The EAGLE-3 head is trained here first (recipes/heads/smollm2-135m-eagle3.yaml on
-# the target's own answers from docs/records/heads/answers.jsonl.xz, a few minutes) unless E3_HEAD names one.
+# the target's own answers from docs/records/heads/answers.jsonl.xz; about 18 minutes here) unless E3_HEAD names one.
 # Each check prints what it compared and writes .engines/work/ENGINE.json; exit 1 when a check fails.
-# Time and disk on a 2-core x86 CPU: see the README's export section.
+# ENGINES_DIR puts the venvs elsewhere (default .engines); WORK the shared work folder (default $ENGINES_DIR/work).
+# Time and disk on a 2-core x86 CPU: see the README, "Run in the engines themselves".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-ENG=$ROOT/.engines
+ENG=${ENGINES_DIR:-$ROOT/.engines}
 WORK=${WORK:-$ENG/work}
 EAGLE_COMMIT=cb7e0848
 PY=${PYTHON:-python3}
@@ -73,7 +75,10 @@ prepare() {
     python scripts/engines/prepare.py --work "$WORK" --e3 "$e3"
 }
 
-[ -n "${VIRTUAL_ENV:-}" ] || { [ -f .venv/bin/activate ] && . .venv/bin/activate; }
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+    [ -f .venv/bin/activate ] || { echo "no project venv: run 'bash scripts/run.sh test' first (it makes .venv)" >&2; exit 2; }
+    . .venv/bin/activate
+fi
 what=${1:-all}
 case $what in
     vllm|sglang|eagle|all) ;;

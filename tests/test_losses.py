@@ -1,4 +1,4 @@
-"""Tests of adaspec_eagle.losses: the seed's compute_loss transcribed as the oracle, divergence properties,
+"""Tests of adaspec_eagle.losses: the AdaSPEC reference code's compute_loss transcribed as the oracle, divergence properties,
 selection semantics, reductions under gradient accumulation, edge cases, and the chunked hidden-state path."""
 
 import math
@@ -19,10 +19,10 @@ from adaspec_eagle.losses import (
     select_topk,
 )
 
-from adaspec_eagle.bench_loss import IGNORE_INDEX
+from _reference_loss import IGNORE_INDEX
 # The oracle: the body of AdaSPECTrainer.compute_loss (seed/AdaSPEC-README.md) transcribed once, with the model
-# outputs replaced by given logits and the DeepSpeed/world-size scaling left out; bench-loss times the same function.
-from adaspec_eagle.bench_loss import seed_loss as seed_compute_loss
+# outputs replaced by given logits and the DeepSpeed/world-size scaling left out; scripts/bench_loss.py times the same function.
+from _reference_loss import reference_loss as seed_compute_loss
 KINDS = ("forward_kl", "reverse_kl", "tvd", "jsd")
 
 
@@ -41,7 +41,7 @@ def make_batch(B=3, T=19, V=37, seed=0, dtype=torch.float32):
 
 
 def ours(student, target, ref, labels, cfg, num_items=None):
-    """Our loss on the same raw (unshifted) inputs as the seed: the caller shifts."""
+    """Our loss on the same raw (unshifted) inputs as the AdaSPEC reference code: the caller shifts."""
     return adaspec_loss(student[:, :-1], target[:, :-1], None if ref is None else ref[:, :-1],
                         labels[:, 1:] != IGNORE_INDEX, cfg, num_items)
 
@@ -204,7 +204,7 @@ def test_quantile_fallback_equals_torch_quantile():
 def test_quantile_over_torch_limit():
     m = QUANTILE_MAX_ELEMENTS + 3
     with pytest.raises(RuntimeError):
-        torch.quantile(torch.zeros(m), 0.5)  # the seed's failure this path avoids
+        torch.quantile(torch.zeros(m), 0.5)  # the AdaSPEC reference code's failure this path avoids
     ordered = torch.arange(m, dtype=torch.float32)  # sorted oracle (above 2**24 float32 rounds: a few ties)
     x = ((torch.arange(m) * 7919) % m).float()  # a permutation of 0..m-1 (gcd(7919, m) = 1), cheaper than randperm
     keep = select_topk(x, torch.ones(m, dtype=torch.bool), 0.4)
@@ -248,8 +248,8 @@ def test_masked_tokens_never_selected_and_get_zero_grad():
 
 def test_gradient_accumulation_split():
     """With num_items = the step's global valid count, splitting a batch into micro-batches is exact for k = 1
-    (KD). For k < 1 the selection is per micro-batch (scope 'batch', as in the seed), so the accumulated loss
-    and gradient equal the sum over micro-batches of the seed formula applied per micro-batch."""
+    (KD). For k < 1 the selection is per micro-batch (scope 'batch', as in the AdaSPEC reference code), so the accumulated loss
+    and gradient equal the sum over micro-batches of the reference formula applied per micro-batch."""
     student, target, ref, labels = make_batch(B=4, seed=9)
     n_global = int((labels[:, 1:] != IGNORE_INDEX).sum())
     for k in (1.0, 0.4):
@@ -276,7 +276,7 @@ def test_gradient_accumulation_split():
 def test_empty_batch_gives_connected_zero_loss():
     student, target, ref, labels = make_batch(seed=10)
     labels[:] = IGNORE_INDEX
-    with pytest.raises(RuntimeError):  # the seed's torch.quantile raises on empty input
+    with pytest.raises(RuntimeError):  # the AdaSPEC reference code's torch.quantile raises on empty input
         seed_compute_loss(student, target, ref, labels, 0.4, 10)
     for reduction, num_items in (("num_items", None), ("num_items", 5), ("mean", None)):
         student.grad = None

@@ -95,6 +95,24 @@ def main() -> int:
               f"prompts; tau {tau:.3f} (ours, same tree: {ours:.3f}); weights not loaded: {bad or 'none'}: "
               f"{'OK' if row['ok'] else 'FAIL'}", flush=True)
         del model
+    if "e3" in report["heads"]:  # negative control: the EAGLE-3 export as it was, with target_hidden_size
+        import shutil
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            broken = Path(tmp) / "eagle3-e3"
+            shutil.copytree(work / "export" / "eagle3-e3", broken)
+            cfg = json.loads((broken / "config.json").read_text())
+            (broken / "config.json").write_text(json.dumps({**cfg, "target_hidden_size": cfg["hidden_size"]}))
+            model = EaModel.from_pretrained(base_model_path=str(work / "target"), ea_model_path=str(broken),
+                                            use_eagle3=True, total_token=tree["total_token"], depth=tree["depth"],
+                                            top_k=tree["top_k"], torch_dtype=torch.float32)
+            bad = loaded_weights_match(model.eval(), broken)
+        report["negative_control"] = {"config": "target_hidden_size written", "weights_not_loaded": bad,
+                                      "caught": bool(bad)}
+        ok &= bool(bad)
+        print(f"EAGLE negative control (the old EAGLE-3 export's target_hidden_size): {bad or 'nothing wrong'}; the "
+              f"check {'catches it' if bad else 'DOES NOT catch it'}", flush=True)
     (work / "eagle.json").write_text(json.dumps(report, indent=2))
     print("EAGLE: all checks passed" if ok else "EAGLE: FAILED")
     return 0 if ok else 1

@@ -59,6 +59,11 @@ def eagle_rows(r: dict) -> list[str]:
         rows.append(f"| {HEADS[name]} | `eagenerate` identical to `naivegenerate`: {h['identical']}/{h['prompts']} "
                     f"prompts; weights not loaded: {', '.join(h['weights_not_loaded']) or 'none'}; tau "
                     f"{h['tau']:.3f} (ours, same tree: {h['ours_tree_tau']:.3f}) |")
+    neg = r.get("negative_control")
+    if neg:
+        rows.append(f"| control: EAGLE-3 config with `target_hidden_size` | "
+                    f"{', '.join(neg['weights_not_loaded']) or 'nothing wrong found'}: "
+                    f"{'caught' if neg['caught'] else '**not caught**'} |")
     return rows
 
 

@@ -1,5 +1,7 @@
-"""`adaspec-eagle bench-loss`: the seed's AdaSPEC loss formula (transcribed below as the baseline) against ours
+"""The AdaSPEC reference code's loss formula (`tests/_reference_loss.py`, the tests' oracle) against ours
 (`losses.adaspec_loss`) on the same random inputs in one run: forward+backward time and peak extra memory.
+
+    python scripts/bench_loss.py            # CPU defaults; --device cuda on a GPU, --json for a record
 
 Measurements
 - time: median wall time of `--reps` forward+backward runs after `--warmup` runs (CUDA synchronised).
@@ -10,8 +12,8 @@ Measurements
   exact (no sampling). Where clear_refs is unavailable, RSS is sampled every 0.5 ms in a thread (psutil) and the
   report says so. The student-logits gradient counts as extra memory for both.
 - On a CPU shared with other busy processes every multi-threaded op pays for waking its threads; ours runs
-  more (smaller) ops than the seed, so `--threads 1` gives the cleaner comparison there.
-Both losses see the raw model outputs (B, T, V) and labels (B, T) with -100 on prompt tokens; the seed shifts
+  more (smaller) ops than the AdaSPEC reference code, so `--threads 1` gives the cleaner comparison there.
+Both losses see the raw model outputs (B, T, V) and labels (B, T) with -100 on prompt tokens; the AdaSPEC reference code shifts
 inside, ours receives the unshifted logits with the shifted mask (last position False), which is the same loss.
 """
 
@@ -26,49 +28,18 @@ import sys
 import threading
 import time
 
+from pathlib import Path
+
 import torch
-import torch.nn.functional as F
-from torch.nn import KLDivLoss
 
-from . import AdaspecError
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-IGNORE_INDEX = -100
+from _reference_loss import IGNORE_INDEX, reference_loss  # noqa: E402
+
+from adaspec_eagle import AdaspecError  # noqa: E402
 DEFAULTS = {"cpu": dict(B=4, T=512, V=49152, dtype="float32", chunk=256),
             "cuda": dict(B=16, T=512, V=51200, dtype="bfloat16", chunk=256)}
-
-
-def seed_loss(logits, target_logits, ref_logits, full_labels, k, num_items_in_batch=None):
-    """Baseline: the body of the seed's AdaSPECTrainer.compute_loss with the model calls replaced by logits."""
-    labels = full_labels[:, 1:]
-    loss_fct = KLDivLoss(reduction="none")
-    shift_logits = logits[..., :-1, :].contiguous()
-    shift_target_logits = target_logits[..., :-1, :].contiguous()
-    shift_ref_logits = ref_logits[..., :-1, :].contiguous()
-    shift_logits = shift_logits.view(-1, shift_logits.shape[-1])
-    shift_target_logits = shift_target_logits.view(-1, shift_target_logits.shape[-1])
-    shift_ref_logits = shift_ref_logits.view(-1, shift_ref_logits.shape[-1])
-    mask = labels.ne(IGNORE_INDEX).flatten().unsqueeze(-1)
-    shift_logits = torch.masked_select(shift_logits, mask=mask).view(-1, shift_logits.shape[-1])
-    shift_target_logits = torch.masked_select(shift_target_logits, mask=mask).view(-1, shift_target_logits.shape[-1])
-    shift_ref_logits = torch.masked_select(shift_ref_logits, mask=mask).view(-1, shift_ref_logits.shape[-1])
-    shift_logits = shift_logits.float()
-    shift_target_logits = shift_target_logits.float()
-    shift_ref_logits = shift_ref_logits.float()
-    p = F.softmax(shift_target_logits, dim=-1)
-    q_log = F.log_softmax(shift_logits, dim=-1)
-    actual = loss_fct(q_log, p)
-    q_log = F.log_softmax(shift_ref_logits, dim=-1)
-    ref = loss_fct(q_log, p)
-    actual = actual.sum(dim=-1)
-    ref = ref.sum(dim=-1)
-    delta = actual - ref
-    mask = delta >= torch.quantile(delta, 1 - k, dim=0, keepdim=True)
-    if num_items_in_batch is not None:
-        loss = torch.masked_select(actual, mask=mask).sum()
-        loss = loss / num_items_in_batch
-    else:
-        loss = torch.masked_select(actual, mask=mask).mean()
-    return loss
 
 
 # ------------------------------------------------------------------------------------------------ CPU memory
@@ -155,8 +126,8 @@ def make_inputs(B, T, V, dtype, device, seed=0, prompt_frac=0.25):
 
 
 def run_bench(B, T, V, k=0.4, dtype="float32", device="cpu", chunk_size=256, reps=5, warmup=1, seed=0) -> dict:
-    from .config import LossConfig
-    from .losses import adaspec_loss
+    from adaspec_eagle.config import LossConfig
+    from adaspec_eagle.losses import adaspec_loss
 
     if device == "cuda" and not torch.cuda.is_available():
         raise AdaspecError("--device cuda requested but CUDA is not available: use --device cpu.")
@@ -167,7 +138,7 @@ def run_bench(B, T, V, k=0.4, dtype="float32", device="cpu", chunk_size=256, rep
     n_valid = int(mask.sum())
     cfg = LossConfig(kind="adaspec", k=k, reduction="num_items", chunk_size=chunk_size)
     methods = {
-        "seed": lambda: seed_loss(student, target, ref, labels, k, n_valid),
+        "reference": lambda: reference_loss(student, target, ref, labels, k, n_valid),
         "ours": lambda: adaspec_loss(student, target, ref, mask, cfg, n_valid)[0],
     }
     cuda = device == "cuda"
@@ -214,9 +185,9 @@ def run_bench(B, T, V, k=0.4, dtype="float32", device="cpu", chunk_size=256, rep
             times.append(time.perf_counter() - t0)
         result[name] = {"time_ms": 1000 * statistics.median(times), "peak_extra_bytes": int(peak),
                         "loss": losses[name]}
-    result["time_ratio"] = result["ours"]["time_ms"] / result["seed"]["time_ms"]
-    result["memory_ratio"] = result["ours"]["peak_extra_bytes"] / max(1, result["seed"]["peak_extra_bytes"])
-    result["loss_rel_diff"] = abs(losses["ours"] - losses["seed"]) / max(abs(losses["seed"]), 1e-30)
+    result["time_ratio"] = result["ours"]["time_ms"] / result["reference"]["time_ms"]
+    result["memory_ratio"] = result["ours"]["peak_extra_bytes"] / max(1, result["reference"]["peak_extra_bytes"])
+    result["loss_rel_diff"] = abs(losses["ours"] - losses["reference"]) / max(abs(losses["reference"]), 1e-30)
     return result
 
 
@@ -227,11 +198,11 @@ def format_report(r: dict) -> str:
              f" median of {r['reps']} after {r['warmup']} warm-up",
              f"memory: {r['memory_method']}",
              f"{'':8}{'fwd+bwd time':>14}{'peak extra memory':>20}{'loss':>14}"]
-    for name in ("seed", "ours"):
+    for name in ("reference", "ours"):
         m = r[name]
         lines.append(f"{name:8}{m['time_ms']:>11.1f} ms{m['peak_extra_bytes'] / gib:>16.3f} GiB{m['loss']:>14.6f}")
-    lines.append(f"{'ratio':8}{r['time_ratio']:>13.3f}x{r['memory_ratio']:>19.3f}x   (ours / seed)")
-    lines.append(f"loss relative difference ours vs seed: {r['loss_rel_diff']:.2e}")
+    lines.append(f"{'ratio':8}{r['time_ratio']:>13.3f}x{r['memory_ratio']:>19.3f}x   (ours / reference)")
+    lines.append(f"loss relative difference ours vs reference: {r['loss_rel_diff']:.2e}")
     return "\n".join(lines)
 
 
@@ -250,9 +221,8 @@ def cmd_bench_loss(args) -> int:
     return 0
 
 
-def register_cli(sub) -> None:
-    p = sub.add_parser("bench-loss", help="time and peak memory of the seed's AdaSPEC loss vs ours (fwd+bwd)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-B", "--batch-size", type=int, help="sequences (default: 4 on CPU, 16 on CUDA)")
     p.add_argument("-T", "--seq-len", type=int, help="tokens per sequence (default 512)")
     p.add_argument("-V", "--vocab", type=int, help="vocabulary size (default: 49152 on CPU, 51200 on CUDA)")
@@ -266,4 +236,12 @@ def register_cli(sub) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(func=cmd_bench_loss)
+    try:
+        return cmd_bench_loss(p.parse_args(argv))
+    except AdaspecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
