@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from . import AdaspecError
+from adaspec_eagle import AdaspecError
 
 
 def _check(cond: bool, key: str, value: Any, expected: str) -> None:
@@ -407,7 +407,7 @@ def load_yaml(text: str, what: str):
 
 def load_recipe(cls, path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None):
     """Defaults of `cls`, then the YAML at `path`, then `key=value` overrides; validated."""
-    from .io import read_text
+    from adaspec_eagle.io import read_text
 
     data: dict = {}
     if path is not None:
@@ -431,7 +431,7 @@ def to_dict(cfg) -> dict:
 
 def save_resolved(cfg, folder: str | os.PathLike, name: str = "config.yaml") -> Path:
     """Write the resolved config next to an output (atomically)."""
-    from .io import atomic_write
+    from adaspec_eagle.io import atomic_write
 
     path = Path(folder) / name
     atomic_write(path, yaml.safe_dump(json.loads(json.dumps(to_dict(cfg))), sort_keys=False, allow_unicode=True))
@@ -454,7 +454,7 @@ def claim_output_dir(folder: str | os.PathLike, cfg, overwrite: bool = False, co
     unless `overwrite`, which empties that run's folder; and a folder another live process is writing to (an
     exclusive lock, so two runs never interleave). The same config resumes. Only the main process of a
     distributed launch checks and locks."""
-    from .io import check_output_folder, empty_folder, mark_output_folder, output_lock
+    from adaspec_eagle.io import check_output_folder, empty_folder, mark_output_folder, output_lock
 
     folder = Path(folder)
     main_process = int(os.environ.get("RANK", "0")) == 0

@@ -19,7 +19,7 @@ import time
 import uuid
 from pathlib import Path
 
-from . import AdaspecError
+from adaspec_eagle import AdaspecError
 
 MARKER = ".adaspec-eagle"
 """Marker file of a folder adaspec-eagle made (JSON: what made it, when)."""

@@ -127,7 +127,7 @@ def make_inputs(B, T, V, dtype, device, seed=0, prompt_frac=0.25):
 
 def run_bench(B, T, V, k=0.4, dtype="float32", device="cpu", chunk_size=256, reps=5, warmup=1, seed=0) -> dict:
     from adaspec_eagle.config import LossConfig
-    from adaspec_eagle.losses import adaspec_loss
+    from adaspec_eagle.training.losses import adaspec_loss
 
     if device == "cuda" and not torch.cuda.is_available():
         raise AdaspecError("--device cuda requested but CUDA is not available: use --device cpu.")

@@ -15,10 +15,10 @@ import argparse
 import json
 from pathlib import Path
 
-from adaspec_eagle.features import open_cache
-from adaspec_eagle.heads import load_head
+from adaspec_eagle.training.features import open_cache
+from adaspec_eagle.models.heads import load_head
 from adaspec_eagle.models import load_model
-from adaspec_eagle.train_head import evaluate_head
+from adaspec_eagle.training.head import evaluate_head
 
 
 def main() -> int:

@@ -48,7 +48,7 @@ def samples_for(tok, n: int, max_length: int, answers: str | None):
     cfg = DataConfig(dataset="sharegpt", max_length=max_length, holdout=256, num_samples=n)
     examples = None
     if answers:
-        from adaspec_eagle.regen import cached_answer_examples
+        from adaspec_eagle.data.regen import cached_answer_examples
 
         examples = cached_answer_examples(cfg, tok, answers)
     return list(build_dataset(cfg, tok, "train", examples))[:n]
@@ -56,11 +56,11 @@ def samples_for(tok, n: int, max_length: int, answers: str | None):
 
 def cmd_train(a) -> None:
     from adaspec_eagle.config import HeadConfig, LossConfig, OptimConfig, TrainConfig
-    from adaspec_eagle.features import build_cache, open_cache, pad_batch
-    from adaspec_eagle.heads import build_head
+    from adaspec_eagle.training.features import build_cache, open_cache, pad_batch
+    from adaspec_eagle.models.heads import build_head
     from adaspec_eagle.models import load_model
-    from adaspec_eagle.train import make_accelerator, train
-    from adaspec_eagle.train_head import head_loss, head_valid_mask, restricted_vocab, training_token_counts
+    from adaspec_eagle.training.loop import make_accelerator, train
+    from adaspec_eagle.training.head import head_loss, head_valid_mask, restricted_vocab, training_token_counts
 
     target, tok = load_model(a.target)
     target.requires_grad_(False).eval()
@@ -110,7 +110,7 @@ def cmd_regen(a) -> None:
     from adaspec_eagle.config import DataConfig
     from adaspec_eagle.data import load_examples, split_order
     from adaspec_eagle.models import load_model
-    from adaspec_eagle.regen import regenerate
+    from adaspec_eagle.data.regen import regenerate
 
     target, tok = load_model(a.target)
     cfg = DataConfig(dataset="sharegpt", max_length=a.max_length, holdout=256)

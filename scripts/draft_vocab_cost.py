@@ -15,11 +15,11 @@ import argparse
 
 import torch
 
-from adaspec_eagle.bench import load_suite
+from adaspec_eagle.bench.runner import load_suite
 from adaspec_eagle.config import DataConfig, TreeConfig
-from adaspec_eagle.heads import load_head
+from adaspec_eagle.models.heads import load_head
 from adaspec_eagle.models import load_model
-from adaspec_eagle.speculative import HeadDrafter, speculative_generate
+from adaspec_eagle.engine.speculative import HeadDrafter, speculative_generate
 
 
 def coverage(head, tok, sizes, holdout: int) -> None:

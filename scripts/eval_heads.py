@@ -21,12 +21,12 @@ import torch
 
 from adaspec_eagle.config import DataConfig
 from adaspec_eagle.data import build_dataset, split_order
-from adaspec_eagle.features import build_cache, open_cache
-from adaspec_eagle.heads import load_head
+from adaspec_eagle.training.features import build_cache, open_cache
+from adaspec_eagle.models.heads import load_head
 from adaspec_eagle.models import load_model
-from adaspec_eagle.regen import cached_answer_examples
-from adaspec_eagle.speculative import DEFAULT_DRAFT_VOCAB
-from adaspec_eagle.train_head import CHAIN_GAMMA, evaluate_head, restricted_vocab
+from adaspec_eagle.data.regen import cached_answer_examples
+from adaspec_eagle.engine.speculative import DEFAULT_DRAFT_VOCAB
+from adaspec_eagle.training.head import CHAIN_GAMMA, evaluate_head, restricted_vocab
 
 
 def main() -> int:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adaspec_eagle import train_head  # noqa: E402
+from adaspec_eagle.training import head as train_head  # noqa: E402
 from adaspec_eagle.config import HeadRecipe, load_recipe  # noqa: E402
 
 # (name, stage, reference run, overrides): in priority order. Names starting "s" are the shipped candidates.

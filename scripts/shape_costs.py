@@ -10,7 +10,7 @@ under every `accelerate launch` config (DDP, ZeRO-2, ZeRO-3, FSDP).
 
 Each prints one JSON line (and appends it to --out). Random weights give the real step costs, not real
 acceptance. Timings are medians of repeats after a warm-up, with CUDA synchronised. On a CPU in fp32 the engine's
-forwards use `adaspec_eagle.kernels` (small-batch linear layers); `ADASPEC_SMALL_BATCH_LINEAR=0` measures
+forwards use `adaspec_eagle.engine.linear_routing` (small-batch linear layers); `ADASPEC_SMALL_BATCH_LINEAR=0` measures
 PyTorch's stock `F.linear` instead (the JSON line says which).
 """
 
@@ -70,11 +70,11 @@ def _median_s(fn, device, repeats: int) -> float:
 
 
 def cmd_infer(args) -> dict:
-    from adaspec_eagle import kernels
+    from adaspec_eagle.engine import linear_routing
     from adaspec_eagle.config import HeadConfig, TreeConfig
-    from adaspec_eagle.heads import build_head
-    from adaspec_eagle.speculative import HeadDrafter, measure_verify_cost
-    from adaspec_eagle.tree import build_tree
+    from adaspec_eagle.models.heads import build_head
+    from adaspec_eagle.engine.speculative import HeadDrafter, measure_verify_cost
+    from adaspec_eagle.engine.tree import build_tree
 
     dtype, device = DTYPES[args.dtype], args.device
     target = build_target(args.shape, dtype, device)
@@ -102,7 +102,7 @@ def cmd_infer(args) -> dict:
         drafter.add_features(features)
         return drafter.root_logits(seq)
 
-    with kernels.small_batch_linears(target, head):  # the head's products as the engine runs them
+    with linear_routing.small_batch_linears(target, head):  # the head's products as the engine runs them
         root_logits = prefill()
         top = root_logits.float().topk(8).indices.cpu()
 
@@ -121,17 +121,17 @@ def cmd_infer(args) -> dict:
         prefill_s = _median_s(prefill, device, args.repeats)
         row[f"draft_tree_d{args.depth}_ms"] = round(1e3 * (_median_s(draft_tree, device, args.repeats) - prefill_s), 3)
     row.update(shape=args.shape, dtype=args.dtype, device=_device_name(device), context=args.context,
-               small_batch_linear=kernels.enabled(),
+               small_batch_linear=linear_routing.enabled(),
                tree=f"depth {args.depth}, top-8, {args.tree_tokens} tokens")
     return row
 
 
 def cmd_train(args) -> dict:
     from adaspec_eagle.config import HeadConfig, LossConfig, OptimConfig, TrainConfig
-    from adaspec_eagle.features import pad_batch
-    from adaspec_eagle.heads import build_head
-    from adaspec_eagle.train import make_accelerator, prepare_frozen, train
-    from adaspec_eagle.train_head import head_loss, head_valid_mask
+    from adaspec_eagle.training.features import pad_batch
+    from adaspec_eagle.models.heads import build_head
+    from adaspec_eagle.training.loop import make_accelerator, prepare_frozen, train
+    from adaspec_eagle.training.head import head_loss, head_valid_mask
 
     tcfg = TrainConfig(batch_size=args.batch, max_steps=args.steps, precision=args.dtype, save_every=10 ** 6,
                        log_every=1)

@@ -1,5 +1,8 @@
 """Helpers shared by test files (tests/ is on sys.path under pytest's default import mode)."""
 
+import json
+import random
+
 import torch
 
 
@@ -13,3 +16,16 @@ def samples(n=8, T=24, seed=0, vocab=102):
         mask[length // 2:] = True
         out.append({"input_ids": torch.randint(5, vocab, (length,), generator=g), "loss_mask": mask})
     return out
+
+
+def chat_file(path, n=24, seed=0, assistant=True):
+    """A JSONL file of n short random chats (user turn, then an assistant turn unless `assistant=False`)."""
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "one", "two", "three", "yes", "no", "maybe"]
+    with open(path, "w") as f:
+        for _ in range(n):
+            msgs = [{"role": "user", "content": " ".join(rng.choices(words, k=4))}]
+            if assistant:
+                msgs.append({"role": "assistant", "content": " ".join(rng.choices(words, k=8))})
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    return str(path)

@@ -1,5 +1,5 @@
 """The AdaSPEC loss exactly as the AdaSPEC reference code computes it (`AdaSPECTrainer.compute_loss`, with the
-model calls replaced by given logits): the oracle the tests hold `adaspec_eagle.losses` to, and the baseline
+model calls replaced by given logits): the oracle the tests hold `adaspec_eagle.training.losses` to, and the baseline
 `scripts/bench_loss.py` times."""
 
 import torch

@@ -18,8 +18,8 @@ from adaspec_eagle import AdaspecError
 from adaspec_eagle.cli import main
 from adaspec_eagle.config import DraftLMRecipe, HeadConfig, HeadRecipe, load_recipe
 from adaspec_eagle.export import export_head
-from adaspec_eagle.features import build_cache, open_cache
-from adaspec_eagle.heads import build_head, load_head, save_head
+from adaspec_eagle.training.features import build_cache, open_cache
+from adaspec_eagle.models.heads import build_head, load_head, save_head
 from adaspec_eagle.io import MARKER
 from adaspec_eagle.models import load_model, tiny_model
 from _helpers import samples
@@ -43,14 +43,16 @@ def snapshot(path: Path) -> dict:
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Fail the test if a model starts loading: every check must come first."""
-    import adaspec_eagle.draft_lm
     import adaspec_eagle.models
-    import adaspec_eagle.train_draft_lm
+    import adaspec_eagle.models.draft_lm
+    import adaspec_eagle.models.registry
+    import adaspec_eagle.training.draft_lm
 
     def refuse(*a, **kw):
         raise AssertionError("a model was loaded before the arguments were checked")
 
-    for module in (adaspec_eagle.models, adaspec_eagle.draft_lm, adaspec_eagle.train_draft_lm):
+    for module in (adaspec_eagle.models, adaspec_eagle.models.registry, adaspec_eagle.models.draft_lm,
+                   adaspec_eagle.training.draft_lm):
         monkeypatch.setattr(module, "load_model", refuse)
 
 
@@ -237,7 +239,7 @@ def test_empty_stage_list_is_refused(capsys, no_model_load):
 
 def test_loss_flag_and_recipe_agree(tmp_path, monkeypatch):
     """--loss sets loss.kind (so the saved config says what ran); without it the recipe's loss.kind holds."""
-    import adaspec_eagle.train_draft_lm as tdl
+    import adaspec_eagle.training.draft_lm as tdl
 
     seen = {}
     monkeypatch.setattr(tdl, "run", lambda cfg, loss_kind, overwrite: seen.update(cfg=cfg, kind=loss_kind) or {})
@@ -335,7 +337,7 @@ def test_fuzz_recipe_loader_refuses_clearly(tmp_path):
 def test_benchmark_results_on_a_full_disk_are_printed_not_lost(tmp_path, capsys, monkeypatch):
     import errno
 
-    import adaspec_eagle.bench as bench
+    import adaspec_eagle.bench.runner as bench
 
     def full(record, out):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -18,12 +18,12 @@ from adaspec_eagle import AdaspecError
 from adaspec_eagle.cli import main
 from adaspec_eagle.config import HeadConfig, HeadRecipe, LossConfig, OptimConfig, TrainConfig, load_recipe
 from adaspec_eagle.io import output_lock
-from _helpers import samples
-from adaspec_eagle.features import pad_batch
-from adaspec_eagle.heads import build_head
+from _helpers import chat_file, samples
+from adaspec_eagle.training.features import pad_batch
+from adaspec_eagle.models.heads import build_head
 from adaspec_eagle.models import tiny_model
-from adaspec_eagle.train import TrainingInterrupted, latest_checkpoint, train
-from adaspec_eagle.train_head import head_loss, head_valid_mask, run_pipeline
+from adaspec_eagle.training.loop import TrainingInterrupted, latest_checkpoint, train
+from adaspec_eagle.training.head import head_loss, head_valid_mask, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes" / "heads" / "tiny.yaml")
@@ -67,17 +67,6 @@ def on_call(loss_fn, n, action):
         return (action(loss) if calls["n"] == n else loss), stats
 
     return wrapped
-
-
-def chat_file(path, n=24, seed=0):
-    rng = random.Random(seed)
-    words = ["alpha", "beta", "gamma", "delta", "one", "two", "three", "yes", "no", "maybe"]
-    with open(path, "w") as f:
-        for _ in range(n):
-            f.write(json.dumps({"messages": [{"role": "user", "content": " ".join(rng.choices(words, k=4))},
-                                             {"role": "assistant", "content": " ".join(rng.choices(words, k=8))}]})
-                    + "\n")
-    return str(path)
 
 
 def head_overrides(data, out, steps=4, save_every=2):
@@ -315,7 +304,7 @@ def test_two_runs_into_one_output_folder_refuse_rather_than_interleave(tmp_path,
 
 
 def test_fixed_seed_gives_identical_losses_and_greedy_generations(tmp_path):
-    from adaspec_eagle.speculative import HeadDrafter, plain_generate, speculative_generate
+    from adaspec_eagle.engine.speculative import HeadDrafter, plain_generate, speculative_generate
 
     a = run_train(*setup_head(), tmp_path / "a", max_steps=4)
     b = run_train(*setup_head(), tmp_path / "b", max_steps=4)
@@ -393,7 +382,7 @@ def test_memory_stays_flat_over_a_long_generation_run():
     import gc
 
     from adaspec_eagle.config import TreeConfig
-    from adaspec_eagle.speculative import DraftLMDrafter, speculative_generate
+    from adaspec_eagle.engine.speculative import DraftLMDrafter, speculative_generate
 
     target = tiny_model("llama", seed=0)
     drafter = DraftLMDrafter(tiny_model("llama", seed=1, num_layers=1))

@@ -30,12 +30,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from adaspec_eagle.bench import load_suite  # noqa: E402
+from adaspec_eagle.bench.runner import load_suite  # noqa: E402
 from adaspec_eagle.config import TreeConfig  # noqa: E402
 from adaspec_eagle.export import export_head  # noqa: E402
-from adaspec_eagle.heads import load_head, save_head  # noqa: E402
+from adaspec_eagle.models.heads import load_head, save_head  # noqa: E402
 from adaspec_eagle.models import load_model, target_forward_features  # noqa: E402
-from adaspec_eagle.speculative import HeadDrafter, speculative_generate  # noqa: E402
+from adaspec_eagle.engine.speculative import HeadDrafter, speculative_generate  # noqa: E402
 
 FORMATS = {"kd": ("vllm", "sglang", "eagle"), "kd-bias": ("vllm", "sglang", "eagle"),
            "e3": ("vllm", "sglang", "eagle3"), "e3-full": ("vllm", "sglang", "eagle3")}

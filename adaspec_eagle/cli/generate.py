@@ -1,0 +1,186 @@
+"""`adaspec-eagle generate`: speculative generation from the command line, streaming the text and ending with
+the step statistics.
+
+    adaspec-eagle generate --target smollm2-135m --draft-lm layers=10 "Write a haiku about the sea"
+    adaspec-eagle generate --target smollm2-135m --head runs/head/draft --total-tokens auto "Hello"
+    adaspec-eagle generate --target smollm2-135m --lookup-tokens 10 "Fix the bug in: ..."   # prompt lookup alone
+"""
+
+from __future__ import annotations
+
+import sys
+
+from adaspec_eagle import AdaspecError
+
+
+def _prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
+    if chat and getattr(tokenizer, "chat_template", None):
+        enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True)
+        return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+    return tokenizer(prompt)["input_ids"]
+
+
+class Streamer:
+    """Prints the decoded text as tokens arrive. The whole output is decoded each time (so characters that span
+    tokens render), and a trailing U+FFFD, a character whose bytes have not all arrived, is held back until they
+    have; `finish` prints whatever is left."""
+
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.out, self.ids, self.printed = tokenizer, out or sys.stdout, [], ""
+
+    def _emit(self, text: str) -> None:
+        if text.startswith(self.printed) and len(text) > len(self.printed):
+            self.out.write(text[len(self.printed):])
+            self.out.flush()
+            self.printed = text
+
+    def __call__(self, tokens: list[int]) -> None:
+        self.ids.extend(tokens)
+        self._emit(self.tokenizer.decode(self.ids, skip_special_tokens=True).rstrip("\ufffd"))
+
+    def finish(self) -> None:
+        self._emit(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+
+def format_stats(stats: dict) -> str:
+    lines = [
+        f"steps {stats['steps']}  new tokens {stats['new_tokens']}  tau {stats['tau']:.2f} tokens/forward  "
+        f"draft acceptance {stats['draft_acceptance']:.1%} ({stats['accepted_drafts']}/{stats['drafted_tokens']})",
+        f"time {stats['total_time_s']:.2f}s = prefill {stats['prefill_time_s']:.2f}s + draft "
+        f"{stats['draft_time_s']:.2f}s + verify {stats['verify_time_s']:.2f}s  ->  {stats['tokens_per_s']:.1f} tok/s",
+    ]
+    if "tree" in stats:
+        lines.append(f"tree {stats['tree']}")
+    if stats.get("lookup_drafted"):
+        lines.append(f"prompt lookup: {stats['lookup_accepted']} of {stats['lookup_drafted']} grafted tokens "
+                     "accepted")
+    return "\n".join(lines)
+
+
+def check_args(args, max_lookup: int) -> None:
+    """Every flag checked before the target loads (which takes a while for a real model)."""
+    from pathlib import Path
+
+    from adaspec_eagle.models import check_runtime
+
+    check_runtime(args.device, args.dtype, args.threads)
+    checks = [(args.max_new_tokens >= 1, "--max-new-tokens", ">= 1"), (args.temperature >= 0, "--temperature",
+              ">= 0 (0 is greedy)"), (0 < args.top_p <= 1, "--top-p", "in (0, 1]"), (args.depth >= 1, "--depth",
+              ">= 1"), (args.topk >= 1, "--topk", ">= 1"), (0 <= args.lookup_tokens <= max_lookup,
+              "--lookup-tokens", f"0 (off) up to {max_lookup} tokens a step")]
+    for ok, flag, expected in checks:
+        if not ok:
+            raise AdaspecError(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: expected {expected}.")
+    if args.stop and any(s == "" for s in args.stop):
+        raise AdaspecError('--stop "": an empty stop string would stop at once; give the text to stop at.')
+    total = str(args.total_tokens)
+    if total != "auto" and (not total.isdigit() or not 1 <= int(total) <= 1024):
+        raise AdaspecError(f"--total-tokens {total!r}: expected an integer in 1..1024 or 'auto'.")
+    if args.head is not None:
+        head = Path(args.head)
+        if head.exists() and not head.is_dir():
+            raise AdaspecError(f"--head {args.head!r} is a file; pass the head's folder (it holds config.json and "
+                               "the weights).")
+        if not head.exists():
+            raise AdaspecError(f"--head {args.head!r} does not exist; pass the folder of a trained or exported head.")
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from adaspec_eagle.config import MAX_LOOKUP_TOKENS, TreeConfig
+    from adaspec_eagle.models import load_model
+    from adaspec_eagle.engine.speculative import (DraftLMDrafter, HeadDrafter, LookupDrafter, eos_ids, parse_draft_vocab,
+                              plain_generate, speculative_generate)
+
+    check_args(args, MAX_LOOKUP_TOKENS)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target, tokenizer = load_model(args.target, dtype=args.dtype, device=args.device)
+    if args.head:
+        from adaspec_eagle.models.heads import load_head
+
+        drafter = HeadDrafter(load_head(args.head, target), draft_vocab=parse_draft_vocab(args.draft_vocab))
+    elif args.draft_lm:
+        from adaspec_eagle.models.draft_lm import init_draft
+
+        drafter = DraftLMDrafter(init_draft(args.draft_lm, target, tokenizer, dtype=args.dtype).eval())
+    elif args.lookup_tokens:
+        drafter = LookupDrafter()
+    else:
+        drafter = None
+    ids = _prompt_ids(tokenizer, args.prompt, not args.no_chat)
+    eos = eos_ids(target, tokenizer)
+    stream = Streamer(tokenizer)
+    common = dict(max_new_tokens=args.max_new_tokens, eos_token_id=eos, stop_strings=args.stop or None,
+                  tokenizer=tokenizer, on_tokens=stream)
+    if drafter is None:
+        if args.temperature > 0:
+            raise AdaspecError("plain decoding here is greedy only; give --head, --draft-lm or --lookup-tokens to "
+                               "sample.")
+        _, stats = plain_generate(target, ids, **common)
+    else:
+        total = args.total_tokens
+        if total == "auto" and isinstance(drafter, LookupDrafter):
+            total = 1  # nothing to tune: the tree is the lookup chain
+        elif total == "auto":
+            from adaspec_eagle.engine.speculative import tune_tree_budget
+
+            tuned = tune_tree_budget(target, drafter, ids, TreeConfig(depth=args.depth, topk=args.topk,
+                                                                      shape=args.tree_shape,
+                                                                      lookup_tokens=args.lookup_tokens))
+            print(f"[auto tree budget: {tuned['total_tokens']} tokens, depth {tuned['depth']}"
+                  + (f", lookup {tuned['lookup_tokens']}" if args.lookup_tokens else "")
+                  + f"; {tuned['summary']}]", file=sys.stderr)
+            total, args.depth, args.lookup_tokens = tuned["total_tokens"], tuned["depth"], tuned["lookup_tokens"]
+        tree = TreeConfig(depth=args.depth, topk=args.topk, total_tokens=int(total), shape=args.tree_shape,
+                          lookup_tokens=args.lookup_tokens)
+        _, stats = speculative_generate(target, ids, drafter, temperature=args.temperature, top_p=args.top_p,
+                                        tree=tree, seed=args.seed, **common)
+        stats["tree"] = ("prompt lookup" if isinstance(drafter, LookupDrafter) else
+                         f"{tree.shape} depth={tree.depth} topk={tree.topk} total_tokens={tree.total_tokens}")
+        if tree.lookup_tokens:
+            stats["tree"] += f" lookup_tokens={tree.lookup_tokens}"
+        if getattr(drafter, "draft_vocab_size", None):
+            stats["tree"] += f" draft_vocab={drafter.draft_vocab_size}"
+    stream.finish()
+    print("\n")
+    print(format_stats(stats), file=sys.stderr if args.stats_to_stderr else sys.stdout)
+    return 0
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with tree speculative decoding (streams, then statistics)",
+                       description="Generate with tree speculative decoding: a draft head (--head) or a draft LM "
+                                   "(--draft-lm) proposes a token tree the target verifies in one forward, optionally "
+                                   "with prompt-lookup tokens grafted on (--lookup-tokens). Batch size 1. Without a "
+                                   "drafter: plain greedy decoding by the same engine.")
+    p.add_argument("prompt", help="the user message (the chat template is applied for chat targets)")
+    p.add_argument("--target", default="smollm2-135m", help="registry name, folder, .gguf file or tiny-<family>")
+    drafter = p.add_mutually_exclusive_group()
+    drafter.add_argument("--head", help="folder of a trained EAGLE / EAGLE-3 head for this target")
+    drafter.add_argument("--draft-lm", help="draft LM: registry name, folder, or layers=N (the target's first N "
+                                            "layers)")
+    p.add_argument("--draft-vocab", default="auto", help="EAGLE-1/2 heads: draft from the N most frequent training "
+                   "tokens only (lossless, a cheaper draft step); 0 = the whole vocabulary; auto = "
+                   "8192 when the head folder has token_counts.safetensors")
+    p.add_argument("--lookup-tokens", type=int, default=0,
+                   help="graft up to N prompt-lookup tokens (what followed the last n-gram's latest earlier "
+                        "occurrence) onto every tree; alone, without --head / --draft-lm: prompt lookup decoding")
+    p.add_argument("--tree-shape", choices=("dynamic", "static", "chain"), default="dynamic")
+    p.add_argument("--depth", type=int, default=6, help="draft levels (the chain length for --tree-shape chain)")
+    p.add_argument("--topk", type=int, default=8, help="children per expanded node")
+    p.add_argument("--total-tokens", default="48", help="draft tokens verified per step, or 'auto' to measure "
+                                                        "this machine and pick the fastest budget")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (identical to plain greedy)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, without the chat template")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--stats-to-stderr", action="store_true", help="print the statistics on stderr")
+    p.set_defaults(func=cmd_generate)

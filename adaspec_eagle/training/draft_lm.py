@@ -1,0 +1,223 @@
+"""`adaspec-eagle train-draft-lm`: the paper's standalone-draft pipeline on the shared training loop.
+
+Stages (one command or stage by stage, each written to OUT/<stage> and skipped when already complete):
+  target     optional supervised fine-tune of the target on the task (cross-entropy on answer tokens);
+  reference  a draft distilled from the (fine-tuned) target with plain KD (forward KL, k = 1);
+  draft      the same draft initialisation distilled with AdaSPEC against the reference (OUT/draft), or with
+             plain KD at the same budget (`--loss kd`, the DistillSpec baseline, OUT/kd).
+
+Alignment: logits at position t predict token t+1; a position counts when token t+1 is a target token
+(`loss_mask[:, 1:]`, the AdaSPEC reference code's labels shifted by one). Logits are cut to the vocabulary both models share
+(embedding tables may carry different padding rows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from adaspec_eagle import AdaspecError
+from adaspec_eagle.config import DraftLMRecipe, LossConfig, claim_output_dir, load_recipe, save_resolved
+from adaspec_eagle.models import check_samples_fit, embedding_rows, load_model, target_identity
+
+STAGES = ("target", "reference", "draft")
+
+
+def positions(batch: dict) -> torch.Tensor:
+    """(B, T-1) bool: logits at t are trained when token t+1 is a real target token."""
+    return batch["loss_mask"][:, 1:] & batch["attention_mask"][:, 1:].bool()
+
+
+def count_items(batch: dict) -> int:
+    return int(positions(batch).sum())
+
+
+def _logits(model, batch: dict, vocab: int) -> torch.Tensor:
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return out.logits[:, :-1, :vocab]  # (B, T-1, V)
+
+
+def make_loss_fn(stage: str, vocab: int, loss_cfg: LossConfig, target=None, reference=None):
+    """loss_fn(model, batch, num_items) -> (loss, stats) for the training loop (see train.train)."""
+    from adaspec_eagle.training.losses import adaspec_loss
+
+    def sft(model, batch, num_items):
+        pos = positions(batch)  # (B, T-1)
+        logits = _logits(model, batch, vocab)  # (B, T-1, V)
+        ce = F.cross_entropy(logits.float().flatten(0, 1), batch["input_ids"][:, 1:].flatten(),
+                             reduction="none").view_as(pos)
+        n = pos.sum()
+        return (ce * pos).sum() / num_items, {"valid": float(n), "kept": float(n)}
+
+    def distill(model, batch, num_items):
+        pos = positions(batch)
+        with torch.no_grad():
+            teacher = _logits(target, batch, vocab)
+            ref = _logits(reference, batch, vocab) if reference is not None else None
+        student = _logits(model, batch, vocab)
+        loss, stats = adaspec_loss(student, teacher, ref, pos, loss_cfg, num_items=num_items)
+        return loss, {"valid": stats["valid"], "kept": stats["kept"], "kl_sum": stats["kl"] * stats["valid"]}
+
+    return sft if stage == "target" else distill
+
+
+@torch.no_grad()
+def top1_agreement(draft, target, samples, vocab: int, batch_size: int = 8) -> float:
+    """Fraction of held-out target-token positions where the draft's argmax equals the target's."""
+    from adaspec_eagle.data import collate
+
+    hits = total = 0
+    for i in range(0, len(samples), batch_size):
+        batch = collate(samples[i:i + batch_size], pad_id=0)
+        batch = {k: v.to(target.device) for k, v in batch.items()}
+        pos = positions(batch)
+        same = _logits(draft, batch, vocab).argmax(-1) == _logits(target, batch, vocab).argmax(-1)
+        hits += int((same & pos).sum())
+        total += int(pos.sum())
+    return hits / max(total, 1)
+
+
+def save_model_atomic(model, tokenizer, folder: Path, meta: dict) -> None:
+    """save_pretrained through `heads.atomic_folder` (temp folder, fsync, one rename): a crash or a full disk
+    leaves the old folder (or none), never a half-written model that looks complete."""
+    from adaspec_eagle.io import atomic_folder
+
+    try:
+        with atomic_folder(folder) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "adaspec.json").write_text(json.dumps(meta, indent=2))
+    except OSError as e:
+        raise AdaspecError(f"could not write the {meta.get('stage')} model to {str(folder)!r}: {e}. Free disk space "
+                           "and rerun the same command: finished stages are kept, this one resumes from its last "
+                           "checkpoint.") from None
+
+
+def _stage_done(folder: Path) -> bool:
+    return (folder / "adaspec.json").is_file()
+
+
+def run(cfg: DraftLMRecipe, loss_kind: str = "adaspec", overwrite: bool = False, progress: bool = True) -> dict:
+    """Run the configured stages; returns {stage: {"path", "agreement", "steps", "tokens_per_s"}}."""
+    from adaspec_eagle.data import build_dataset, collate
+    from adaspec_eagle.models.draft_lm import init_draft
+    from adaspec_eagle.training.loop import configure_deepspeed, make_accelerator, prepare_frozen, train
+
+    from adaspec_eagle.io import check_output_folder
+
+    out = Path(cfg.output_dir)
+    check_output_folder(out, replace=overwrite)  # before the models load; claimed below, once all else is checked
+    target, tok = load_model(cfg.target)
+    # Validate everything that can fail before anything is written.
+    train_set = build_dataset(cfg.data, tok, "train")
+    heldout = build_dataset(cfg.data, tok, "heldout") if cfg.data.holdout else []
+    probe = init_draft(cfg.draft, target, tok)
+    check_samples_fit([*train_set, *heldout], target, f"target {cfg.target}")
+    check_samples_fit([*train_set, *heldout], probe, f"draft {cfg.draft}")
+    vocab = min(embedding_rows(target), embedding_rows(probe))
+    del probe
+    if ("draft" in cfg.stages and loss_kind == "adaspec" and "reference" not in cfg.stages
+            and not _stage_done(out / "reference")):
+        raise AdaspecError(f"stage draft needs a reference LM in {out / 'reference'}; run the reference stage "
+                           "first (stages=[reference, draft]).")
+    acc = make_accelerator(cfg.train)
+    configure_deepspeed(acc, cfg.train, cfg.optim)  # a DeepSpeed config at odds with the recipe is refused here
+    with claim_output_dir(out, cfg, overwrite=overwrite, command="train-draft-lm"):
+        save_resolved(cfg, out)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        results: dict = {}
+        epochs = {"target": cfg.target_epochs, "reference": cfg.reference_epochs, "draft": cfg.draft_epochs}
+
+        def stage_train(stage, model, loss_fn, name):
+            tcfg = dataclasses.replace(cfg.train, epochs=epochs[stage] or cfg.train.epochs)
+            record = train(model, train_set, loss_fn, collate=lambda s: collate(s, pad), count_items=count_items,
+                           train_cfg=tcfg, optim_cfg=cfg.optim, out_dir=out / ".work" / name, accelerator=acc,
+                           desc=name, progress=progress)
+            return record
+
+        if "target" in cfg.stages:
+            folder = out / "target"
+            if not _stage_done(folder):
+                target.train().requires_grad_(True)
+                record = stage_train("target", target, make_loss_fn("target", vocab, cfg.loss), "target")
+                target = record["model"].eval().requires_grad_(False)
+                save_model_atomic(target, tok, folder, {"stage": "target", "base": cfg.target,
+                                                         "steps": record["steps"]})
+            target, _ = load_model(str(folder))
+        target = prepare_frozen(acc, target)
+        identity = target_identity(target, cfg.target)
+
+        ref_folder = out / "reference"
+        if "reference" in cfg.stages and not _stage_done(ref_folder):
+            draft = init_draft(cfg.draft, target, tok).train()
+            kd = dataclasses.replace(cfg.loss, kind="kd")
+            record = stage_train("reference", draft, make_loss_fn("reference", vocab, kd, target), "reference")
+            save_model_atomic(record["model"], tok, ref_folder,
+                              {"stage": "reference", "loss": "kd", "target": identity, "steps": record["steps"],
+                               "tokens_per_s": record["tokens_per_s"]})
+            results["reference"] = record
+        if "draft" in cfg.stages:
+            name = "draft" if loss_kind == "adaspec" else "kd"
+            folder = out / name
+            if not _stage_done(folder):
+                reference = None
+                if loss_kind == "adaspec":
+                    reference = prepare_frozen(acc, load_model(str(ref_folder), with_tokenizer=False))
+                lcfg = dataclasses.replace(cfg.loss, kind=loss_kind)
+                draft = init_draft(cfg.draft, target, tok).train()
+                record = stage_train("draft", draft, make_loss_fn("draft", vocab, lcfg, target, reference), name)
+                save_model_atomic(record["model"], tok, folder,
+                                  {"stage": name, "loss": loss_kind, "k": cfg.loss.k, "target": identity,
+                                   "steps": record["steps"], "tokens_per_s": record["tokens_per_s"]})
+                results[name] = record
+
+        summary = {}
+        for name in ("reference", "draft", "kd"):
+            folder = out / name
+            if _stage_done(folder):
+                model = load_model(str(folder), with_tokenizer=False)
+                agree = top1_agreement(model, target, heldout, vocab) if heldout else None
+                summary[name] = {"path": str(folder), "agreement": agree,
+                                 "steps": results.get(name, {}).get("steps"),
+                                 "tokens_per_s": results.get(name, {}).get("tokens_per_s")}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def cmd_train_draft_lm(args) -> int:
+    overrides = list(args.overrides)
+    for flag, key in ((args.target, "target"), (args.draft, "draft"), (args.output_dir, "output_dir")):
+        if flag is not None:
+            overrides.append(f"{key}={flag}")
+    if args.stages is not None:  # "" is no stage at all: refused by the config, not read as "all"
+        overrides.append(f"stages=[{args.stages}]")
+    if args.loss is not None:  # the flag wins over the recipe, and the saved config says what ran
+        overrides.append(f"loss.kind={args.loss}")
+    cfg = load_recipe(DraftLMRecipe, args.recipe, overrides)
+    summary = run(cfg, loss_kind=cfg.loss.kind, overwrite=args.overwrite)
+    print(f"\nheld-out top-1 agreement with the target ({cfg.data.dataset}):")
+    for name, row in summary.items():
+        agree = "n/a" if row["agreement"] is None else f"{100 * row['agreement']:.1f}%"
+        print(f"  {name:<10} {agree:>7}  {row['path']}")
+    return 0
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("train-draft-lm", help="target fine-tune -> reference LM (KD) -> AdaSPEC draft LM",
+                       description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", help="YAML recipe (recipes/draft-lm/*.yaml)")
+    p.add_argument("--target", help="target model (registry name, folder, hub id)")
+    p.add_argument("--draft", help="draft init: a model name/path, 'layers=N' (first N target layers) or "
+                                   "'fresh:hidden=H,layers=L'")
+    p.add_argument("--stages", help="comma-separated subset of target,reference,draft")
+    p.add_argument("--loss", choices=["adaspec", "kd"], default=None,
+                   help="draft stage loss (sets loss.kind): AdaSPEC or plain KD (the DistillSpec baseline); default: "
+                        "the recipe's loss.kind, adaspec when it has none")
+    p.add_argument("--output-dir")
+    p.add_argument("--overwrite", action="store_true", help="reuse an output folder that holds another run")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. loss.k=0.3 train.max_steps=10")
+    p.set_defaults(func=cmd_train_draft_lm)
