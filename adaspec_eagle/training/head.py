@@ -26,6 +26,7 @@ import contextlib
 import json
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from adaspec_eagle import AdaspecError
 from adaspec_eagle.config import HeadRecipe, LossConfig, load_recipe, save_resolved, to_dict
 from adaspec_eagle.models import check_samples_fit, embedding_rows, target_identity
+from adaspec_eagle.models.heads import build_head, load_head, save_head
 
 STAGE_DIRS = {"reference": "reference", "adaspec": "adaspec", "kd": "kd"}
 
@@ -533,7 +535,6 @@ class BestHeadKeeper:
                 shutil.rmtree(self.folder, ignore_errors=True)
 
     def __call__(self, model, step: int) -> dict:
-        from adaspec_eagle.models import heads as heads_mod
         from adaspec_eagle.engine.speculative import DEFAULT_DRAFT_VOCAB
 
         head = model.head if isinstance(model, TTTUnroll) else model
@@ -546,8 +547,8 @@ class BestHeadKeeper:
         rank = (record["tau"], record["top1"], -record["kl"])  # ties (e.g. early, all-rejecting heads): top-1, KL
         if self.best is None or rank > (self.best["tau"], self.best["top1"], -self.best["kl"]):
             self.best = {"step": step, **record}
-            heads_mod.save_head(head, self.folder, {**self.meta, "steps": step, "best": self.best},
-                                token_counts=self.token_counts)  # atomic: weights and scores together
+            save_head(head, self.folder, {**self.meta, "steps": step, "best": self.best},
+                      token_counts=self.token_counts)  # atomic: weights and scores together
         return {k: v for k, v in record.items() if k != "accept_by_depth"} | {
             f"accept_depth{j + 1}": a for j, a in enumerate(record["accept_by_depth"])}
 
@@ -584,34 +585,78 @@ def run_pipeline(cfg: HeadRecipe, resume: bool = False, overwrite: bool = False,
         return _run_pipeline(cfg, resume, overwrite, stop_at, progress, log, claim=claim)
 
 
-def _run_pipeline(cfg: HeadRecipe, resume, overwrite, stop_at, progress, log, claim) -> dict:
-    from adaspec_eagle.models import heads as heads_mod
-    from adaspec_eagle.training.features import build_cache, cache_problem, open_cache, pad_batch
-    from adaspec_eagle.training.loop import configure_deepspeed, make_accelerator, prepare_frozen, train
+@dataclass
+class _Pipeline:
+    """What the stages of one `run_pipeline` share, filled in by `_check_inputs` and `_start_writing`."""
 
-    from adaspec_eagle.io import check_output_folder, disk_full
+    cfg: HeadRecipe
+    stages: list
+    out: Path
+    accelerator: object
+    target: object
+    tokenizer: object
+    train_set: list
+    heldout: object
+    token_counts: torch.Tensor
+    reference: object
+    ref_path: Path | None
+    eagle3: bool
+    dataset: object = None
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id or 0
+
+
+def _run_pipeline(cfg: HeadRecipe, resume, overwrite, stop_at, progress, log, claim) -> dict:
+    p = _check_inputs(cfg, resume, overwrite, progress, log, claim)
+    _start_writing(p, overwrite, progress, log, claim)
+    records, evals = {}, {}
+    for stage in p.stages:
+        head_dir, run_dir = p.out / STAGE_DIRS[stage], p.out / "runs" / stage
+        if (run_dir / "result.json").is_file() and (head_dir / "config.json").is_file():
+            log(f"stage {stage}: already complete in {head_dir}, skipped")
+            records[stage] = json.loads((run_dir / "result.json").read_text())
+        else:
+            run = _train_stage(p, stage, records, stop_at, progress)
+            if run["steps"] < run["total_steps"]:  # stopped by stop_at: resumable, not complete
+                records[stage] = run
+                return {"train": records, "eval": evals, "stopped": True, "main": p.main}
+        trained = load_head(str(head_dir), p.target)
+        if stage == "reference":
+            p.reference = trained
+        if p.heldout:
+            evals[stage] = _evaluate_stage(p, stage, trained, log)
+    if p.main:
+        summary = {"eval": evals, "train": {s: {k: v for k, v in r.items() if k != "losses"}
+                                            for s, r in records.items()}}
+        (p.out / "results.json").write_text(json.dumps(summary, indent=1))
+    return {"train": records, "eval": evals, "stopped": False, "main": p.main}
+
+
+def _check_inputs(cfg: HeadRecipe, resume, overwrite, progress, log, claim) -> _Pipeline:
+    """Everything a user can get wrong, before anything is written (except self-distillation's answer cache,
+    written under the folder's lock once the folder is checked)."""
+    from adaspec_eagle.io import check_output_folder
+    from adaspec_eagle.training.loop import configure_deepspeed, make_accelerator, prepare_frozen
 
     stages = stages_to_run(cfg)
     out = Path(cfg.output_dir)
     check_output_folder(out, replace=overwrite)  # files this tool did not make: refused, never deleted
-    ref_path = None
-    if "adaspec" in stages and "reference" not in stages:
-        if not cfg.reference:
-            raise AdaspecError("--stage draft with the AdaSPEC loss needs --reference PATH (a head trained by "
-                               "--stage reference), or use --loss kd for the KD baseline.")
-        ref_path = Path(cfg.reference)
-        if not ref_path.is_dir():
-            raise AdaspecError(f"reference head {str(ref_path)!r} does not exist; train one with --stage reference.")
-
-    # --- everything a user can get wrong, before writing
+    ref_path = _reference_path(cfg, stages)
     accelerator = make_accelerator(cfg.train)
     configure_deepspeed(accelerator, cfg.train, cfg.optim)  # a DeepSpeed config at odds with the recipe: refused
     target, tokenizer = load_target(cfg.target, cfg.train.precision)
     target = prepare_frozen(accelerator, target)
     target_identity(target)  # every rank: under ZeRO-3 this gathers (collective); main-only checks reuse it
+    partitioned = _is_partitioned(target.get_output_embeddings())
     if cfg.data.self_distill:  # the target answers the prompts now (OUT/regen.jsonl, resumable): the one write
         # before the checks below, which need the answered data; so check the folder and hold its lock first
-        if accelerator.num_processes > 1 and _is_partitioned(target.get_output_embeddings()):
+        if accelerator.num_processes > 1 and partitioned:
             raise AdaspecError("data.self_distill under multi-process ZeRO-3 is not supported (the main process "
                                "alone generates the answers); use a DDP / ZeRO-2 config.")
         check_outputs(cfg, stages, resume, overwrite)
@@ -620,11 +665,37 @@ def _run_pipeline(cfg: HeadRecipe, resume, overwrite, stop_at, progress, log, cl
     train_set, heldout = load_samples(cfg, tokenizer, target, accelerator, fresh=overwrite, progress=progress,
                                       log=log if accelerator.is_main_process else (lambda m: None))
     check_samples_fit([*train_set, *heldout], target, f"target {cfg.target}")
-    sharded = accelerator.num_processes > 1 and _is_partitioned(target.get_output_embeddings())
-    if sharded and cfg.train.eval_every:  # the main process alone would gather shards: a collective others skip
+    _check_training_setup(cfg, accelerator, partitioned, train_set, heldout)
+    # Trainable target-token frequencies: EAGLE-3's draft vocabulary, and saved with every head for the
+    # frequency-restricted drafting of `speculative.HeadDrafter(draft_vocab=N)`.
+    token_counts = training_token_counts(train_set, embedding_rows(target))
+    reference = _check_reference(cfg, ref_path, target, token_counts)
+    check_outputs(cfg, stages, resume, overwrite)
+    p = _Pipeline(cfg, stages, out, accelerator, target, tokenizer, train_set, heldout, token_counts, reference,
+                  ref_path, cfg.head.kind == "eagle3")
+    if cfg.features == "cached":
+        _check_feature_cache(p, overwrite, partitioned)
+    return p
+
+
+def _reference_path(cfg: HeadRecipe, stages) -> Path | None:
+    if "adaspec" not in stages or "reference" in stages:
+        return None
+    if not cfg.reference:
+        raise AdaspecError("--stage draft with the AdaSPEC loss needs --reference PATH (a head trained by "
+                           "--stage reference), or use --loss kd for the KD baseline.")
+    ref_path = Path(cfg.reference)
+    if not ref_path.is_dir():
+        raise AdaspecError(f"reference head {str(ref_path)!r} does not exist; train one with --stage reference.")
+    return ref_path
+
+
+def _check_training_setup(cfg: HeadRecipe, accelerator, partitioned: bool, train_set, heldout) -> None:
+    if accelerator.num_processes > 1 and partitioned and cfg.train.eval_every:
+        # the main process alone would gather shards: a collective the others skip
         raise AdaspecError("train.eval_every under multi-process ZeRO-3 is not supported (the held-out evaluation "
                            "runs on the main process alone); drop it, or use a DDP / ZeRO-2 config.")
-    if _is_partitioned(target.get_output_embeddings()) and cfg.head.train_vocab_size and cfg.head.kind == "eagle1":
+    if partitioned and cfg.head.train_vocab_size and cfg.head.kind == "eagle1":
         raise AdaspecError("head.train_vocab_size under DeepSpeed ZeRO-3 is not supported (the lm_head weight is a "
                            "shard); set head.train_vocab_size=0 or use a DDP / ZeRO-2 config.")
     if cfg.train.eval_every and not heldout:
@@ -635,150 +706,161 @@ def _run_pipeline(cfg: HeadRecipe, resume, overwrite, stop_at, progress, log, cl
         raise AdaspecError(f"the training data slice has no trainable head positions ({len(train_set)} samples; a "
                            "head position needs a target token two places on); raise data.num_samples or "
                            "data.max_length.")
-    eagle3 = cfg.head.kind == "eagle3"
-    # Trainable target-token frequencies: EAGLE-3's draft vocabulary, and saved with every head for the
-    # frequency-restricted drafting of `speculative.HeadDrafter(draft_vocab=N)`.
-    token_counts = training_token_counts(train_set, embedding_rows(target))
-    reference = heads_mod.load_head(str(ref_path), target) if ref_path is not None else None
-    if reference is not None and reference.kind != cfg.head.kind:
+
+
+def _check_reference(cfg: HeadRecipe, ref_path, target, token_counts):
+    """The reference head given with --stage draft, checked against this run's head kind and vocabulary."""
+    if ref_path is None:
+        return None
+    reference = load_head(str(ref_path), target)
+    if reference.kind != cfg.head.kind:
         raise AdaspecError(f"reference head {str(ref_path)!r} is an {reference.kind} head but head.kind="
                            f"{cfg.head.kind!r}; train the reference with the same head kind.")
-    if reference is not None and eagle3:
-        draft_ids = heads_mod.build_head(target, cfg.head, token_counts).draft_ids  # eagle3 here
+    if cfg.head.kind == "eagle3":
+        draft_ids = build_head(target, cfg.head, token_counts).draft_ids
         if not torch.equal(reference.draft_ids.cpu(), draft_ids.cpu()):
             raise AdaspecError(f"reference head {str(ref_path)!r} has another draft vocabulary than this data "
                                "gives; train the reference on the same data and head.draft_vocab_size.")
-    check_outputs(cfg, stages, resume, overwrite)
-    cache_dir = out / "features"
-    if cfg.features == "cached":
-        problem = "missing" if overwrite else cache_problem(cache_dir, target, train_set, fused=eagle3)
-        if problem not in (None, "missing"):
-            raise AdaspecError(f"the feature cache at {str(cache_dir)!r} is stale: {problem}. Pass --overwrite to "
-                               "rebuild it, or choose another --output-dir.")
-        if problem and accelerator.num_processes > 1 and _is_partitioned(target.get_output_embeddings()):
-            # the cache is built by the main process alone; a ZeRO-3 target needs every rank in its forward
-            raise AdaspecError("features=cached under multi-process ZeRO-3 needs a feature cache built beforehand "
-                               "(by a single-process run into the same --output-dir); use features=online.")
+    return reference
 
-    # --- write
-    main = accelerator.is_main_process
-    if main and not cfg.data.self_distill:  # (self_distill: claimed above)
+
+def _check_feature_cache(p: _Pipeline, overwrite: bool, partitioned: bool) -> None:
+    from adaspec_eagle.training.features import cache_problem
+
+    cache_dir = p.out / "features"
+    problem = "missing" if overwrite else cache_problem(cache_dir, p.target, p.train_set, fused=p.eagle3)
+    if problem not in (None, "missing"):
+        raise AdaspecError(f"the feature cache at {str(cache_dir)!r} is stale: {problem}. Pass --overwrite to "
+                           "rebuild it, or choose another --output-dir.")
+    if problem and p.accelerator.num_processes > 1 and partitioned:
+        # the cache is built by the main process alone; a ZeRO-3 target needs every rank in its forward
+        raise AdaspecError("features=cached under multi-process ZeRO-3 needs a feature cache built beforehand "
+                           "(by a single-process run into the same --output-dir); use features=online.")
+
+
+def _start_writing(p: _Pipeline, overwrite: bool, progress: bool, log, claim) -> None:
+    """Claim OUT (self-distillation claimed it already), clear a replaced run, write the resolved config and
+    the feature caches (train and held-out); sets p.dataset and p.heldout."""
+    if p.main and not p.cfg.data.self_distill:
         claim()
-    if overwrite and main:
+    if overwrite and p.main:
         for name in ["features", "features-heldout", "runs", *STAGE_DIRS.values(), "config.yaml", "results.json"]:
-            p = out / name
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
-    if main:
-        save_resolved(cfg, out)
-    pad_id = tokenizer.pad_token_id or 0
-    if cfg.features == "cached":
-        if main and cache_problem(cache_dir, target, train_set, fused=eagle3) is not None:
-            log(f"caching target features of {len(train_set)} samples in {cache_dir}")
-            build_cache(target, train_set, cache_dir, dtype=cfg.feature_dtype, fused=eagle3,
-                        batch_size=cfg.train.batch_size, pad_id=pad_id, progress=progress)
-        accelerator.wait_for_everyone()
-        dataset = open_cache(cache_dir, target, train_set, fused=eagle3)
-        if heldout:  # the held-out features too: every head is evaluated on them without rerunning the target
-            held_dir = out / "features-heldout"
-            if main and cache_problem(held_dir, target, heldout, fused=eagle3) is not None:
-                build_cache(target, heldout, held_dir, dtype=cfg.feature_dtype, fused=eagle3,
-                            batch_size=cfg.train.batch_size, pad_id=pad_id, progress=progress)
-            accelerator.wait_for_everyone()
-            heldout = open_cache(held_dir, target, heldout, fused=eagle3)
-    else:
-        dataset = train_set
+            path = p.out / name
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    p.accelerator.wait_for_everyone()
+    if p.main:
+        save_resolved(p.cfg, p.out)
+    p.dataset = p.train_set
+    if p.cfg.features == "cached":
+        p.dataset = _cached(p, p.train_set, p.out / "features", progress, log)
+        if p.heldout:  # the held-out features too: every head is evaluated on them without rerunning the target
+            p.heldout = _cached(p, p.heldout, p.out / "features-heldout", progress, None)
 
-    def collate(samples):
-        return pad_batch(samples, pad_id)
 
-    def count_items(batch):
-        return int(head_valid_mask(batch["loss_mask"], batch["attention_mask"]).sum())
+def _cached(p: _Pipeline, samples, folder: Path, progress: bool, log):
+    from adaspec_eagle.training.features import build_cache, cache_problem, open_cache
 
-    records, evals = {}, {}
-    for stage in stages:
-        head_dir, run_dir = out / STAGE_DIRS[stage], out / "runs" / stage
-        if (run_dir / "result.json").is_file() and (head_dir / "config.json").is_file():
-            log(f"stage {stage}: already complete in {head_dir}, skipped")
-            records[stage] = json.loads((run_dir / "result.json").read_text())
-        else:
-            if main:
-                save_resolved(cfg, run_dir)
-            loss_cfg = cfg.loss if stage == "adaspec" else LossConfig(**{**to_dict(cfg.loss), "kind": "kd", "k": 1.0})
-            stage_train = stage_budget(cfg, stage, reference_steps(records, reference))
-            torch.manual_seed(cfg.train.seed)  # every stage starts from the same head initialisation
-            head = heads_mod.build_head(target, cfg.head, token_counts if eagle3 else None)
-            vocab_ids = None if eagle3 else restricted_vocab(head, token_counts, cfg.head.train_vocab_size)
-            if reference is not None:
-                reference = reference.to(accelerator.device).requires_grad_(False).eval()
-            stage_ref = reference if stage == "adaspec" else None
+    if p.main and cache_problem(folder, p.target, samples, fused=p.eagle3) is not None:
+        if log:
+            log(f"caching target features of {len(samples)} samples in {folder}")
+        build_cache(p.target, samples, folder, dtype=p.cfg.feature_dtype, fused=p.eagle3,
+                    batch_size=p.cfg.train.batch_size, pad_id=p.pad_id, progress=progress)
+    p.accelerator.wait_for_everyone()
+    return open_cache(folder, p.target, samples, fused=p.eagle3)
 
-            def loss_fn(model, batch, num_items, loss_cfg=loss_cfg, stage_ref=stage_ref, vocab_ids=vocab_ids):
-                hc = cfg.head
-                if eagle3:
-                    return eagle3_loss(model, batch, target=target, loss_cfg=loss_cfg, steps=hc.ttt_steps,
-                                       decay=hc.ttt_decay, reference=stage_ref, num_items=num_items,
-                                       exclude_out_of_vocab=hc.exclude_out_of_vocab)
-                return head_loss(model, batch, target=target, loss_cfg=loss_cfg, reference=stage_ref,
-                                 feature_loss_weight=hc.feature_loss_weight, num_items=num_items,
-                                 token_loss_weight=hc.token_loss_weight, feature_noise=hc.feature_noise,
-                                 vocab_ids=vocab_ids, exclude_out_of_vocab=hc.exclude_out_of_vocab)
 
-            meta = {"stage": stage, "loss": loss_cfg.kind, "k": loss_cfg.k, "divergence": loss_cfg.divergence,
-                    "budget": cfg.loss.budget if stage == "adaspec" else None,
-                    "batch_size": stage_train.batch_size,
-                    "data": {**to_dict(cfg.data), "samples": len(train_set)},
-                    "reference": str(ref_path or out / "reference") if stage == "adaspec" else None}
-            evaluate = None
-            if cfg.train.eval_every and main:  # (the loop evaluates on the main process only)
-                evaluate = BestHeadKeeper(run_dir / "best", target, heldout, cfg.train.batch_size, pad_id,
-                                          token_counts, meta, resume_step=resumed_step(run_dir))
-            run = train(TTTUnroll(head) if eagle3 else head, dataset, loss_fn, collate=collate,
-                        count_items=count_items, train_cfg=stage_train, optim_cfg=cfg.optim, out_dir=run_dir,
-                        accelerator=accelerator, desc=stage, stop_at=stop_at, progress=progress, evaluate=evaluate)
-            head = run.pop("model")
-            head = head.head if eagle3 else head
-            if run["steps"] < run["total_steps"]:  # stopped by stop_at: resumable, not complete
-                records[stage] = run
-                return {"train": records, "eval": evals, "stopped": True, "main": main}
-            records[stage] = {k: run[k] for k in ("steps", "tokens", "seconds", "tokens_per_s", "losses",
-                                                  "budget_steps", "evals")}
-            records[stage]["batch_size"] = stage_train.batch_size
-            if main:
-                meta = {**meta, "steps": run["steps"], "tokens": run["tokens"]}
-                if evaluate is not None and evaluate.best is not None:  # the best held-out tau, not the last
-                    head = heads_mod.load_head(str(run_dir / "best"), target).to(accelerator.device)
-                    meta["selected"] = {"by": "held-out chain tau", **evaluate.best}
-                    records[stage]["selected"] = meta["selected"]
-                try:
-                    heads_mod.save_head(head, head_dir, meta, token_counts=token_counts)
-                except (OSError, RuntimeError) as e:  # disk full: save_head wrote into a temp folder, now deleted
-                    if isinstance(e, RuntimeError) and not disk_full(e):
-                        raise
-                    raise AdaspecError(f"could not write the {stage} head to {str(head_dir)!r} ({e}); nothing "
-                                       "half-written was left there. Free disk space and run the same command "
-                                       "again: it resumes from the stage's last checkpoint.") from e
-                save_resolved(cfg, head_dir, "adaspec_config.yaml")
-                (run_dir / "result.json").write_text(json.dumps(records[stage]))
-            accelerator.wait_for_everyone()
-        trained = heads_mod.load_head(str(head_dir), target)
-        if stage == "reference":
-            reference = trained
-        if heldout:
-            from adaspec_eagle.engine.speculative import DEFAULT_DRAFT_VOCAB
+def _stage_loss(p: _Pipeline, loss_cfg: LossConfig, reference, vocab_ids):
+    hc = p.cfg.head
 
-            ids = None if eagle3 else restricted_vocab(trained, token_counts, DEFAULT_DRAFT_VOCAB)
-            evals[stage] = e = evaluate_head(trained, target, heldout, cfg.train.batch_size, pad_id,
-                                             chain=CHAIN_GAMMA, vocab_ids=ids)
-            depth = " / ".join(f"{a:.2f}" for a in e["chain"]["accept_by_depth"])
-            main and log(f"stage {stage}: held-out top-1 agreement with the target {e['top1']:.2%} (KL {e['kl']:.3f}, "
-                f"{e['positions']} positions); chain of {CHAIN_GAMMA}: tau {e['chain']['tau']:.3f}, acceptance by "
-                f"depth {depth}")
-    if main:
-        summary = {"eval": evals, "train": {s: {k: v for k, v in r.items() if k != "losses"}
-                                            for s, r in records.items()}}
-        (out / "results.json").write_text(json.dumps(summary, indent=1))
-    return {"train": records, "eval": evals, "stopped": False, "main": main}
+    def loss_fn(model, batch, num_items):
+        if p.eagle3:
+            return eagle3_loss(model, batch, target=p.target, loss_cfg=loss_cfg, steps=hc.ttt_steps,
+                               decay=hc.ttt_decay, reference=reference, num_items=num_items,
+                               exclude_out_of_vocab=hc.exclude_out_of_vocab)
+        return head_loss(model, batch, target=p.target, loss_cfg=loss_cfg, reference=reference,
+                         feature_loss_weight=hc.feature_loss_weight, num_items=num_items,
+                         token_loss_weight=hc.token_loss_weight, feature_noise=hc.feature_noise,
+                         vocab_ids=vocab_ids, exclude_out_of_vocab=hc.exclude_out_of_vocab)
+
+    return loss_fn
+
+
+def _train_stage(p: _Pipeline, stage: str, records: dict, stop_at, progress) -> dict:
+    """Train one stage (resuming its checkpoints) and, once complete, save its head; records[stage] is set."""
+    from adaspec_eagle.training.features import pad_batch
+    from adaspec_eagle.training.loop import train
+
+    cfg, run_dir = p.cfg, p.out / "runs" / stage
+    if p.main:
+        save_resolved(cfg, run_dir)
+    loss_cfg = cfg.loss if stage == "adaspec" else LossConfig(**{**to_dict(cfg.loss), "kind": "kd", "k": 1.0})
+    stage_train = stage_budget(cfg, stage, reference_steps(records, p.reference))
+    torch.manual_seed(cfg.train.seed)  # every stage starts from the same head initialisation
+    head = build_head(p.target, cfg.head, p.token_counts if p.eagle3 else None)
+    vocab_ids = None if p.eagle3 else restricted_vocab(head, p.token_counts, cfg.head.train_vocab_size)
+    if p.reference is not None:
+        p.reference = p.reference.to(p.accelerator.device).requires_grad_(False).eval()
+    meta = {"stage": stage, "loss": loss_cfg.kind, "k": loss_cfg.k, "divergence": loss_cfg.divergence,
+            "budget": cfg.loss.budget if stage == "adaspec" else None, "batch_size": stage_train.batch_size,
+            "data": {**to_dict(cfg.data), "samples": len(p.train_set)},
+            "reference": str(p.ref_path or p.out / "reference") if stage == "adaspec" else None}
+    evaluate = None
+    if cfg.train.eval_every and p.main:  # (the loop evaluates on the main process only)
+        evaluate = BestHeadKeeper(run_dir / "best", p.target, p.heldout, cfg.train.batch_size, p.pad_id,
+                                  p.token_counts, meta, resume_step=resumed_step(run_dir))
+    run = train(TTTUnroll(head) if p.eagle3 else head, p.dataset,
+                _stage_loss(p, loss_cfg, p.reference if stage == "adaspec" else None, vocab_ids),
+                collate=lambda samples: pad_batch(samples, p.pad_id),
+                count_items=lambda batch: int(head_valid_mask(batch["loss_mask"], batch["attention_mask"]).sum()),
+                train_cfg=stage_train, optim_cfg=cfg.optim, out_dir=run_dir, accelerator=p.accelerator,
+                desc=stage, stop_at=stop_at, progress=progress, evaluate=evaluate)
+    head = run.pop("model")
+    head = head.head if p.eagle3 else head
+    if run["steps"] < run["total_steps"]:
+        return run
+    records[stage] = {k: run[k] for k in ("steps", "tokens", "seconds", "tokens_per_s", "losses", "budget_steps",
+                                          "evals")}
+    records[stage]["batch_size"] = stage_train.batch_size
+    if p.main:
+        _save_stage_head(p, stage, head, {**meta, "steps": run["steps"], "tokens": run["tokens"]}, evaluate,
+                         records[stage])
+    p.accelerator.wait_for_everyone()
+    return run
+
+
+def _save_stage_head(p: _Pipeline, stage: str, head, meta: dict, evaluate, record: dict) -> None:
+    """The stage's head (the best held-out one when selecting), its config and its result, which marks the
+    stage complete; a full disk leaves nothing half-written and the stage resumable."""
+    from adaspec_eagle.io import disk_full
+
+    head_dir, run_dir = p.out / STAGE_DIRS[stage], p.out / "runs" / stage
+    if evaluate is not None and evaluate.best is not None:  # the best held-out tau, not the last
+        head = load_head(str(run_dir / "best"), p.target).to(p.accelerator.device)
+        meta["selected"] = record["selected"] = {"by": "held-out chain tau", **evaluate.best}
+    try:
+        save_head(head, head_dir, meta, token_counts=p.token_counts)
+    except (OSError, RuntimeError) as e:  # disk full: save_head wrote into a temp folder, now deleted
+        if isinstance(e, RuntimeError) and not disk_full(e):
+            raise
+        raise AdaspecError(f"could not write the {stage} head to {str(head_dir)!r} ({e}); nothing half-written "
+                           "was left there. Free disk space and run the same command again: it resumes from the "
+                           "stage's last checkpoint.") from e
+    save_resolved(p.cfg, head_dir, "adaspec_config.yaml")
+    (run_dir / "result.json").write_text(json.dumps(record))
+
+
+def _evaluate_stage(p: _Pipeline, stage: str, trained, log) -> dict:
+    from adaspec_eagle.engine.speculative import DEFAULT_DRAFT_VOCAB
+
+    ids = None if p.eagle3 else restricted_vocab(trained, p.token_counts, DEFAULT_DRAFT_VOCAB)
+    e = evaluate_head(trained, p.target, p.heldout, p.cfg.train.batch_size, p.pad_id, chain=CHAIN_GAMMA,
+                      vocab_ids=ids)
+    if p.main:
+        depth = " / ".join(f"{a:.2f}" for a in e["chain"]["accept_by_depth"])
+        log(f"stage {stage}: held-out top-1 agreement with the target {e['top1']:.2%} (KL {e['kl']:.3f}, "
+            f"{e['positions']} positions); chain of {CHAIN_GAMMA}: tau {e['chain']['tau']:.3f}, acceptance by "
+            f"depth {depth}")
+    return e
 
 
 # ----------------------------------------------------------------------------------------------------------
