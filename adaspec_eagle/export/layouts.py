@@ -115,44 +115,9 @@ def convert(state: dict[str, torch.Tensor], config: dict, fmt: str,
     cfg.pop("qkv_bias", None)  # vLLM and EAGLE read it before attention_bias; these layers have no such biases
     cfg.update(attention_bias=False, mlp_bias=False)
     if kind == "eagle1":
-        bias = out.get("fc.bias")
-        if bias_policy == "always" and bias is None:
-            out["fc.bias"] = torch.zeros(hidden, dtype=out["fc.weight"].dtype)  # fc(x) unchanged
-        if bias_policy == "fold" and bias is not None:
-            if bias.abs().max().item() > 0:
-                fold_fc_bias(out)
-                cfg["attention_bias"] = True
-            out.pop("fc.bias", None)
-        # EAGLE's EaModel builds fc with config["bias"] (default True); vLLM and SGLang read it as attention bias
-        cfg["bias"] = fmt == "eagle" and "fc.bias" in out
+        _eagle1_layout(out, cfg, fmt, bias_policy, hidden)
     else:
-        if "fc.bias" in out:
-            raise AdaspecError("this EAGLE-3 head has an fc.bias, which EAGLE-3 loaders do not have; re-train it "
-                               "without one.")
-        out["d2t"], out["t2d"] = out["d2t"].to(torch.int64), out["t2d"].to(torch.bool)
-        if out["t2d"].all():  # the whole vocabulary: lm_head rows in target order, no mapping
-            order = torch.empty_like(out["d2t"])
-            order[torch.arange(out["d2t"].numel()) + out["d2t"]] = torch.arange(out["d2t"].numel())
-            out["lm_head.weight"] = out["lm_head.weight"][order].contiguous()
-            del out["d2t"], out["t2d"]
-        cfg["draft_vocab_size"] = int(out["lm_head.weight"].shape[0])
-        cfg["bias"] = False  # SGLang builds the EAGLE-3 fc with config.bias; vLLM reads it as attention bias
-        target_hidden = int(out["fc.weight"].shape[1]) // 3
-        cfg.pop("target_hidden_size", None)
-        if target_hidden != hidden:
-            cfg["target_hidden_size"] = target_hidden
-        layer_ids = ((config.get("adaspec") or {}).get("target_layer_ids"))
-        n = ((config.get("adaspec") or {}).get("target") or {}).get("num_hidden_layers")
-        if layer_ids:  # ours, as HF hidden_states indices; a foreign head's eagle_config passes through as is
-            cfg.pop("eagle_config", None)
-        if layer_ids and n and list(layer_ids) != [2, n // 2, n - 3]:
-            # Engines default to HF hidden_states (2, N//2, N-3); for other layers each names them its own way:
-            # vLLM by the decoder layer the state enters (= HF index), SGLang by the layer that produced it (-1).
-            if fmt == "eagle3":
-                raise AdaspecError(f"EAGLE's EaModel always fuses target layers (2, N//2, N-3); this head fuses "
-                                   f"{layer_ids}. Export it with --format sglang or vllm.")
-            ids = list(layer_ids) if fmt == "vllm" else [i - 1 for i in layer_ids]
-            cfg["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": ids, "use_aux_hidden_state": True}
+        _eagle3_layout(out, cfg, fmt, hidden)
     if embed_tokens is not None:
         vocab = int(cfg.get("vocab_size", embed_tokens.shape[0]))
         if tuple(embed_tokens.shape) != (vocab, hidden):
@@ -165,6 +130,52 @@ def convert(state: dict[str, torch.Tensor], config: dict, fmt: str,
     adaspec["export"] = {"format": fmt, "architecture": arch, "with_embeddings": embed_tokens is not None}
     cfg["adaspec"] = adaspec
     return out, cfg
+
+
+def _eagle1_layout(out: dict, cfg: dict, fmt: str, bias_policy: str, hidden: int) -> None:
+    """In place: the fc bias as the format holds it, and `bias` as each engine reads it."""
+    bias = out.get("fc.bias")
+    if bias_policy == "always" and bias is None:
+        out["fc.bias"] = torch.zeros(hidden, dtype=out["fc.weight"].dtype)  # fc(x) unchanged
+    if bias_policy == "fold" and bias is not None:
+        if bias.abs().max().item() > 0:
+            fold_fc_bias(out)
+            cfg["attention_bias"] = True
+        out.pop("fc.bias", None)
+    # EAGLE's EaModel builds fc with config["bias"] (default True); vLLM and SGLang read it as attention bias
+    cfg["bias"] = fmt == "eagle" and "fc.bias" in out
+
+
+def _eagle3_layout(out: dict, cfg: dict, fmt: str, hidden: int) -> None:
+    """In place: the draft vocabulary map (none for the whole vocabulary), target_hidden_size only where it
+    differs, and non-default fused layers in each engine's numbering."""
+    if "fc.bias" in out:
+        raise AdaspecError("this EAGLE-3 head has an fc.bias, which EAGLE-3 loaders do not have; re-train it "
+                           "without one.")
+    out["d2t"], out["t2d"] = out["d2t"].to(torch.int64), out["t2d"].to(torch.bool)
+    if out["t2d"].all():  # the whole vocabulary: lm_head rows in target order, no mapping
+        order = torch.empty_like(out["d2t"])
+        order[torch.arange(out["d2t"].numel()) + out["d2t"]] = torch.arange(out["d2t"].numel())
+        out["lm_head.weight"] = out["lm_head.weight"][order].contiguous()
+        del out["d2t"], out["t2d"]
+    cfg["draft_vocab_size"] = int(out["lm_head.weight"].shape[0])
+    cfg["bias"] = False  # SGLang builds the EAGLE-3 fc with config.bias; vLLM reads it as attention bias
+    target_hidden = int(out["fc.weight"].shape[1]) // 3
+    cfg.pop("target_hidden_size", None)
+    if target_hidden != hidden:
+        cfg["target_hidden_size"] = target_hidden
+    adaspec = cfg.get("adaspec") or {}
+    layer_ids, n = adaspec.get("target_layer_ids"), (adaspec.get("target") or {}).get("num_hidden_layers")
+    if layer_ids:  # ours, as HF hidden_states indices; a foreign head's eagle_config passes through as is
+        cfg.pop("eagle_config", None)
+    if layer_ids and n and list(layer_ids) != [2, n // 2, n - 3]:
+        # Engines default to HF hidden_states (2, N//2, N-3); for other layers each names them its own way:
+        # vLLM by the decoder layer the state enters (= HF index), SGLang by the layer that produced it (-1).
+        if fmt == "eagle3":
+            raise AdaspecError(f"EAGLE's EaModel always fuses target layers (2, N//2, N-3); this head fuses "
+                               f"{layer_ids}. Export it with --format sglang or vllm.")
+        ids = list(layer_ids) if fmt == "vllm" else [i - 1 for i in layer_ids]
+        cfg["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": ids, "use_aux_hidden_state": True}
 
 
 def fold_fc_bias(state: dict[str, torch.Tensor]) -> None:
