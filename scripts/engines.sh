@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 ENG=${ENGINES_DIR:-$ROOT/.engines}
 WORK=${WORK:-$ENG/work}
-EAGLE_COMMIT=cb7e0848
+EAGLE_COMMIT=cb7e0841
 PY=${PYTHON:-python3}
 
 venv() {  # venv NAME -> creates .engines/NAME once

@@ -1,6 +1,6 @@
 """Benchmark metrics: pure functions of the engine's step records (INTERFACES.md "stats contract": one record
 per target verification forward, {"accepted": draft tokens accepted, bonus excluded, "drafted": draft tokens
-verified}) and of repeated timings. Definitions in DESIGN.md section 6:
+verified}) and of repeated timings. Definitions:
 
   tau    = mean over target forwards of (accepted + 1): tokens emitted per forward, the bonus token included.
   alpha  = the paper's acceptance rate for greedy chain drafting with gamma = 4:

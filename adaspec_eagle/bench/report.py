@@ -163,7 +163,7 @@ def _tuned(suite: str, tuned: dict) -> str:
 
 def markdown_table(record: dict) -> str:
     """The suite × method table of a benchmark record, with a header stating target, tree, temperature, data
-    and machine (DESIGN.md section 6)."""
+    and machine."""
     cfg, mach = record["config"], record["machine"]
     tree = cfg["tree"]
     vocabs = {str(m["draft_vocab"]) for m in record["methods"] if m.get("draft_vocab")}

@@ -2,7 +2,7 @@
 the step statistics.
 
     adaspec-eagle generate --target smollm2-135m --draft-lm layers=10 "Write a haiku about the sea"
-    adaspec-eagle generate --target smollm2-135m --head runs/head/draft --total-tokens auto "Hello"
+    adaspec-eagle generate --target smollm2-135m --head runs/head/adaspec --total-tokens auto "Hello"
     adaspec-eagle generate --target smollm2-135m --lookup-tokens 10 "Fix the bug in: ..."   # prompt lookup alone
 """
 

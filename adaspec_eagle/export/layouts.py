@@ -1,4 +1,4 @@
-"""Export heads to the checkpoint layouts that EAGLE's `EaModel`, SGLang and vLLM load (DESIGN.md section 5),
+"""Export heads to the checkpoint layouts that EAGLE's `EaModel`, SGLang and vLLM load,
 and the `adaspec-eagle export` subcommand. Import (any of these layouts -> our head) is `heads.load_head`.
 
 An export is a pure rename/reshape of a saved head folder (config.json + weights): no target model is loaded

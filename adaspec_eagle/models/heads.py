@@ -2,7 +2,7 @@
 (`Eagle3Head`), built from transformers' own Llama layer classes, plus saving and loading them.
 
 Both heads are Llama-style at the target's hidden size whatever the target family (the head never runs the
-target's own layers). Parameter names are exactly the checkpoint keys of DESIGN.md section 5, so `state_dict()`
+target's own layers). Parameter names are exactly the engines' checkpoint keys (`export.layouts`), so `state_dict()`
 is the EAGLE / EAGLE-3 layout and export is a rename at most.
 
 The target's input embedding (both heads) and `lm_head` (EAGLE-1) are *referenced, not owned*: they are kept in
@@ -614,8 +614,10 @@ def read_head_config(folder) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         return {}
+    from adaspec_eagle.io import read_text
+
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_text(path, "head config"))
     except json.JSONDecodeError as e:
         raise AdaspecError(f"{str(path)!r} is not valid JSON ({e}); re-export the head.") from None
 

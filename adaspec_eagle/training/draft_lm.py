@@ -3,7 +3,7 @@
 Stages (one command or stage by stage, each written to OUT/<stage> and skipped when already complete):
   target     optional supervised fine-tune of the target on the task (cross-entropy on answer tokens);
   reference  a draft distilled from the (fine-tuned) target with plain KD (forward KL, k = 1);
-  draft      the same draft initialisation distilled with AdaSPEC against the reference (OUT/draft), or with
+  draft      the same draft initialisation distilled with AdaSPEC against the reference (OUT/adaspec), or with
              plain KD at the same budget (`--loss kd`, the DistillSpec baseline, OUT/kd).
 
 Alignment: logits at position t predict token t+1; a position counts when token t+1 is a target token
@@ -161,7 +161,7 @@ def run(cfg: DraftLMRecipe, loss_kind: str = "adaspec", overwrite: bool = False,
                                "tokens_per_s": record["tokens_per_s"]})
             results["reference"] = record
         if "draft" in cfg.stages:
-            name = "draft" if loss_kind == "adaspec" else "kd"
+            name = loss_kind  # adaspec/ or kd/, as train-head names its heads
             folder = out / name
             if not _stage_done(folder):
                 reference = None
@@ -176,7 +176,7 @@ def run(cfg: DraftLMRecipe, loss_kind: str = "adaspec", overwrite: bool = False,
                 results[name] = record
 
         summary = {}
-        for name in ("reference", "draft", "kd"):
+        for name in ("reference", "adaspec", "kd"):
             folder = out / name
             if _stage_done(folder):
                 model = load_model(str(folder), with_tokenizer=False)

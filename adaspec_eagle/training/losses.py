@@ -1,4 +1,4 @@
-"""The AdaSPEC loss (DESIGN.md section 4): per-token divergences, top-k token selection, reductions, and a
+"""The AdaSPEC loss: per-token divergences, top-k token selection, reductions, and a
 memory-efficient chunked path. Owns everything between "logits (or hidden states + lm_head)" and "scalar loss".
 
 Notation (AdaSPEC, Hu et al., NeurIPS 2025; the paper's text is not in this repository, so the equations are

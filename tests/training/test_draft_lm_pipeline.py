@@ -31,11 +31,11 @@ def test_three_stages_chain_and_lower_the_loss(tmp_path, task_file):
     cfg = _cfg(tmp_path, task_file)
     summary = run(cfg, progress=False)
     out = tmp_path / "out"
-    for stage in ("target", "reference", "draft"):
+    for stage in ("target", "reference", "adaspec"):
         assert (out / stage / "model.safetensors").is_file() and (out / stage / "adaspec.json").is_file()
-    assert set(summary) == {"reference", "draft"}
-    assert 0.0 <= summary["draft"]["agreement"] <= 1.0
-    meta = json.loads((out / "draft" / "adaspec.json").read_text())
+    assert set(summary) == {"reference", "adaspec"}
+    assert 0.0 <= summary["adaspec"]["agreement"] <= 1.0
+    meta = json.loads((out / "adaspec" / "adaspec.json").read_text())
     assert meta["loss"] == "adaspec" and meta["k"] == 0.4 and meta["target"]["num_hidden_layers"] == 3
     # Distillation made the 1-layer draft agree with the fine-tuned target more than its initialisation did.
     from adaspec_eagle.data import build_dataset
@@ -47,9 +47,9 @@ def test_three_stages_chain_and_lower_the_loss(tmp_path, task_file):
     before = top1_agreement(init_draft("layers=1", target, tok), target, heldout, 102)
     assert summary["reference"]["agreement"] > before
     # A second run with the same config finds every stage complete and changes nothing.
-    stamp = (out / "draft" / "model.safetensors").stat().st_mtime_ns
+    stamp = (out / "adaspec" / "model.safetensors").stat().st_mtime_ns
     run(cfg, progress=False)
-    assert (out / "draft" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (out / "adaspec" / "model.safetensors").stat().st_mtime_ns == stamp
 
 
 def test_kd_baseline_and_cli(tmp_path, task_file, capsys):
@@ -58,7 +58,7 @@ def test_kd_baseline_and_cli(tmp_path, task_file, capsys):
                  "data.max_length=64", "train.batch_size=4", "train.max_steps=2"])
     assert code == 0
     assert (tmp_path / "kd" / "kd" / "model.safetensors").is_file()
-    assert not (tmp_path / "kd" / "draft").exists()
+    assert not (tmp_path / "kd" / "adaspec").exists()
     assert "held-out top-1 agreement" in capsys.readouterr().out
 
 
