@@ -191,22 +191,6 @@ def hf_generate_method(name: str, kind: str, target, eos_ids, pad_id, max_new_to
     return Method(name, kind, generate, info=dict(info or {}, implementation="transformers.generate"))
 
 
-class _RecordingDrafter:
-    """Wraps an engine drafter and records one step record per verification (the engine calls `commit(tree,
-    path)` once per target forward): used when the engine's stats carry no per-step records."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.records: list[dict] = []
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def commit(self, tree, path):
-        self.records.append({"accepted": len(path) - 1, "drafted": int(tree.size)})
-        return self.inner.commit(tree, path)
-
-
 def engine_step_records(stats: dict, recorded: list[dict]) -> list[dict]:
     """Per-forward step records: the engine's own (stats["steps"] as a list, the stats contract) or, when it
     gives only a count, the ones recorded at `commit`, checked against its accepted_lengths (bonus included)."""
@@ -225,15 +209,15 @@ def engine_method(name: str, target, tokenizer, drafter, tree, max_new_tokens: i
     {suite name: TreeConfig} (trees tuned per suite; recorded as `trees`, and `tree` is the first)."""
     import torch
 
-    from adaspec_eagle.engine.speculative import speculative_generate
+    from adaspec_eagle.engine.speculative import CommitRecorder, speculative_generate
 
-    recorder = _RecordingDrafter(drafter)
+    recorder = CommitRecorder(drafter)
     trees = tree if isinstance(tree, dict) else {}
     default = next(iter(trees.values())) if trees else tree
 
     def generate(ids: list[int], seed: int, suite: str | None = None) -> Run:
         x = torch.tensor([ids], device=target.device)  # (1, T)
-        recorder.records = []
+        recorder.steps = []
         _sync(target.device)
         t0 = time.perf_counter()
         new, stats = speculative_generate(target=target, prompt_ids=x, drafter=recorder, tokenizer=tokenizer,
@@ -242,7 +226,8 @@ def engine_method(name: str, target, tokenizer, drafter, tree, max_new_tokens: i
         _sync(target.device)
         seconds = time.perf_counter() - t0
         phases = {k: float(stats[k]) for k in ("draft_time_s", "verify_time_s", "prefill_time_s") if k in stats}
-        return Run(_ids(new), seconds, steps=engine_step_records(stats, recorder.records), phases=phases)
+        recorded = [{"accepted": len(path) - 1, "drafted": int(drafted.size)} for drafted, path in recorder.steps]
+        return Run(_ids(new), seconds, steps=engine_step_records(stats, recorded), phases=phases)
 
     every = list(trees.values()) or [tree]
     # alpha is a drafted chain's, of one length gamma for every suite (trees tuned per suite may differ: no alpha)

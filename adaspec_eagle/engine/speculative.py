@@ -489,8 +489,9 @@ def plain_generate(target, prompt_ids, max_new_tokens: int = 128, eos_token_id=N
 # Tree budget auto-tuning
 
 
-class _CommitRecorder:
-    """Forwards to a drafter and keeps (tree, accepted path) of every step."""
+class CommitRecorder:
+    """Forwards to a drafter and keeps (tree, accepted path) of every step (the engine calls `commit` once per
+    target forward): the tree budget tuner's profile and the benchmark's step records."""
 
     def __init__(self, inner):
         self.inner, self.steps = inner, []
@@ -618,7 +619,7 @@ def tune_tree_budget(target, drafter: Drafter, prompt_ids, tree: TreeConfig, siz
     each verified token costs much can pick a short chain. The table then holds the best L per budget."""
     sizes = sorted({int(n) for n in sizes if n >= 1})
     big = dataclasses_replace(tree, total_tokens=max(sizes))
-    rec = _CommitRecorder(drafter)
+    rec = CommitRecorder(drafter)
     _, stats = speculative_generate(target, prompt_ids, rec, profile_tokens, tree=big, eos_token_id=eos_token_id)
     if not rec.steps:
         raise AdaspecError("auto-tuning needs at least one decoding step; raise profile_tokens or check the prompt.")
