@@ -103,78 +103,27 @@ def _stage_done(folder: Path) -> bool:
 
 def run(cfg: DraftLMRecipe, loss_kind: str = "adaspec", overwrite: bool = False, progress: bool = True) -> dict:
     """Run the configured stages; returns {stage: {"path", "agreement", "steps", "tokens_per_s"}}."""
-    from adaspec_eagle.data import build_dataset, collate
-    from adaspec_eagle.models.draft_lm import init_draft
-    from adaspec_eagle.training.loop import configure_deepspeed, make_accelerator, prepare_frozen, train
-
-    from adaspec_eagle.io import check_output_folder
+    from adaspec_eagle.training.loop import configure_deepspeed, make_accelerator, prepare_frozen
 
     out = Path(cfg.output_dir)
-    check_output_folder(out, replace=overwrite)  # before the models load; claimed below, once all else is checked
-    target, tok = load_model(cfg.target)
-    # Validate everything that can fail before anything is written.
-    train_set = build_dataset(cfg.data, tok, "train")
-    heldout = build_dataset(cfg.data, tok, "heldout") if cfg.data.holdout else []
-    probe = init_draft(cfg.draft, target, tok)
-    check_samples_fit([*train_set, *heldout], target, f"target {cfg.target}")
-    check_samples_fit([*train_set, *heldout], probe, f"draft {cfg.draft}")
-    vocab = min(embedding_rows(target), embedding_rows(probe))
-    del probe
-    if ("draft" in cfg.stages and loss_kind == "adaspec" and "reference" not in cfg.stages
-            and not _stage_done(out / "reference")):
-        raise AdaspecError(f"stage draft needs a reference LM in {out / 'reference'}; run the reference stage "
-                           "first (stages=[reference, draft]).")
+    target, tok, train_set, heldout, vocab = _check_inputs(cfg, loss_kind, overwrite)
     acc = make_accelerator(cfg.train)
     configure_deepspeed(acc, cfg.train, cfg.optim)  # a DeepSpeed config at odds with the recipe is refused here
     with claim_output_dir(out, cfg, overwrite=overwrite, command="train-draft-lm"):
         save_resolved(cfg, out)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        stage = _StageTrainer(cfg, acc, tok, train_set, vocab, progress)
         results: dict = {}
-        epochs = {"target": cfg.target_epochs, "reference": cfg.reference_epochs, "draft": cfg.draft_epochs}
-
-        def stage_train(stage, model, loss_fn, name):
-            tcfg = dataclasses.replace(cfg.train, epochs=epochs[stage] or cfg.train.epochs)
-            record = train(model, train_set, loss_fn, collate=lambda s: collate(s, pad), count_items=count_items,
-                           train_cfg=tcfg, optim_cfg=cfg.optim, out_dir=out / ".work" / name, accelerator=acc,
-                           desc=name, progress=progress)
-            return record
-
         if "target" in cfg.stages:
-            folder = out / "target"
-            if not _stage_done(folder):
-                target.train().requires_grad_(True)
-                record = stage_train("target", target, make_loss_fn("target", vocab, cfg.loss), "target")
-                target = record["model"].eval().requires_grad_(False)
-                save_model_atomic(target, tok, folder, {"stage": "target", "base": cfg.target,
-                                                         "steps": record["steps"]})
-            target, _ = load_model(str(folder))
+            target = stage.fine_tune_target(target)
         target = prepare_frozen(acc, target)
         identity = target_identity(target, cfg.target)
-
-        ref_folder = out / "reference"
-        if "reference" in cfg.stages and not _stage_done(ref_folder):
-            draft = init_draft(cfg.draft, target, tok).train()
-            kd = dataclasses.replace(cfg.loss, kind="kd")
-            record = stage_train("reference", draft, make_loss_fn("reference", vocab, kd, target), "reference")
-            save_model_atomic(record["model"], tok, ref_folder,
-                              {"stage": "reference", "loss": "kd", "target": identity, "steps": record["steps"],
-                               "tokens_per_s": record["tokens_per_s"]})
-            results["reference"] = record
-        if "draft" in cfg.stages:
-            name = loss_kind  # adaspec/ or kd/, as train-head names its heads
-            folder = out / name
-            if not _stage_done(folder):
-                reference = None
-                if loss_kind == "adaspec":
-                    reference = prepare_frozen(acc, load_model(str(ref_folder), with_tokenizer=False))
-                lcfg = dataclasses.replace(cfg.loss, kind=loss_kind)
-                draft = init_draft(cfg.draft, target, tok).train()
-                record = stage_train("draft", draft, make_loss_fn("draft", vocab, lcfg, target, reference), name)
-                save_model_atomic(record["model"], tok, folder,
-                                  {"stage": name, "loss": loss_kind, "k": cfg.loss.k, "target": identity,
-                                   "steps": record["steps"], "tokens_per_s": record["tokens_per_s"]})
-                results[name] = record
-
+        if "reference" in cfg.stages and not _stage_done(out / "reference"):
+            results["reference"] = stage.distill("reference", "kd", target, identity)
+        if "draft" in cfg.stages and not _stage_done(out / loss_kind):  # adaspec/ or kd/, as train-head names heads
+            reference = None
+            if loss_kind == "adaspec":
+                reference = prepare_frozen(acc, load_model(str(out / "reference"), with_tokenizer=False))
+            results[loss_kind] = stage.distill("draft", loss_kind, target, identity, reference)
         summary = {}
         for name in ("reference", "adaspec", "kd"):
             folder = out / name
@@ -186,6 +135,76 @@ def run(cfg: DraftLMRecipe, loss_kind: str = "adaspec", overwrite: bool = False,
                                  "tokens_per_s": results.get(name, {}).get("tokens_per_s")}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+
+def _check_inputs(cfg: DraftLMRecipe, loss_kind: str, overwrite: bool):
+    """Everything that can fail, before anything is written: -> (target, tokenizer, train, heldout, vocab)."""
+    from adaspec_eagle.data import build_dataset
+    from adaspec_eagle.io import check_output_folder
+    from adaspec_eagle.models.draft_lm import init_draft
+
+    out = Path(cfg.output_dir)
+    check_output_folder(out, replace=overwrite)  # before the models load; claimed once all else is checked
+    target, tok = load_model(cfg.target)
+    train_set = build_dataset(cfg.data, tok, "train")
+    heldout = build_dataset(cfg.data, tok, "heldout") if cfg.data.holdout else []
+    probe = init_draft(cfg.draft, target, tok)
+    check_samples_fit([*train_set, *heldout], target, f"target {cfg.target}")
+    check_samples_fit([*train_set, *heldout], probe, f"draft {cfg.draft}")
+    vocab = min(embedding_rows(target), embedding_rows(probe))
+    if ("draft" in cfg.stages and loss_kind == "adaspec" and "reference" not in cfg.stages
+            and not _stage_done(out / "reference")):
+        raise AdaspecError(f"stage draft needs a reference LM in {out / 'reference'}; run the reference stage "
+                           "first (stages=[reference, draft]).")
+    return target, tok, train_set, heldout, vocab
+
+
+class _StageTrainer:
+    """Trains one stage of a draft-LM run and saves its model (OUT/<name>, atomically)."""
+
+    def __init__(self, cfg: DraftLMRecipe, acc, tok, train_set, vocab: int, progress: bool):
+        self.cfg, self.acc, self.tok, self.train_set, self.vocab, self.progress = (cfg, acc, tok, train_set, vocab,
+                                                                                   progress)
+        self.out = Path(cfg.output_dir)
+
+    def _train(self, stage: str, model, loss_fn, name: str) -> dict:
+        from adaspec_eagle.data import collate
+        from adaspec_eagle.training.loop import train
+
+        cfg = self.cfg
+        epochs = {"target": cfg.target_epochs, "reference": cfg.reference_epochs, "draft": cfg.draft_epochs}[stage]
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        return train(model, self.train_set, loss_fn, collate=lambda s: collate(s, pad), count_items=count_items,
+                     train_cfg=dataclasses.replace(cfg.train, epochs=epochs or cfg.train.epochs),
+                     optim_cfg=cfg.optim, out_dir=self.out / ".work" / name, accelerator=self.acc, desc=name,
+                     progress=self.progress)
+
+    def fine_tune_target(self, target):
+        """The target fine-tuned on the task (OUT/target; skipped when already complete), loaded back."""
+        folder = self.out / "target"
+        if not _stage_done(folder):
+            target.train().requires_grad_(True)
+            record = self._train("target", target, make_loss_fn("target", self.vocab, self.cfg.loss), "target")
+            target = record["model"].eval().requires_grad_(False)
+            save_model_atomic(target, self.tok, folder, {"stage": "target", "base": self.cfg.target,
+                                                         "steps": record["steps"]})
+        return load_model(str(folder))[0]
+
+    def distill(self, stage: str, loss_kind: str, target, identity: dict, reference=None) -> dict:
+        """A draft from the recipe's initialisation distilled from the target: the reference (KD) or the draft
+        stage (AdaSPEC against `reference`, or KD), saved to OUT/reference, OUT/adaspec or OUT/kd."""
+        from adaspec_eagle.models.draft_lm import init_draft
+
+        name = "reference" if stage == "reference" else loss_kind
+        draft = init_draft(self.cfg.draft, target, self.tok).train()
+        lcfg = dataclasses.replace(self.cfg.loss, kind=loss_kind)
+        record = self._train(stage, draft, make_loss_fn(stage, self.vocab, lcfg, target, reference), name)
+        meta = {"stage": name, "loss": loss_kind, "target": identity, "steps": record["steps"],
+                "tokens_per_s": record["tokens_per_s"]}
+        if stage == "draft":
+            meta["k"] = self.cfg.loss.k
+        save_model_atomic(record["model"], self.tok, self.out / name, meta)
+        return record
 
 
 def cmd_train_draft_lm(args) -> int:
