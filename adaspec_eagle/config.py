@@ -479,3 +479,68 @@ def claim_output_dir(folder: str | os.PathLike, cfg, overwrite: bool = False, co
         if overwrite:  # start afresh: nothing of the previous run may be resumed with another config
             empty_folder(folder)
         yield folder
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command-line flags from a config dataclass: one definition per option
+
+
+_FLAG_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "int | str": str}
+
+
+def add_flags(parser, cls) -> None:
+    """One flag per field of dataclass `cls`: `--field-name` of the field's type and default, help from
+    `metadata["help"]`. Metadata may also set "flag" (another name), "append" (a repeatable flag for a list
+    field), "csv" (a comma list for a list field), "choices", "metavar", and for booleans "negate" (the flag turns
+    a true default off)."""
+    for f in dataclasses.fields(cls):
+        m = f.metadata
+        flag = m.get("flag", "--" + f.name.replace("_", "-"))
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw = {"dest": f.name, "help": m.get("help")}
+        if f.type in ("bool", bool):
+            kw.update(action="store_false" if m.get("negate") else "store_true", default=default)
+        elif m.get("append"):
+            kw.update(action="append", default=None, metavar=m.get("metavar"))
+        elif m.get("csv"):
+            kw.update(default=",".join(default) or "none", metavar=m.get("metavar"))
+        else:
+            kw.update(type=_FLAG_TYPES[str(f.type)], default=default, metavar=m.get("metavar"))
+            if "choices" in m:
+                kw["choices"] = m["choices"]
+        parser.add_argument(flag, **{k: v for k, v in kw.items() if v is not None or k == "default"})
+
+
+def from_flags(cls, args):
+    """The dataclass `cls` from parsed `add_flags` arguments (a repeatable flag never given keeps the field's
+    default; a comma list 'none' or '' is empty)."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name)
+        if f.metadata.get("append") and value is None:
+            continue
+        if f.metadata.get("csv"):
+            value = [] if value.strip().lower() in ("", "none") else [v.strip() for v in value.split(",") if v.strip()]
+        values[f.name] = value
+    return cls(**values)
+
+
+def to_flags(cfg) -> list[str]:
+    """The `add_flags` arguments that give back the dataclass instance `cfg` (`from_flags(type(cfg), ...)`):
+    every field, in field order; a None or false boolean flag is left out, as is `progress`-style negated flags
+    at their default."""
+    out: list[str] = []
+    for f in dataclasses.fields(cfg):
+        m, value = f.metadata, getattr(cfg, f.name)
+        flag = m.get("flag", "--" + f.name.replace("_", "-"))
+        if f.type in ("bool", bool):
+            if value != (f.default if f.default is not dataclasses.MISSING else False):
+                out.append(flag)
+        elif m.get("append"):
+            for item in value:
+                out += [flag, str(item)]
+        elif m.get("csv"):
+            out += [flag, ",".join(value) or "none"]
+        elif value is not None:
+            out += [flag, str(value)]
+    return out

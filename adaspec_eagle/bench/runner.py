@@ -279,40 +279,61 @@ def _ids(out) -> list[int]:
 
 @dataclass
 class BenchConfig:
-    target: str = "smollm2-135m"
-    drafters: list[str] = field(default_factory=list)
-    suites: list[str] = field(default_factory=lambda: ["sharegpt"])
-    num_prompts: int = 8
+    """A benchmark run. Each field is one `bench` flag (`config.add_flags`): `--field-name`, help below."""
+
+    target: str = field(default="smollm2-135m", metadata={"help": "target model (registry name, folder, .gguf, "
+                                                                  "hub id)"})
+    drafters: list[str] = field(default_factory=list, metadata={
+        "flag": "--drafter", "append": True, "metavar": "[LABEL=]KIND:SOURCE",
+        "help": "head:PATH (a trained head folder), draft-lm:NAME_OR_PATH (or draft-lm:layers=N: the target's first "
+                "N layers) or lookup:N (prompt lookup run by our engine, N tokens a step); repeat for several "
+                "drafters side by side"})
+    suites: list[str] = field(default_factory=lambda: ["sharegpt"], metadata={
+        "flag": "--suite", "append": True, "metavar": "SUITE", "help": f"repeatable; {SUITE_HELP}"})
+    num_prompts: int = field(default=8, metadata={"help": "prompts per suite"})
     max_new_tokens: int = 128
-    temperature: float = 0.0
+    temperature: float = field(default=0.0, metadata={"help": "0: greedy (outputs checked against plain)"})
     top_p: float = 1.0
-    repeats: int = 3
-    warmup: int = 1
-    depth: int = 6
-    topk: int = 8
-    total_tokens: int | str = 48
-    """Draft tokens verified per step, or "auto": tuned per drafter and suite on the suite's first prompt."""
-    tree_shape: str = "dynamic"
-    draft_vocab: int | str = "auto"
-    peers: list[str] = field(default_factory=lambda: ["assisted", "prompt_lookup"])
-    prompt_lookup_tokens: int = 10
-    lookup_tokens: int = 0
-    """> 0: each head / draft-LM drafter gets a second row with this many prompt-lookup tokens grafted onto its
-    trees (`TreeConfig.lookup_tokens`)."""
-    alpha_protocol: bool = False
-    baseline: list[str] = field(default_factory=lambda: ["hf"])
+    repeats: int = field(default=3, metadata={"help": "timed runs of every method on every prompt"})
+    warmup: int = field(default=1, metadata={"help": "untimed runs of every method on each suite's first prompt "
+                                                     "before timing"})
+    depth: int = field(default=6, metadata={"help": "draft tree depth"})
+    topk: int = field(default=8, metadata={"help": "children per expanded node"})
+    total_tokens: int | str = field(default="48", metadata={
+        "help": "draft tokens verified per step, or 'auto': tuned per drafter and suite (budget, depth, lookup "
+                "length) for this machine on the suite's first prompt"})
+    tree_shape: str = field(default="dynamic", metadata={"choices": ("dynamic", "static", "chain")})
+    draft_vocab: int | str = field(default="auto", metadata={
+        "help": "EAGLE-1/2 heads: draft from the N most frequent training tokens (lossless); 0 = whole vocabulary; "
+                "auto = 8192 when the head has token counts"})
+    peers: list[str] = field(default_factory=lambda: ["assisted", "prompt_lookup"], metadata={
+        "csv": True, "help": "comma list of assisted (transformers assisted generation, draft-LM drafters only) "
+                             "and prompt_lookup; 'none' for neither"})
+    prompt_lookup_tokens: int = field(default=10, metadata={"help": "prompt_lookup_num_tokens of the peer"})
+    lookup_tokens: int = field(default=0, metadata={
+        "help": "also run each head / draft-LM drafter with up to N prompt-lookup tokens grafted onto its trees "
+                "(a '+lookup(N)' row; 0: no such rows)"})
+    alpha_protocol: bool = field(default=False, metadata={
+        "help": f"also run each drafter as a greedy chain with γ={PAPER_GAMMA} to measure the paper's α"})
+    baseline: list[str] = field(default_factory=lambda: ["hf"], metadata={
+        "csv": True, "help": "plain decoding: hf (transformers generate), engine (our plain_generate) or hf,engine; "
+                             "the first is the speedup reference"})
     dtype: str = "float32"
     device: str = "cpu"
-    threads: int | None = None
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's)"})
     seed: int = 0
-    out: str = "runs/bench"
-    progress: bool = True
+    out: str = field(default="runs/bench", metadata={"help": "output folder"})
+    progress: bool = field(default=True, metadata={"flag": "--no-progress", "negate": True,
+                                                   "help": "no progress bar"})
 
     def __post_init__(self):
         checks = [(self.num_prompts >= 1, "--num-prompts", ">= 1"), (self.max_new_tokens >= 1, "--max-new-tokens",
                   ">= 1"), (self.temperature >= 0, "--temperature", ">= 0"), (0 < self.top_p <= 1, "--top-p",
                   "in (0, 1]"), (self.repeats >= 1, "--repeats", ">= 1"), (self.warmup >= 0, "--warmup", ">= 0"),
                   (0 <= self.lookup_tokens <= MAX_LOOKUP_TOKENS, "--lookup-tokens", f"in 0..{MAX_LOOKUP_TOKENS}")]
+        from adaspec_eagle.engine.speculative import parse_draft_vocab
+
+        self.draft_vocab = parse_draft_vocab(self.draft_vocab)
         if self.total_tokens != "auto":
             if not str(self.total_tokens).isdigit() or not 1 <= int(self.total_tokens) <= 1024:
                 raise AdaspecError(f"--total-tokens {self.total_tokens!r}: expected an integer in 1..1024 or 'auto'.")
@@ -469,24 +490,14 @@ def _short(name: str, width: int = 18) -> str:
 
 
 def command_line(cfg: BenchConfig) -> str:
-    """The `adaspec-eagle bench` command that reproduces `cfg` (recorded in bench.json and bench.md)."""
+    """The `adaspec-eagle bench` command that reproduces `cfg` (recorded in bench.json and bench.md), every flag
+    derived from `BenchConfig` (`config.to_flags`); the progress bar is left out."""
     import shlex
 
-    args = ["adaspec-eagle", "bench", "--target", cfg.target]
-    for d in cfg.drafters:
-        args += ["--drafter", d]
-    for s in cfg.suites:
-        args += ["--suite", s]
-    args += ["--num-prompts", cfg.num_prompts, "--max-new-tokens", cfg.max_new_tokens, "--temperature",
-             cfg.temperature, "--top-p", cfg.top_p, "--repeats", cfg.repeats, "--warmup", cfg.warmup, "--depth",
-             cfg.depth, "--topk", cfg.topk, "--total-tokens", cfg.total_tokens, "--tree-shape", cfg.tree_shape,
-             "--draft-vocab", cfg.draft_vocab, "--peers", ",".join(cfg.peers) or "none",
-             "--prompt-lookup-tokens", cfg.prompt_lookup_tokens, "--lookup-tokens", cfg.lookup_tokens,
-             "--baseline", ",".join(cfg.baseline), "--dtype", cfg.dtype, "--device", cfg.device, "--seed", cfg.seed,
-             "--out", cfg.out]
-    args += ["--alpha-protocol"] if cfg.alpha_protocol else []
-    args += ["--threads", cfg.threads] if cfg.threads else []
-    return shlex.join(str(a) for a in args)
+    from adaspec_eagle.config import to_flags
+
+    flags = to_flags(dataclasses.replace(cfg, progress=True))
+    return shlex.join(["adaspec-eagle", "bench", *flags])
 
 
 
@@ -495,23 +506,11 @@ def command_line(cfg: BenchConfig) -> str:
 # CLI
 
 
-def _csv(value: str) -> list[str]:
-    return [] if value.strip().lower() in ("", "none") else [v.strip() for v in value.split(",") if v.strip()]
-
-
 def cmd_bench(args) -> int:
+    from adaspec_eagle.config import from_flags
     from adaspec_eagle.io import check_output_folder, disk_errors
-    from adaspec_eagle.engine.speculative import parse_draft_vocab
 
-    cfg = BenchConfig(target=args.target, drafters=args.drafter or [], suites=args.suite or ["sharegpt"],
-                      num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_p=args.top_p, repeats=args.repeats, warmup=args.warmup, depth=args.depth, topk=args.topk,
-                      total_tokens=args.total_tokens, tree_shape=args.tree_shape,
-                      draft_vocab=parse_draft_vocab(args.draft_vocab), peers=_csv(args.peers),
-                      prompt_lookup_tokens=args.prompt_lookup_tokens, lookup_tokens=args.lookup_tokens,
-                      alpha_protocol=args.alpha_protocol,
-                      baseline=_csv(args.baseline), dtype=args.dtype, device=args.device, threads=args.threads,
-                      seed=args.seed, out=args.out, progress=not args.no_progress)
+    cfg = from_flags(BenchConfig, args)
     check_output_folder(cfg.out)  # before the benchmark runs: a file, a read-only place or others' files
     record = run_bench(cfg)
     print(markdown_table(record))
@@ -526,45 +525,11 @@ def cmd_bench(args) -> int:
 
 
 def register_cli(sub) -> None:
+    from adaspec_eagle.config import add_flags
+
     p = sub.add_parser("bench", help="acceptance (τ, α, accepted/drafted) and speed (tokens/s, speedup over plain "
                                      "decoding) of drafters and peers on prompt suites",
                        description="Benchmark drafters against plain decoding of the same target in the same run. "
                                    "Writes bench.json, bench.md and PNG plots to --out.")
-    p.add_argument("--target", default="smollm2-135m", help="target model (registry name, folder, .gguf, hub id)")
-    p.add_argument("--drafter", action="append", metavar="[LABEL=]KIND:SOURCE",
-                   help="head:PATH (a trained head folder), draft-lm:NAME_OR_PATH (or draft-lm:layers=N: the "
-                        "target's first N layers) or lookup:N (prompt lookup run by our engine, N tokens a step); "
-                        "repeat for several drafters side by side")
-    p.add_argument("--suite", action="append", metavar="SUITE", help=f"repeatable; {SUITE_HELP}")
-    p.add_argument("--num-prompts", type=int, default=8, help="prompts per suite")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (outputs checked against plain)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repeats", type=int, default=3, help="timed runs of every method on every prompt")
-    p.add_argument("--warmup", type=int, default=1,
-                   help="untimed runs of every method on each suite's first prompt before timing")
-    p.add_argument("--depth", type=int, default=6, help="draft tree depth")
-    p.add_argument("--topk", type=int, default=8, help="children per expanded node")
-    p.add_argument("--total-tokens", default="48", help="draft tokens verified per step, or 'auto': tuned per "
-                   "drafter and suite (budget, depth, lookup length) for this machine on the suite's first prompt")
-    p.add_argument("--tree-shape", choices=("dynamic", "static", "chain"), default="dynamic")
-    p.add_argument("--draft-vocab", default="auto", help="EAGLE-1/2 heads: draft from the N most frequent training "
-                   "tokens (lossless); 0 = whole vocabulary; auto = 8192 when the head has token counts")
-    p.add_argument("--peers", default="assisted,prompt_lookup",
-                   help="comma list of assisted (transformers assisted generation, draft-LM drafters only) and "
-                        "prompt_lookup; 'none' for neither")
-    p.add_argument("--prompt-lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens of the peer")
-    p.add_argument("--lookup-tokens", type=int, default=0,
-                   help="also run each head / draft-LM drafter with up to N prompt-lookup tokens grafted onto its "
-                        "trees (a '+lookup(N)' row; 0: no such rows)")
-    p.add_argument("--alpha-protocol", action="store_true",
-                   help=f"also run each drafter as a greedy chain with γ={PAPER_GAMMA} to measure the paper's α")
-    p.add_argument("--baseline", default="hf", help="plain decoding: hf (transformers generate), engine (our "
-                   "plain_generate) or hf,engine; the first is the speedup reference")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/bench", help="output folder")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_flags(p, BenchConfig)
     p.set_defaults(func=cmd_bench)

@@ -688,7 +688,7 @@ def build_dataset(cfg: DataConfig, tokenizer, split: str = "train", examples=Non
     if not examples:
         raise AdaspecError(f"no trainable tokens: {source.line()}; none has an assistant turn or completion to "
                            "train on. Give chats with assistant turns, or prompt/completion pairs.")
-    if split == "train" and (source.dropped_malformed or source.dropped_empty):
+    if split == "train" and source.dropped_malformed:  # (empty conversations are dropped as a matter of course)
         warnings.warn(f"data: {source.line()}. A malformed record is one whose messages / conversations is not a "
                       "list of turns with a role and text content; `adaspec-eagle data-stats` shows the counts.",
                       stacklevel=2)

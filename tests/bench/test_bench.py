@@ -1,6 +1,7 @@
 """Benchmarks: metric arithmetic on hand-made step records, the record / Markdown / plot outputs, prompt files,
 and one end-to-end `adaspec-eagle bench` run on tiny random models (no network)."""
 
+import dataclasses
 import json
 import math
 
@@ -366,3 +367,23 @@ def test_bench_cli_sampling_and_errors(tmp_path, capsys):
                         "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "missing.jsonl" in err and "greedy only" in err
+
+
+def test_bench_flags_come_from_the_config_and_the_recorded_command_gives_it_back():
+    """Every BenchConfig field is a flag (config.add_flags), and the command bench.json records parses back to the
+    same config: one definition per option."""
+    import shlex
+
+    from adaspec_eagle.cli import build_parser
+    from adaspec_eagle.config import from_flags
+
+    cfg = B.BenchConfig(drafters=["kd=head:heads/kd", "lookup:4"], suites=["sharegpt", "humaneval"],
+                        total_tokens="auto", draft_vocab="0", peers=[], baseline=["hf", "engine"],
+                        alpha_protocol=True, threads=2, progress=False)
+    argv = shlex.split(B.command_line(cfg))[1:]
+    again = from_flags(B.BenchConfig, build_parser().parse_args(argv))
+    assert again == dataclasses.replace(cfg, progress=True)
+    defaults = from_flags(B.BenchConfig, build_parser().parse_args(["bench"]))
+    assert defaults == B.BenchConfig()
+    flags = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["bench"]._actions}
+    assert {f.name for f in dataclasses.fields(B.BenchConfig)} <= flags
