@@ -362,16 +362,11 @@ def chain_info(info: dict) -> dict:
 def _tuned_trees(target, drafter, tune_prompts: dict, tree, eos_ids) -> tuple[dict, dict]:
     """`tree`'s budget, depth and lookup length tuned for `drafter` on each suite's prompt
     (`speculative.tune_tree_budget`) -> ({suite: TreeConfig}, {suite: what was tuned, for the record})."""
-    from adaspec_eagle.engine.speculative import tune_tree_budget
+    from adaspec_eagle.engine.speculative import tuned_tree
 
     trees, record = {}, {}
     for suite, prompt in tune_prompts.items():
-        tuned = tune_tree_budget(target, drafter, prompt, tree, eos_token_id=eos_ids)
-        trees[suite] = dataclasses.replace(tree, total_tokens=tuned["total_tokens"], depth=tuned["depth"],
-                                           lookup_tokens=tuned["lookup_tokens"])
-        record[suite] = {k: tuned[k] for k in ("total_tokens", "depth", "summary")}
-        if tree.lookup_tokens:
-            record[suite]["lookup_tokens"] = tuned["lookup_tokens"]
+        trees[suite], record[suite] = tuned_tree(target, drafter, prompt, tree, eos_token_id=eos_ids)
     return trees, record
 
 

@@ -138,15 +138,15 @@ def cmd_generate(args) -> int:
         if total == "auto" and isinstance(drafter, LookupDrafter):
             total = 1  # nothing to tune: the tree is the lookup chain
         elif total == "auto":
-            from adaspec_eagle.engine.speculative import tune_tree_budget
+            from adaspec_eagle.engine.speculative import tuned_tree
 
-            tuned = tune_tree_budget(target, drafter, ids, TreeConfig(depth=args.depth, topk=args.topk,
-                                                                      shape=args.tree_shape,
-                                                                      lookup_tokens=args.lookup_tokens))
-            print(f"[auto tree budget: {tuned['total_tokens']} tokens, depth {tuned['depth']}"
-                  + (f", lookup {tuned['lookup_tokens']}" if args.lookup_tokens else "")
+            tree, tuned = tuned_tree(target, drafter, ids, TreeConfig(depth=args.depth, topk=args.topk,
+                                                                     shape=args.tree_shape,
+                                                                     lookup_tokens=args.lookup_tokens))
+            print(f"[auto tree budget: {tree.total_tokens} tokens, depth {tree.depth}"
+                  + (f", lookup {tree.lookup_tokens}" if args.lookup_tokens else "")
                   + f"; {tuned['summary']}]", file=sys.stderr)
-            total, args.depth, args.lookup_tokens = tuned["total_tokens"], tuned["depth"], tuned["lookup_tokens"]
+            total, args.depth, args.lookup_tokens = tree.total_tokens, tree.depth, tree.lookup_tokens
         tree = TreeConfig(depth=args.depth, topk=args.topk, total_tokens=int(total), shape=args.tree_shape,
                           lookup_tokens=args.lookup_tokens)
         _, stats = speculative_generate(target, ids, drafter, temperature=args.temperature, top_p=args.top_p,

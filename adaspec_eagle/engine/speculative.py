@@ -654,3 +654,14 @@ def tune_tree_budget(target, drafter: Drafter, prompt_ids, tree: TreeConfig, siz
                f"{best[4]:.1f} tok/s" + (f", lookup {best[5]}" if tree.lookup_tokens else "") + "; "
                + ", ".join(f"{row[0]}:{row[4]:.1f}" for row in table))
     return {"total_tokens": best[0], "depth": best[6], "lookup_tokens": best[5], "table": table, "summary": summary}
+
+
+def tuned_tree(target, drafter: Drafter, prompt_ids, tree: TreeConfig, eos_token_id=None) -> tuple[TreeConfig, dict]:
+    """`tree` with the budget, depth and lookup length `tune_tree_budget` picks for `drafter` on `prompt_ids`, and
+    what was tuned: {"total_tokens", "depth", "summary"[, "lookup_tokens" when `tree` grafts lookup]}."""
+    tuned = tune_tree_budget(target, drafter, prompt_ids, tree, eos_token_id=eos_token_id)
+    record = {k: tuned[k] for k in ("total_tokens", "depth", "summary")}
+    if tree.lookup_tokens:
+        record["lookup_tokens"] = tuned["lookup_tokens"]
+    return dataclasses_replace(tree, total_tokens=tuned["total_tokens"], depth=tuned["depth"],
+                               lookup_tokens=tuned["lookup_tokens"]), record
