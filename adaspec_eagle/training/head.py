@@ -337,6 +337,24 @@ def chain_acceptance(draft: torch.Tensor, greedy: torch.Tensor, input_ids: torch
 
 
 @torch.no_grad()
+def _batch_chains(head, steps, features, batch, valid, lm_head, ids):
+    """(accepted, reached) of greedy chains drafted from every valid position of one batch (`chain_acceptance`):
+    step j's draft is the head's argmax (over `ids` when given) on its own j-th unrolled output."""
+    B, T = batch["input_ids"].shape
+    device = features.device
+    real = batch["attention_mask"].bool()  # (B, T)
+    greedy = torch.full((B, T), -1, dtype=torch.long, device=device)
+    greedy[real] = _argmax_rows(features[real], lm_head)
+    draft = torch.full((len(steps), B, T - 1), -2, dtype=torch.long, device=device)
+    for j, h in enumerate(steps):
+        if getattr(head, "uses_fused", False):
+            logits = head.logits(h[valid][None])[0]  # (N, V): -inf outside the draft vocabulary
+            draft[j][valid] = logits.argmax(-1) if ids is None else ids[logits[:, ids].argmax(-1)]
+        else:
+            draft[j][valid] = _argmax_rows(h[valid], lm_head, ids)
+    return chain_acceptance(draft, greedy, batch["input_ids"], valid, batch["attention_mask"])
+
+
 def evaluate_head(head, target, heldout, batch_size: int = 8, pad_id: int = 0, chain: int = 0,
                   vocab_ids: torch.Tensor | None = None) -> dict:
     """Held-out agreement of a head with its target at the valid (loss) positions.
@@ -379,18 +397,7 @@ def evaluate_head(head, target, heldout, batch_size: int = 8, pad_id: int = 0, c
         kl_sum += float((log_p.exp() * (log_p - student.log_softmax(-1))).sum())
         total += int(valid.sum())
         if chain:
-            B, T = batch["input_ids"].shape
-            real = batch["attention_mask"].bool()  # (B, T)
-            greedy = torch.full((B, T), -1, dtype=torch.long, device=device)
-            greedy[real] = _argmax_rows(features[real], lm_head)
-            draft = torch.full((chain, B, T - 1), -2, dtype=torch.long, device=device)
-            for j, h in enumerate(steps):
-                if getattr(head, "uses_fused", False):
-                    logits = head.logits(h[valid][None])[0]  # (N, V): -inf outside the draft vocabulary
-                    draft[j][valid] = logits.argmax(-1) if ids is None else ids[logits[:, ids].argmax(-1)]
-                else:
-                    draft[j][valid] = _argmax_rows(h[valid], lm_head, ids)
-            accepted, reached = chain_acceptance(draft, greedy, batch["input_ids"], valid, batch["attention_mask"])
+            accepted, reached = _batch_chains(head, steps, features, batch, valid, lm_head, ids)
             acc_sum += accepted.sum((1, 2)).double().cpu()
             reach_sum += reached.sum((1, 2)).double().cpu()
     out = {"top1": hits / max(total, 1), "kl": kl_sum / max(total, 1), "positions": total}
