@@ -112,6 +112,25 @@ def add_feature_noise(features: torch.Tensor, width: float) -> torch.Tensor:
     return features + (torch.rand_like(features) - 0.5) * width
 
 
+def _in_vocab(batch, valid, vocab_ids, vocab: int, n: int, device) -> torch.Tensor:
+    """(N,) the valid positions whose target token x_{t+2} is one of `vocab_ids` (all of them when None)."""
+    if vocab_ids is None:
+        return torch.ones(n, dtype=torch.bool, device=device)
+    labels = batch["input_ids"][:, 2:]  # (B, T-2) x_{t+2}; the last head position never counts
+    labels = torch.nn.functional.pad(labels, (0, 1))[valid]  # (N,)
+    member = torch.zeros(vocab, dtype=torch.bool, device=device)
+    member[vocab_ids] = True
+    return member[labels]
+
+
+def _feature_loss(h_v, f_next, kept, loss_cfg: LossConfig, num_items) -> torch.Tensor:
+    """Smooth-L1 of the head's output against the next target feature, at the `kept` positions, normalised as
+    the token loss is."""
+    per_pos = F.smooth_l1_loss(h_v.float(), f_next, reduction="none").mean(-1)  # (N,)
+    denom = (num_items or per_pos.shape[0]) if loss_cfg.reduction == "num_items" else max(int(kept.sum()), 1)
+    return (per_pos * kept).sum() / denom
+
+
 def head_loss(head, batch: dict, *, target, loss_cfg: LossConfig, reference=None, feature_loss_weight: float = 0.0,
               num_items: float | None = None, token_loss_weight: float = 1.0, feature_noise: float = 0.0,
               vocab_ids: torch.Tensor | None = None, exclude_out_of_vocab: bool = True):
@@ -139,15 +158,10 @@ def head_loss(head, batch: dict, *, target, loss_cfg: LossConfig, reference=None
     if reference is not None and loss_cfg.kind == "adaspec":
         with torch.no_grad():
             ref_h = head_forward(reference, inputs, batch["input_ids"])[valid]  # (N, H)
-    in_vocab = torch.ones(h_v.shape[0], dtype=torch.bool, device=h_v.device)  # (N,)
     if vocab_ids is not None:
         vocab_ids = vocab_ids.to(h_v.device)
-        if exclude_out_of_vocab:
-            labels = batch["input_ids"][:, 2:]  # (B, T-2) x_{t+2}; the last head position never counts
-            labels = torch.nn.functional.pad(labels, (0, 1))[valid]  # (N,)
-            member = torch.zeros(lm_head.weight.shape[0], dtype=torch.bool, device=h_v.device)
-            member[vocab_ids] = True
-            in_vocab = member[labels]
+    in_vocab = _in_vocab(batch, valid, vocab_ids if exclude_out_of_vocab else None, lm_head.weight.shape[0],
+                         h_v.shape[0], h_v.device)  # (N,)
     if _is_partitioned(lm_head):
         if vocab_ids is not None:
             raise AdaspecError("head.train_vocab_size under DeepSpeed ZeRO-3 is not supported (the lm_head weight "
@@ -175,9 +189,7 @@ def head_loss(head, batch: dict, *, target, loss_cfg: LossConfig, reference=None
     if feature_loss_weight > 0 and h_v.shape[0] > 0:
         if kept is None or loss_cfg.kind == "kd":  # KD: every position's feature, in the vocabulary or not
             kept = torch.ones_like(in_vocab)
-        per_pos = F.smooth_l1_loss(h_v.float(), f_next, reduction="none").mean(-1)  # (N,)
-        denom = (num_items or per_pos.shape[0]) if loss_cfg.reduction == "num_items" else max(int(kept.sum()), 1)
-        loss = loss + feature_loss_weight * (per_pos * kept).sum() / denom
+        loss = loss + feature_loss_weight * _feature_loss(h_v, f_next, kept, loss_cfg, num_items)
     loss = loss + 0.0 * hidden.sum()  # keeps every rank's graph connected when a micro-batch has no valid token
     return loss, {"kept": float(stats["kept"]), "valid": float(stats["valid"]),
                   "kl_sum": float(stats["kl"]) * float(stats["valid"])}
