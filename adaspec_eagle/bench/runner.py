@@ -370,6 +370,40 @@ def _tuned_trees(target, drafter, tune_prompts: dict, tree, eos_ids) -> tuple[di
     return trees, record
 
 
+def _drafter_methods(cfg: BenchConfig, spec, drafter, target, tokenizer, eos_ids, tune_prompts, tree,
+                     common: dict) -> list[Method]:
+    """One drafter's rows: its tree (tuned per suite with total_tokens="auto"), with --lookup-tokens a row with
+    prompt lookup grafted on, with --alpha-protocol a greedy chain of the paper's gamma."""
+    from adaspec_eagle.config import TreeConfig
+
+    auto = cfg.total_tokens == "auto"
+    info = {"drafter": spec.kind, "source": spec.source}
+    if getattr(drafter, "draft_vocab_size", None):
+        info["draft_vocab"] = drafter.draft_vocab_size
+    if spec.kind == "lookup":  # nothing to tune: the tree is the lookup chain
+        own_tree = TreeConfig(depth=1, topk=1, total_tokens=1, shape="chain", lookup_tokens=int(spec.source))
+        info["lookup_tokens"] = int(spec.source)
+        return [engine_method(spec.label, target, tokenizer, drafter, own_tree, eos_ids=eos_ids, info=info, **common)]
+    own_tree = tree
+    if auto:
+        if not tune_prompts:
+            raise AdaspecError("--total-tokens auto needs a prompt to tune on.")
+        own_tree, info["tuned_tree"] = _tuned_trees(target, drafter, tune_prompts, tree, eos_ids)
+    methods = [engine_method(spec.label, target, tokenizer, drafter, own_tree, eos_ids=eos_ids, info=info, **common)]
+    if cfg.lookup_tokens:
+        looked = dataclasses.replace(own_tree if not auto else tree, lookup_tokens=cfg.lookup_tokens)
+        looked_info = {**info, "lookup_tokens": cfg.lookup_tokens}
+        if auto:  # its own budget and chain length: the lookup tokens lengthen every verify
+            looked, looked_info["tuned_tree"] = _tuned_trees(target, drafter, tune_prompts, looked, eos_ids)
+        methods.append(engine_method(f"{spec.label}+lookup({cfg.lookup_tokens})", target, tokenizer, drafter,
+                                     looked, eos_ids=eos_ids, info=looked_info, **common))
+    if cfg.alpha_protocol and (tree.shape, tree.depth, tree.topk) != ("chain", PAPER_GAMMA, 1):
+        chain = TreeConfig(shape="chain", depth=PAPER_GAMMA, topk=1, total_tokens=PAPER_GAMMA)
+        methods.append(engine_method(f"{spec.label} [chain γ={PAPER_GAMMA}]", target, tokenizer, drafter,
+                                     chain, eos_ids=eos_ids, info=chain_info(info), **common))
+    return methods
+
+
 def build_methods(cfg: BenchConfig, target, tokenizer, eos_ids: list[int], tune_prompts: dict | None = None
                   ) -> list[Method]:
     """The baseline(s) first (the first is the speedup reference), then each drafter (its tree, and a greedy
@@ -387,7 +421,6 @@ def build_methods(cfg: BenchConfig, target, tokenizer, eos_ids: list[int], tune_
     auto = cfg.total_tokens == "auto"
     tree = TreeConfig(depth=cfg.depth, topk=cfg.topk, total_tokens=1 if auto else cfg.total_tokens,
                       shape=cfg.tree_shape)
-    chain = TreeConfig(shape="chain", depth=PAPER_GAMMA, topk=1, total_tokens=PAPER_GAMMA)
     specs = [parse_drafter(d) for d in cfg.drafters]
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
@@ -396,32 +429,7 @@ def build_methods(cfg: BenchConfig, target, tokenizer, eos_ids: list[int], tune_
     draft_lms = []
     for spec in specs:
         drafter, draft_lm = make_drafter(spec, target, tokenizer, cfg.dtype, cfg.draft_vocab)
-        info = {"drafter": spec.kind, "source": spec.source}
-        if getattr(drafter, "draft_vocab_size", None):
-            info["draft_vocab"] = drafter.draft_vocab_size
-        own_tree = tree
-        if spec.kind == "lookup":  # nothing to tune: the tree is the lookup chain
-            own_tree = TreeConfig(depth=1, topk=1, total_tokens=1, shape="chain", lookup_tokens=int(spec.source))
-            info["lookup_tokens"] = int(spec.source)
-            methods.append(engine_method(spec.label, target, tokenizer, drafter, own_tree, eos_ids=eos_ids,
-                                         info=info, **common))
-            continue
-        if auto:
-            if not tune_prompts:
-                raise AdaspecError("--total-tokens auto needs a prompt to tune on.")
-            own_tree, info["tuned_tree"] = _tuned_trees(target, drafter, tune_prompts, tree, eos_ids)
-        methods.append(engine_method(spec.label, target, tokenizer, drafter, own_tree, eos_ids=eos_ids, info=info,
-                                     **common))
-        if cfg.lookup_tokens:
-            looked = dataclasses.replace(own_tree if not auto else tree, lookup_tokens=cfg.lookup_tokens)
-            looked_info = {**info, "lookup_tokens": cfg.lookup_tokens}
-            if auto:  # its own budget and chain length: the lookup tokens lengthen every verify
-                looked, looked_info["tuned_tree"] = _tuned_trees(target, drafter, tune_prompts, looked, eos_ids)
-            methods.append(engine_method(f"{spec.label}+lookup({cfg.lookup_tokens})", target, tokenizer, drafter,
-                                         looked, eos_ids=eos_ids, info=looked_info, **common))
-        if cfg.alpha_protocol and (tree.shape, tree.depth, tree.topk) != ("chain", PAPER_GAMMA, 1):
-            methods.append(engine_method(f"{spec.label} [chain γ={PAPER_GAMMA}]", target, tokenizer, drafter,
-                                         chain, eos_ids=eos_ids, info=chain_info(info), **common))
+        methods += _drafter_methods(cfg, spec, drafter, target, tokenizer, eos_ids, tune_prompts, tree, common)
         if draft_lm is not None:
             draft_lms.append((spec, draft_lm))
     if "assisted" in cfg.peers:
