@@ -188,6 +188,42 @@ def greedy_batch(target, prompts: list[list[int]], max_new_tokens: int, pad_id: 
     return answers
 
 
+def _answer(target, tokenizer, examples, todo, keys, cache_path, identity, fresh, batch_size, progress, results,
+            stats) -> None:
+    """Generate the `todo` answers in batches of similar prompt lengths, appending each batch to the cache as it
+    finishes; fills `results` and `stats` in place."""
+    from tqdm.auto import tqdm
+
+    todo.sort()  # similar lengths share a batch: less padding
+    pad_id, eos_ids, eos = _pad_id(target, tokenizer), _eos_ids(target, tokenizer), tokenizer.eos_token or ""
+    was_training = target.training
+    target.eval()
+    start = time.perf_counter()
+    bar = tqdm(total=len(todo), desc="answering with the target", unit="prompt", disable=not progress)
+    with _open_for_append(cache_path, identity, fresh) as f:
+        for b in range(0, len(todo), batch_size):
+            batch = todo[b: b + batch_size]
+            answers = greedy_batch(target, [ids for _, _, ids, _ in batch], max(x[3] for x in batch), pad_id,
+                                   eos_ids)
+            for (_, i, _, limit), (new, stopped) in zip(batch, answers):
+                stopped = stopped and len(new) < limit  # the EOS itself must fit in the limit
+                new = new[:limit]
+                answer = tokenizer.decode(new, skip_special_tokens=False)
+                f.write(json.dumps({"index": i, "key": keys[i], "answer": answer, "tokens": len(new),
+                                    "eos": stopped}) + "\n")
+                results[i] = with_answer(examples[i], answer, eos)
+                stats["new_tokens"] += len(new)
+                stats["eos"] += int(stopped)
+            f.flush()
+            stats["generated"] += len(batch)
+            stats["seconds"] = time.perf_counter() - start
+            stats["tokens_per_s"] = stats["new_tokens"] / max(stats["seconds"], 1e-9)
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{stats['tokens_per_s']:.1f}")
+    bar.close()
+    target.train(was_training)
+
+
 def regenerate(target, tokenizer, examples: list[dict], indices, cache_path: str | os.PathLike, *, max_length: int,
                batch_size: int = 8, progress: bool = True, fresh: bool = False, log=None,
                answer_tokens: int | None = None):
@@ -197,8 +233,6 @@ def regenerate(target, tokenizer, examples: list[dict], indices, cache_path: str
     `answer_tokens` new tokens (None: up to max_length). Finished answers are read
     from / appended to `cache_path` (see the module docstring); `fresh` starts the cache over.
     stats: {"answered", "cached", "generated", "too_long", "new_tokens", "seconds", "tokens_per_s", "eos"}."""
-    from tqdm.auto import tqdm
-
     from adaspec_eagle.models import target_identity
 
     cache_path = Path(cache_path)
@@ -224,34 +258,8 @@ def regenerate(target, tokenizer, examples: list[dict], indices, cache_path: str
     stats = {"answered": 0, "cached": len(results), "generated": 0, "too_long": too_long, "new_tokens": 0,
              "seconds": 0.0, "tokens_per_s": 0.0, "eos": 0}
     if todo:
-        todo.sort()  # similar lengths share a batch: less padding
-        pad_id, eos_ids = _pad_id(target, tokenizer), _eos_ids(target, tokenizer)
-        was_training = target.training
-        target.eval()
-        start = time.perf_counter()
-        bar = tqdm(total=len(todo), desc="answering with the target", unit="prompt", disable=not progress)
-        with _open_for_append(cache_path, identity, fresh) as f:
-            for b in range(0, len(todo), batch_size):
-                batch = todo[b: b + batch_size]
-                answers = greedy_batch(target, [ids for _, _, ids, _ in batch], max(x[3] for x in batch), pad_id,
-                                       eos_ids)
-                for (_, i, _, limit), (new, stopped) in zip(batch, answers):
-                    stopped = stopped and len(new) < limit  # the EOS itself must fit in the limit
-                    new = new[:limit]
-                    answer = tokenizer.decode(new, skip_special_tokens=False)
-                    f.write(json.dumps({"index": i, "key": keys[i], "answer": answer, "tokens": len(new),
-                                        "eos": stopped}) + "\n")
-                    results[i] = with_answer(examples[i], answer, eos)
-                    stats["new_tokens"] += len(new)
-                    stats["eos"] += int(stopped)
-                f.flush()
-                stats["generated"] += len(batch)
-                stats["seconds"] = time.perf_counter() - start
-                stats["tokens_per_s"] = stats["new_tokens"] / max(stats["seconds"], 1e-9)
-                bar.update(len(batch))
-                bar.set_postfix(tok_s=f"{stats['tokens_per_s']:.1f}")
-        bar.close()
-        target.train(was_training)
+        _answer(target, tokenizer, examples, todo, keys, cache_path, identity, fresh, batch_size, progress, results,
+                stats)
         if log:
             log(f"answered {stats['generated']} prompts with the target: {stats['new_tokens']} tokens in "
                 f"{stats['seconds']:.1f} s ({stats['tokens_per_s']:.1f} tokens/s), {stats['eos']} ended with EOS")
