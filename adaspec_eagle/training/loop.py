@@ -329,24 +329,9 @@ def train(model: torch.nn.Module, dataset: Sequence, loss_fn: LossFn, *, collate
     acc = accelerator or make_accelerator(train_cfg)
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
-    world, rank, gas = acc.num_processes, acc.process_index, train_cfg.grad_accum
-    n = len(dataset)
-    steps = total_steps(n, train_cfg, world)
-
-    configure_deepspeed(acc, train_cfg, optim_cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
-                                  weight_decay=optim_cfg.weight_decay)
-    model, optimizer = acc.prepare(model, optimizer)
-
-    state = {"step": 0, "losses": [], "tokens": 0, "total_steps": steps, "seconds": 0.0}
-    last = latest_checkpoint(ckpt_dir)
-    if last is not None:
-        state = load_checkpoint(acc, last)
-        if state.get("budget_steps"):  # a time budget cut this stage before: keep its schedule
-            steps = min(steps, state["budget_steps"])
-        state["total_steps"] = steps
-
+    world, gas, n = acc.num_processes, train_cfg.grad_accum, len(dataset)
+    model, optimizer, params, state = _prepare(acc, model, train_cfg, optim_cfg, ckpt_dir, n)
+    steps = state["total_steps"]
     writer = None
     if acc.is_main_process:
         from torch.utils.tensorboard import SummaryWriter
@@ -360,79 +345,34 @@ def train(model: torch.nn.Module, dataset: Sequence, loss_fn: LossFn, *, collate
     with _StopSignals() as stop, _closing(bar, writer):
         while state["step"] < steps and (stop_at is None or state["step"] < stop_at):
             step = state["step"]
-            micro = [collate([dataset[i] for i in micro_batch_indices(step * gas + j, n, train_cfg.batch_size,
-                                                                       train_cfg.seed, rank, world)])
-                     for j in range(gas)]
-            micro = [to_device(b, acc.device) for b in micro]
+            micro = [to_device(collate([dataset[i] for i in micro_batch_indices(
+                step * gas + j, n, train_cfg.batch_size, train_cfg.seed, acc.process_index, world)]), acc.device)
+                for j in range(gas)]
             counts = torch.tensor([float(sum(count_items(b) for b in micro))], device=acc.device)
             num_items_global = acc.reduce(counts, reduction="sum").item() if world > 1 else counts.item()
-            num_items = max(num_items_global, 1.0) / (world * gas)
             for group in optimizer.param_groups:
                 group["lr"] = optim_cfg.lr * lr_multiplier(step, steps, optim_cfg)
-
-            sums: dict[str, float] = {}
-            loss_sum, tokens = 0.0, 0
-            for batch in micro:
-                with acc.accumulate(model):
-                    with acc.autocast():
-                        loss, stats = loss_fn(model, batch, num_items)
-                    acc.backward(loss)
-                    grad_norm = None
-                    if acc.sync_gradients and optim_cfg.max_grad_norm > 0:
-                        grad_norm = acc.clip_grad_norm_(params, optim_cfg.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                loss_sum += loss.detach().float().item() / gas
-                mask = batch.get("attention_mask")
-                tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-                for key, value in stats.items():
-                    sums[key] = sums.get(key, 0.0) + float(value)
-
-            keys = sorted(sums)
-            packed = torch.tensor([loss_sum, float(tokens), float(stop.received is not None)]
-                                  + [sums[k] for k in keys], device=acc.device, dtype=torch.float64)
-            if world > 1:  # one reduce: every rank sees the same loss and the same stop decision
-                packed = acc.reduce(packed, reduction="sum")
-            step_loss = packed[0].item() / world  # each rank's loss_sum is its share of the global mean
+            loss_sum, tokens, sums, grad_norm = _accumulate(
+                acc, model, optimizer, params, micro, loss_fn, max(num_items_global, 1.0) / (world * gas), optim_cfg)
+            step_loss, step_tokens, interrupted, totals = _reduce_step(acc, loss_sum, tokens, stop, sums)
             check_finite(step_loss, grad_norm, step + 1, steps, desc, ckpt_dir, train_cfg.precision)
-            state["tokens"] += int(packed[1].item())
+            state["tokens"] += step_tokens
             state["losses"].append(step_loss)
             state["step"] = step + 1
-            interrupted = packed[2].item() > 0
-            totals = dict(zip(keys, packed[3:].tolist()))
-
             elapsed = time.perf_counter() - t0
-            probed = state["step"] - step0 >= BUDGET_PROBE_STEPS
-            if train_cfg.max_minutes and not state.get("budget_steps") and probed:
+            if (train_cfg.max_minutes and not state.get("budget_steps")
+                    and state["step"] - step0 >= BUDGET_PROBE_STEPS):
                 steps = state["budget_steps"] = budget_steps(acc, steps, state["step"], step0, rate_t0,
                                                              seconds0 + elapsed, train_cfg.max_minutes * 60)
                 state["total_steps"] = bar.total = steps
             if state["step"] - step0 == 2:  # the rate is measured from here (the first steps warm kernels up)
                 rate_t0 = time.perf_counter()
             tok_s = (state["tokens"] - tokens0) / max(elapsed, 1e-9)
-            stats_out = {"loss": step_loss, "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tok_s}
-            if totals.get("valid"):
-                stats_out["kept_frac"] = totals.get("kept", totals["valid"]) / totals["valid"]
-                if "kl_sum" in totals:
-                    stats_out["kl"] = totals["kl_sum"] / totals["valid"]
-            if grad_norm is not None:
-                stats_out["grad_norm"] = float(grad_norm)
+            stats_out = _step_stats(step_loss, optimizer.param_groups[0]["lr"], tok_s, totals, grad_norm)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", kept=f"{stats_out.get('kept_frac', 1.0):.2f}",
                             tok_s=f"{tok_s:.0f}", refresh=False)
-            if writer is not None and (state["step"] % train_cfg.log_every == 0 or state["step"] == steps):
-                for key, value in stats_out.items():
-                    writer.add_scalar(f"{desc}/{key}", value, state["step"])
-            if (evaluate is not None and acc.is_main_process and train_cfg.eval_every
-                    and (state["step"] % train_cfg.eval_every == 0 or state["step"] == steps)):
-                model.eval()
-                record = {"step": state["step"], **evaluate(acc.unwrap_model(model), state["step"])}
-                model.train()
-                state.setdefault("evals", []).append(record)
-                if writer is not None:
-                    for key, value in record.items():
-                        if key != "step" and isinstance(value, (int, float)):
-                            writer.add_scalar(f"{desc}/heldout_{key}", value, state["step"])
+            _log_and_evaluate(acc, model, writer, state, steps, stats_out, train_cfg, evaluate, desc)
             if state["step"] % train_cfg.save_every == 0 or state["step"] == steps or interrupted:
                 state["seconds"] = seconds0 + elapsed
                 saved = save_checkpoint(acc, ckpt_dir, state)
@@ -442,12 +382,97 @@ def train(model: torch.nn.Module, dataset: Sequence, loss_fn: LossFn, *, collate
                     f"{state['step']} of {steps}; a checkpoint is saved in {str(saved)!r}. Run the same command "
                     "again to resume from it.")
     elapsed = time.perf_counter() - t0
-    seconds = seconds0 + elapsed
     model.eval()
     unwrapped = acc.unwrap_model(model)
     acc.wait_for_everyone()
     acc.free_memory()  # forget this stage's model/optimizer so a next stage checkpoints only its own
     return {"model": unwrapped, "steps": state["step"], "total_steps": steps, "losses": state["losses"],
             "budget_steps": state.get("budget_steps"), "evals": state.get("evals", []),
-            "tokens": state["tokens"], "stats": stats_out, "seconds": seconds,
+            "tokens": state["tokens"], "stats": stats_out, "seconds": seconds0 + elapsed,
             "tokens_per_s": (state["tokens"] - tokens0) / max(elapsed, 1e-9)}
+
+
+def _prepare(acc, model, train_cfg: TrainConfig, optim_cfg: OptimConfig, ckpt_dir: Path, n: int):
+    """(model, optimizer) prepared by Accelerate, the trainable parameters, and the loop state: fresh, or that of
+    the newest checkpoint (a stage a time budget cut keeps that schedule)."""
+    steps = total_steps(n, train_cfg, acc.num_processes)
+    configure_deepspeed(acc, train_cfg, optim_cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
+                                  weight_decay=optim_cfg.weight_decay)
+    model, optimizer = acc.prepare(model, optimizer)
+    state = {"step": 0, "losses": [], "tokens": 0, "total_steps": steps, "seconds": 0.0}
+    last = latest_checkpoint(ckpt_dir)
+    if last is not None:
+        state = load_checkpoint(acc, last)
+        if state.get("budget_steps"):
+            steps = min(steps, state["budget_steps"])
+        state["total_steps"] = steps
+    return model, optimizer, params, state
+
+
+def _accumulate(acc, model, optimizer, params, micro, loss_fn, num_items: float, optim_cfg: OptimConfig):
+    """One optimizer step over the micro-batches -> (this rank's loss, its non-padding tokens, its summed
+    stats, the clipped gradient norm or None)."""
+    sums: dict[str, float] = {}
+    loss_sum, tokens, grad_norm = 0.0, 0, None
+    for batch in micro:
+        with acc.accumulate(model):
+            with acc.autocast():
+                loss, stats = loss_fn(model, batch, num_items)
+            acc.backward(loss)
+            grad_norm = None
+            if acc.sync_gradients and optim_cfg.max_grad_norm > 0:
+                grad_norm = acc.clip_grad_norm_(params, optim_cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach().float().item() / len(micro)
+        mask = batch.get("attention_mask")
+        tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        for key, value in stats.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+    return loss_sum, tokens, sums, grad_norm
+
+
+def _reduce_step(acc, loss_sum: float, tokens: int, stop, sums: dict):
+    """One reduce over the ranks: every rank sees the same loss, token count, stop decision and stat totals."""
+    world = acc.num_processes
+    keys = sorted(sums)
+    packed = torch.tensor([loss_sum, float(tokens), float(stop.received is not None)] + [sums[k] for k in keys],
+                          device=acc.device, dtype=torch.float64)
+    if world > 1:
+        packed = acc.reduce(packed, reduction="sum")
+    step_loss = packed[0].item() / world  # each rank's loss_sum is its share of the global mean
+    return step_loss, int(packed[1].item()), packed[2].item() > 0, dict(zip(keys, packed[3:].tolist()))
+
+
+def _step_stats(step_loss: float, lr: float, tok_s: float, totals: dict, grad_norm) -> dict:
+    out = {"loss": step_loss, "lr": lr, "tokens_per_s": tok_s}
+    if totals.get("valid"):
+        out["kept_frac"] = totals.get("kept", totals["valid"]) / totals["valid"]
+        if "kl_sum" in totals:
+            out["kl"] = totals["kl_sum"] / totals["valid"]
+    if grad_norm is not None:
+        out["grad_norm"] = float(grad_norm)
+    return out
+
+
+def _log_and_evaluate(acc, model, writer, state: dict, steps: int, stats_out: dict, train_cfg: TrainConfig,
+                      evaluate, desc: str) -> None:
+    """TensorBoard scalars every log_every steps; the held-out evaluation every eval_every steps and at the end
+    (main process), its record kept in the loop state."""
+    step = state["step"]
+    if writer is not None and (step % train_cfg.log_every == 0 or step == steps):
+        for key, value in stats_out.items():
+            writer.add_scalar(f"{desc}/{key}", value, step)
+    if not (evaluate is not None and acc.is_main_process and train_cfg.eval_every
+            and (step % train_cfg.eval_every == 0 or step == steps)):
+        return
+    model.eval()
+    record = {"step": step, **evaluate(acc.unwrap_model(model), step)}
+    model.train()
+    state.setdefault("evals", []).append(record)
+    if writer is not None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                writer.add_scalar(f"{desc}/heldout_{key}", value, step)
