@@ -351,6 +351,69 @@ def _check_args(prompt_ids, max_new_tokens, temperature, top_p, stop_strings, to
 
 
 @torch.no_grad()
+def _prefill(target, drafter: Drafter, ids: list[int], cache) -> torch.Tensor:
+    """The target's cache of every prompt token but the last (the first tree's root), the drafter's features of
+    them; -> the sequence so far (T,)."""
+    drafter.reset(target)
+    kind = drafter.features
+    seq = torch.tensor(ids, dtype=torch.long)
+    if len(ids) > 1:
+        out = compat.forward(target, seq[None, :-1], cache, output_hidden_states=kind is not None,
+                             last_logits_only=True)  # its logits are not read
+        if kind is not None:
+            drafter.add_features(_select_features(out, kind, torch.arange(len(ids) - 1)))
+    return seq
+
+
+def _draft(drafter: Drafter, seq: torch.Tensor, tree_cfg: TreeConfig, sample, limit, stats: dict) -> DraftTree:
+    """The step's draft tree rooted at the last token, with the prompt-lookup chain grafted on."""
+    root = int(seq[-1])
+    root_logits = drafter.root_logits(seq)
+    draft = (DraftTree.root_only(root) if root_logits is None
+             else build_tree(root, root_logits, drafter.expand, tree_cfg, sample,
+                             getattr(drafter, "vocab_ids", None), getattr(drafter, "vocab_size", None)))
+    if tree_cfg.lookup_tokens:
+        positions_left = tree_cfg.lookup_tokens if limit is None else min(tree_cfg.lookup_tokens, limit - len(seq))
+        chain = lookup_continuation(seq, positions_left, tree_cfg.lookup_ngram, tree_cfg.lookup_min_ngram)
+        draft, grafted = graft_chain(draft, chain)
+        stats["lookup_drafted"] += grafted
+    return draft
+
+
+def _verify(target, drafter: Drafter, draft: DraftTree, cache, temperature: float, top_p: float, generator):
+    """One target forward over the tree, verification, and the caches (target's and drafter's) compacted to the
+    accepted path -> (path of tree nodes, emitted tokens: the accepted drafts and the next token)."""
+    kind = drafter.features
+    start = compat.cache_length(cache)  # == len(seq) - 1
+    allowed = tree_mask(draft.ancestors(), start)  # (1, 1, N+1, start + N+1)
+    out = compat.forward(target, draft.tokens[None], cache, (draft.depth + start)[None],
+                         compat.additive_mask(allowed, target.dtype), output_hidden_states=kind is not None)
+    logits = out.logits[0].float().cpu()  # (N+1, V)
+    if temperature > 0:
+        path, nxt = stochastic_verify(draft, logits, temperature, top_p, generator)
+    else:
+        path, nxt = greedy_verify(draft, logits)
+    path_t = torch.tensor(path, dtype=torch.long)
+    compat.compact_cache(cache, start, path_t)
+    drafter.commit(draft, path)
+    if kind is not None:
+        drafter.add_features(_select_features(out, kind, path_t))
+    return path, draft.tokens[path_t[1:]].tolist() + [nxt]
+
+
+def _record_step(stats: dict, draft: DraftTree, path: list[int], emitted: list[int], t0: float, t1: float,
+                 t2: float) -> None:
+    stats["draft_times_s"].append(t1 - t0)
+    stats["verify_times_s"].append(t2 - t1)  # target forward + verification + cache compaction
+    stats["verify_time_s"] += t2 - t1
+    stats["draft_time_s"] += t1 - t0
+    stats["steps"] += 1
+    stats["accepted_lengths"].append(len(emitted))
+    stats["drafted_tokens"] += draft.size
+    stats["accepted_drafts"] += len(path) - 1
+    stats["lookup_accepted"] += sum(n >= draft.first_grafted for n in path[1:])
+
+
 def speculative_generate(target, prompt_ids, drafter: Drafter, max_new_tokens: int = 128,
                          temperature: float = 0.0, top_p: float = 1.0, tree: TreeConfig | None = None,
                          eos_token_id=None, stop_strings=None, tokenizer=None, seed: int = 0, on_tokens=None):
@@ -381,57 +444,17 @@ def speculative_generate(target, prompt_ids, drafter: Drafter, max_new_tokens: i
 
         t_start = time.perf_counter()
         cache = compat.new_cache(target.config)
-        drafter.reset(target)
-        kind = drafter.features
-        seq = torch.tensor(ids, dtype=torch.long)
-        if len(ids) > 1:
-            out = compat.forward(target, seq[None, :-1], cache, output_hidden_states=kind is not None,
-                                   last_logits_only=True)  # its logits are not read
-            if kind is not None:
-                drafter.add_features(_select_features(out, kind, torch.arange(len(ids) - 1)))
+        seq = _prefill(target, drafter, ids, cache)
         stats = {"steps": 0, "accepted_lengths": [], "drafted_tokens": 0, "accepted_drafts": 0, "draft_time_s": 0.0,
                  "verify_time_s": 0.0, "draft_times_s": [], "verify_times_s": [], "lookup_drafted": 0,
                  "lookup_accepted": 0, "prefill_time_s": time.perf_counter() - t_start}
         new: list[int] = []
         while len(new) < max_new_tokens:
             t0 = time.perf_counter()
-            root = int(seq[-1])
-            root_logits = drafter.root_logits(seq)
-            draft = (DraftTree.root_only(root) if root_logits is None
-                     else build_tree(root, root_logits, drafter.expand, tree_cfg, sample if temperature > 0 else None,
-                                     getattr(drafter, "vocab_ids", None), getattr(drafter, "vocab_size", None)))
-            if tree_cfg.lookup_tokens:
-                positions_left = (tree_cfg.lookup_tokens if limit is None
-                                  else min(tree_cfg.lookup_tokens, limit - len(seq)))
-                chain = lookup_continuation(seq, positions_left, tree_cfg.lookup_ngram, tree_cfg.lookup_min_ngram)
-                draft, grafted = graft_chain(draft, chain)
-                stats["lookup_drafted"] += grafted
+            draft = _draft(drafter, seq, tree_cfg, sample if temperature > 0 else None, limit, stats)
             t1 = time.perf_counter()
-            start = compat.cache_length(cache)  # == len(seq) - 1
-            allowed = tree_mask(draft.ancestors(), start)  # (1, 1, N+1, start + N+1)
-            out = compat.forward(target, draft.tokens[None], cache, (draft.depth + start)[None],
-                                 compat.additive_mask(allowed, target.dtype), output_hidden_states=kind is not None)
-            logits = out.logits[0].float().cpu()  # (N+1, V)
-            if temperature > 0:
-                path, nxt = stochastic_verify(draft, logits, temperature, top_p, generator)
-            else:
-                path, nxt = greedy_verify(draft, logits)
-            path_t = torch.tensor(path, dtype=torch.long)
-            compat.compact_cache(cache, start, path_t)
-            drafter.commit(draft, path)
-            if kind is not None:
-                drafter.add_features(_select_features(out, kind, path_t))
-            emitted = draft.tokens[path_t[1:]].tolist() + [nxt]
-            t2 = time.perf_counter()
-            stats["draft_times_s"].append(t1 - t0)
-            stats["verify_times_s"].append(t2 - t1)  # target forward + verification + cache compaction
-            stats["verify_time_s"] += t2 - t1
-            stats["draft_time_s"] += t1 - t0
-            stats["steps"] += 1
-            stats["accepted_lengths"].append(len(emitted))
-            stats["drafted_tokens"] += draft.size
-            stats["accepted_drafts"] += len(path) - 1
-            stats["lookup_accepted"] += sum(n >= draft.first_grafted for n in path[1:])
+            path, emitted = _verify(target, drafter, draft, cache, temperature, top_p, generator)
+            _record_step(stats, draft, path, emitted, t0, t1, time.perf_counter())
             seq = torch.cat([seq, torch.tensor(emitted)])
             room = max_new_tokens - len(new)
             stop = _stop_index(new + emitted, eos, stop_strings, tokenizer)
