@@ -127,6 +127,54 @@ def prune(tree: DraftTree, keep: torch.Tensor) -> DraftTree:
 ExpandFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _children(frontier, frontier_logits, batched: bool, cfg: TreeConfig, vocab_ids, shape, ranks, sample, probs):
+    """Per frontier node: (child tokens, their ranks, their draft log-probs)."""
+    if batched:  # the top-k children of every frontier node, one device sync per level
+        k = min(1 if cfg.shape == "chain" else cfg.topk, frontier_logits.shape[-1])
+        top = torch.log_softmax(frontier_logits.float(), dim=-1).topk(k, dim=-1)  # (n, k) values and ids
+        ids = top.indices.cpu() if vocab_ids is None else vocab_ids[top.indices.cpu()]
+        return [(picks, range(k), logps) for picks, logps in zip(ids.tolist(), top.values.cpu().tolist())]
+    children = []  # static ranks, or a sampled chain: node by node
+    for node, logits in zip(frontier, frontier_logits):
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (V,)
+        if shape is not None:
+            want = [r for r in range(cfg.topk) if ranks[node] + (r,) in shape]
+            picks = logp.topk(max(want) + 1).indices[want].tolist() if want else []
+            child_ranks = want
+        else:
+            tok, probs[node] = sample(logits)
+            picks, child_ranks = [tok], [0]
+        children.append((picks, child_ranks, [float(logp[t]) for t in picks]))
+    return children
+
+
+def _next_frontier(level, shape, cfg: TreeConfig, ranks, scores, budget: int, d: int) -> list[int]:
+    """The nodes of level d the next level expands."""
+    if shape is not None:
+        return [n for n in level if any(ranks[n] + (r,) in shape for r in range(cfg.topk))]
+    if cfg.shape == "chain":
+        return level
+    # a child of the r-th best node of level d is kept only if d + r <= budget (`top_budget`)
+    width = min(cfg.topk, len(level), budget - d)
+    best = torch.tensor([scores[n] for n in level]).topk(width).indices
+    return sorted(level[i] for i in best.tolist())
+
+
+def _visibility(frontier, parents, slots, n_forwarded: int):
+    """Visibility of the new nodes over the already-forwarded nodes and themselves (ancestors, by their drafter
+    cache slots, and self; the new nodes get slots here) -> (visible (n, n_forwarded + n), parent slots (n,))."""
+    n_new = len(frontier)
+    visible = torch.zeros(n_new, n_forwarded + n_new, dtype=torch.bool)
+    for i, node in enumerate(frontier):
+        slots[node] = n_forwarded + i
+        p = parents[node]
+        while p > 0:
+            visible[i, slots[p]] = True
+            p = parents[p]
+        visible[i, slots[node]] = True
+    return visible, torch.tensor([slots[parents[n]] for n in frontier])
+
+
 def build_tree(root_token: int, root_logits: torch.Tensor, expand: ExpandFn, cfg: TreeConfig,
                sample: Callable[[torch.Tensor], tuple[int, torch.Tensor]] | None = None,
                vocab_ids: torch.Tensor | None = None, vocab_size: int | None = None) -> DraftTree:
@@ -159,23 +207,7 @@ def build_tree(root_token: int, root_logits: torch.Tensor, expand: ExpandFn, cfg
         frontier_logits = to_vocab(frontier_logits, vocab_ids, vocab_size)
     for d in range(1, depth_max + 1):
         level = []
-        children = []  # per frontier node: (child tokens, their ranks, their draft log-probs)
-        if batched:  # the top-k children of every frontier node, one device sync per level
-            k = min(1 if cfg.shape == "chain" else cfg.topk, frontier_logits.shape[-1])
-            top = torch.log_softmax(frontier_logits.float(), dim=-1).topk(k, dim=-1)  # (n, k) values and ids
-            ids = top.indices.cpu() if vocab_ids is None else vocab_ids[top.indices.cpu()]
-            children = [(picks, range(k), logps) for picks, logps in zip(ids.tolist(), top.values.cpu().tolist())]
-        else:  # static ranks, or a sampled chain: node by node
-            for node, logits in zip(frontier, frontier_logits):
-                logp = torch.log_softmax(logits.float(), dim=-1)  # (V,)
-                if shape is not None:
-                    want = [r for r in range(cfg.topk) if ranks[node] + (r,) in shape]
-                    picks = logp.topk(max(want) + 1).indices[want].tolist() if want else []
-                    child_ranks = want
-                else:
-                    tok, probs[node] = sample(logits)
-                    picks, child_ranks = [tok], [0]
-                children.append((picks, child_ranks, [float(logp[t]) for t in picks]))
+        children = _children(frontier, frontier_logits, batched, cfg, vocab_ids, shape, ranks, sample, probs)
         for node, (picks, child_ranks, logps) in zip(frontier, children):
             for tok, r, lp in zip(picks, child_ranks, logps):
                 tokens.append(tok), parents.append(node), depth.append(d), slots.append(-1)
@@ -184,27 +216,11 @@ def build_tree(root_token: int, root_logits: torch.Tensor, expand: ExpandFn, cfg
                 level.append(len(tokens) - 1)
         if d == depth_max or not level:
             break
-        if shape is not None:
-            frontier = [n for n in level if any(ranks[n] + (r,) in shape for r in range(cfg.topk))]
-        elif cfg.shape == "chain":
-            frontier = level
-        else:  # a child of the r-th best node of level d is kept only if d + r <= budget (`top_budget`)
-            width = min(cfg.topk, len(level), budget - d)
-            best = torch.tensor([scores[n] for n in level]).topk(width).indices
-            frontier = sorted(level[i] for i in best.tolist())
+        frontier = _next_frontier(level, shape, cfg, ranks, scores, budget, d)
         if not frontier:
             break
-        # Visibility of the new nodes over already-forwarded nodes + themselves: ancestors (with slots) and self.
         n_new = len(frontier)
-        visible = torch.zeros(n_new, n_forwarded + n_new, dtype=torch.bool)
-        for i, node in enumerate(frontier):
-            slots[node] = n_forwarded + i
-            p = parents[node]
-            while p > 0:
-                visible[i, slots[p]] = True
-                p = parents[p]
-            visible[i, slots[node]] = True
-        parent_slots = torch.tensor([slots[parents[n]] for n in frontier])
+        visible, parent_slots = _visibility(frontier, parents, slots, n_forwarded)
         frontier_logits = expand(torch.tensor([tokens[n] for n in frontier]), torch.tensor([d] * n_new),
                                  parent_slots, visible)
         if vocab_ids is not None and not batched:
