@@ -22,3 +22,14 @@ def test_every_subcommand_registers():
     commands = build_parser()._subparsers._group_actions[0].choices
     assert set(commands) == {"demo", "list-models", "data-stats", "data-tokenize", "train-draft-lm", "train-head",
                              "generate", "bench", "export"}
+
+
+def test_no_function_is_longer_than_60_lines():
+    import ast
+
+    long = []
+    for path in sorted((ROOT / "adaspec_eagle").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
+    assert not long, long

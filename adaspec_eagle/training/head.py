@@ -123,6 +123,19 @@ def _in_vocab(batch, valid, vocab_ids, vocab: int, n: int, device) -> torch.Tens
     return member[labels]
 
 
+def _sharded_token_loss(head, lm_head, h_v, f_next, ref_h, in_vocab, loss_cfg: LossConfig, num_items):
+    """ZeRO-3: the lm_head weight is a shard; calling the module gathers it (its hooks run), raw weights would
+    not. This path holds the [N, V] logits (chunked selection and backward all the same)."""
+    from adaspec_eagle.training.losses import adaspec_loss
+
+    dtype = lm_head.weight.dtype  # (DeepSpeed's ZeRO-3 linear does not autocast)
+    with torch.no_grad():
+        teacher = lm_head(f_next.to(dtype))[None]  # (1, N, V)
+        ref = lm_head(ref_h.to(dtype))[None] if ref_h is not None else None
+    student = getattr(head, "module", head).logits(h_v[None])  # (1, N, V); .module: a DDP/DeepSpeed wrapper
+    return adaspec_loss(student, teacher, ref, in_vocab[None], loss_cfg, num_items=num_items)
+
+
 def _feature_loss(h_v, f_next, kept, loss_cfg: LossConfig, num_items) -> torch.Tensor:
     """Smooth-L1 of the head's output against the next target feature, at the `kept` positions, normalised as
     the token loss is."""
@@ -145,7 +158,7 @@ def head_loss(head, batch: dict, *, target, loss_cfg: LossConfig, reference=None
     positions whose target token x_{t+2} is one of them. The feature loss covers the positions the token loss
     keeps (every valid one for KD; the AdaSPEC selection otherwise).
     Returns (loss, stats) with stats {"kept", "valid", "kl_sum"} (floats, for the loop's logs)."""
-    from adaspec_eagle.training.losses import adaspec_loss, chunked_adaspec_loss
+    from adaspec_eagle.training.losses import chunked_adaspec_loss
 
     features = batch_features(batch, target).float()  # (B, T, H)
     inputs = add_feature_noise(features, feature_noise) if torch.is_grad_enabled() else features
@@ -166,14 +179,7 @@ def head_loss(head, batch: dict, *, target, loss_cfg: LossConfig, reference=None
         if vocab_ids is not None:
             raise AdaspecError("head.train_vocab_size under DeepSpeed ZeRO-3 is not supported (the lm_head weight "
                                "is a shard); set head.train_vocab_size=0 or use a DDP / ZeRO-2 config.")
-        # ZeRO-3: the lm_head weight is a shard; calling the module gathers it (its hooks run), raw weights would
-        # not. This path holds the [N, V] logits (chunked selection and backward all the same).
-        dtype = lm_head.weight.dtype  # (DeepSpeed's ZeRO-3 linear does not autocast)
-        with torch.no_grad():
-            teacher = lm_head(f_next.to(dtype))[None]  # (1, N, V)
-            ref = lm_head(ref_h.to(dtype))[None] if ref_h is not None else None
-        student = getattr(head, "module", head).logits(h_v[None])  # (1, N, V); .module: a DDP/DeepSpeed wrapper
-        loss, stats = adaspec_loss(student, teacher, ref, in_vocab[None], loss_cfg, num_items=num_items)
+        loss, stats = _sharded_token_loss(head, lm_head, h_v, f_next, ref_h, in_vocab, loss_cfg, num_items)
         kept = None  # (the selection is not returned on this path: the feature loss covers every valid position)
     else:
         w = lm_head.weight if vocab_ids is None else lm_head.weight[vocab_ids]  # (V or Vd, H)

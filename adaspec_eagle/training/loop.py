@@ -318,25 +318,18 @@ def train(model: torch.nn.Module, dataset: Sequence, loss_fn: LossFn, *, collate
     evaluate(model, step) -> dict of floats: called on the main process every `train_cfg.eval_every` steps and
     after the last one (the caller keeps what it needs, e.g. the best head so far); its records are kept in the
     loop state (so a resumed run has them) and returned as "evals".
-    out_dir gets `checkpoints/` and `tb/`. A checkpoint there is resumed from. `stop_at` ends the call after that
-    step without a final checkpoint (as a kill would), for tests of resume.
-
-    Returns {"model" (unwrapped), "steps", "total_steps", "losses" (one per step, from the first step also
-    after a resume), "tokens" (non-padding tokens seen), "stats" (last step), "seconds", "tokens_per_s"}.
-    """
+    out_dir gets `checkpoints/` (resumed from) and `tb/`. `stop_at` ends the call after that step without a final
+    checkpoint (as a kill would), for tests of resume. Returns {"model" (unwrapped), "steps", "total_steps",
+    "losses" (one per step, from the first also after a resume), "tokens" (non-padding tokens seen), "stats"
+    (last step), "seconds", "tokens_per_s"}."""
     from tqdm.auto import tqdm
 
     acc = accelerator or make_accelerator(train_cfg)
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
-    world, gas, n = acc.num_processes, train_cfg.grad_accum, len(dataset)
-    model, optimizer, params, state = _prepare(acc, model, train_cfg, optim_cfg, ckpt_dir, n)
+    model, optimizer, params, state = _prepare(acc, model, train_cfg, optim_cfg, ckpt_dir, len(dataset))
     steps = state["total_steps"]
-    writer = None
-    if acc.is_main_process:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out_dir / "tb"))
+    writer = _tensorboard(acc, out_dir / "tb")
     bar = tqdm(total=steps, initial=state["step"], desc=desc, disable=not (progress and acc.is_main_process),
                dynamic_ncols=True)
     t0, tokens0, seconds0, stats_out = time.perf_counter(), state["tokens"], state.get("seconds", 0.0), {}
@@ -345,28 +338,18 @@ def train(model: torch.nn.Module, dataset: Sequence, loss_fn: LossFn, *, collate
     with _StopSignals() as stop, _closing(bar, writer):
         while state["step"] < steps and (stop_at is None or state["step"] < stop_at):
             step = state["step"]
-            micro = [to_device(collate([dataset[i] for i in micro_batch_indices(
-                step * gas + j, n, train_cfg.batch_size, train_cfg.seed, acc.process_index, world)]), acc.device)
-                for j in range(gas)]
-            counts = torch.tensor([float(sum(count_items(b) for b in micro))], device=acc.device)
-            num_items_global = acc.reduce(counts, reduction="sum").item() if world > 1 else counts.item()
+            micro, num_items = _micro_batches(acc, dataset, step, train_cfg, collate, count_items)
             for group in optimizer.param_groups:
                 group["lr"] = optim_cfg.lr * lr_multiplier(step, steps, optim_cfg)
-            loss_sum, tokens, sums, grad_norm = _accumulate(
-                acc, model, optimizer, params, micro, loss_fn, max(num_items_global, 1.0) / (world * gas), optim_cfg)
+            loss_sum, tokens, sums, grad_norm = _accumulate(acc, model, optimizer, params, micro, loss_fn, num_items,
+                                                            optim_cfg)
             step_loss, step_tokens, interrupted, totals = _reduce_step(acc, loss_sum, tokens, stop, sums)
             check_finite(step_loss, grad_norm, step + 1, steps, desc, ckpt_dir, train_cfg.precision)
             state["tokens"] += step_tokens
             state["losses"].append(step_loss)
             state["step"] = step + 1
             elapsed = time.perf_counter() - t0
-            if (train_cfg.max_minutes and not state.get("budget_steps")
-                    and state["step"] - step0 >= BUDGET_PROBE_STEPS):
-                steps = state["budget_steps"] = budget_steps(acc, steps, state["step"], step0, rate_t0,
-                                                             seconds0 + elapsed, train_cfg.max_minutes * 60)
-                state["total_steps"] = bar.total = steps
-            if state["step"] - step0 == 2:  # the rate is measured from here (the first steps warm kernels up)
-                rate_t0 = time.perf_counter()
+            steps, rate_t0 = _time_budget(acc, train_cfg, state, steps, step0, rate_t0, seconds0 + elapsed, bar)
             tok_s = (state["tokens"] - tokens0) / max(elapsed, 1e-9)
             stats_out = _step_stats(step_loss, optimizer.param_groups[0]["lr"], tok_s, totals, grad_norm)
             bar.update(1)
@@ -377,11 +360,15 @@ def train(model: torch.nn.Module, dataset: Sequence, loss_fn: LossFn, *, collate
                 state["seconds"] = seconds0 + elapsed
                 saved = save_checkpoint(acc, ckpt_dir, state)
             if interrupted:  # (also after the last step: the rerun finds the stage's steps done and goes on)
-                raise TrainingInterrupted(
-                    f"training ({desc}) interrupted by {stop.received or 'a signal on another process'} after step "
-                    f"{state['step']} of {steps}; a checkpoint is saved in {str(saved)!r}. Run the same command "
-                    "again to resume from it.")
-    elapsed = time.perf_counter() - t0
+                by = stop.received or "a signal on another process"
+                raise TrainingInterrupted(f"training ({desc}) interrupted by {by} after step {state['step']} of "
+                                          f"{steps}; a checkpoint is saved in {str(saved)!r}. Run the same command "
+                                          "again to resume from it.")
+    return _finish(acc, model, state, steps, stats_out, seconds0, tokens0, time.perf_counter() - t0)
+
+
+def _finish(acc, model, state: dict, steps: int, stats_out: dict, seconds0: float, tokens0: int,
+            elapsed: float) -> dict:
     model.eval()
     unwrapped = acc.unwrap_model(model)
     acc.wait_for_everyone()
@@ -409,6 +396,40 @@ def _prepare(acc, model, train_cfg: TrainConfig, optim_cfg: OptimConfig, ckpt_di
             steps = min(steps, state["budget_steps"])
         state["total_steps"] = steps
     return model, optimizer, params, state
+
+
+def _tensorboard(acc, folder: Path):
+    """The main process's TensorBoard writer (None elsewhere)."""
+    if not acc.is_main_process:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(folder))
+
+
+def _time_budget(acc, train_cfg: TrainConfig, state: dict, steps: int, step0: int, rate_t0: float, seconds: float,
+                 bar) -> tuple[int, float]:
+    """train.max_minutes: once BUDGET_PROBE_STEPS steps are measured, the stage's step count is fitted to the
+    time left (recorded in the state, so a resume keeps the schedule). -> (steps, start of the rate window)."""
+    if train_cfg.max_minutes and not state.get("budget_steps") and state["step"] - step0 >= BUDGET_PROBE_STEPS:
+        steps = state["budget_steps"] = budget_steps(acc, steps, state["step"], step0, rate_t0, seconds,
+                                                     train_cfg.max_minutes * 60)
+        state["total_steps"] = bar.total = steps
+    if state["step"] - step0 == 2:  # the rate is measured from here (the first steps warm kernels up)
+        rate_t0 = time.perf_counter()
+    return steps, rate_t0
+
+
+def _micro_batches(acc, dataset, step: int, train_cfg: TrainConfig, collate, count_items):
+    """This rank's micro-batches of optimizer step `step` (on the device) and num_items: the valid tokens of the
+    whole step over every rank, per micro-batch and rank (the loss normalisation, see the module docstring)."""
+    world, gas, n = acc.num_processes, train_cfg.grad_accum, len(dataset)
+    micro = [to_device(collate([dataset[i] for i in micro_batch_indices(
+        step * gas + j, n, train_cfg.batch_size, train_cfg.seed, acc.process_index, world)]), acc.device)
+        for j in range(gas)]
+    counts = torch.tensor([float(sum(count_items(b) for b in micro))], device=acc.device)
+    total = acc.reduce(counts, reduction="sum").item() if world > 1 else counts.item()
+    return micro, max(total, 1.0) / (world * gas)
 
 
 def _accumulate(acc, model, optimizer, params, micro, loss_fn, num_items: float, optim_cfg: OptimConfig):
