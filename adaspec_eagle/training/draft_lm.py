@@ -69,15 +69,14 @@ def make_loss_fn(stage: str, vocab: int, loss_cfg: LossConfig, target=None, refe
 def top1_agreement(draft, target, samples, vocab: int, batch_size: int = 8) -> float:
     """Fraction of held-out target-token positions where the draft's argmax equals the target's."""
     from adaspec_eagle.data import collate
+    from adaspec_eagle.training.losses import top1_hits
 
     hits = total = 0
     for i in range(0, len(samples), batch_size):
         batch = collate(samples[i:i + batch_size], pad_id=0)
         batch = {k: v.to(target.device) for k, v in batch.items()}
-        pos = positions(batch)
-        same = _logits(draft, batch, vocab).argmax(-1) == _logits(target, batch, vocab).argmax(-1)
-        hits += int((same & pos).sum())
-        total += int(pos.sum())
+        hit, n = top1_hits(_logits(draft, batch, vocab), _logits(target, batch, vocab), positions(batch))
+        hits, total = hits + hit, total + n
     return hits / max(total, 1)
 
 

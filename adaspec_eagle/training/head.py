@@ -385,6 +385,7 @@ def evaluate_head(head, target, heldout, batch_size: int = 8, pad_id: int = 0, c
     accepted length of chain speculation), "accept_by_depth": P(step j accepted | step j reached), "chains"};
     drafts rank over `vocab_ids` (the drafter's restricted vocabulary) when given."""
     from adaspec_eagle.training.features import pad_batch
+    from adaspec_eagle.training.losses import top1_hits
 
     device = next(target.parameters()).device
     head.eval()
@@ -408,7 +409,7 @@ def evaluate_head(head, target, heldout, batch_size: int = 8, pad_id: int = 0, c
         hidden = steps[0]
         student = head.logits(hidden[valid][None])[0].float()  # (N, V)
         teacher = lm_head(features[:, 1:][valid].to(lm_head.weight.dtype)).float()  # (N, V)
-        hits += int((student.argmax(-1) == teacher.argmax(-1)).sum())
+        hits += top1_hits(student, teacher)[0]
         if getattr(head, "uses_fused", False):  # KL over the draft vocabulary (the teacher renormalised on it)
             teacher, student = teacher[:, head.draft_ids], student[:, head.draft_ids]
         log_p = teacher.log_softmax(-1)

@@ -59,6 +59,15 @@ QUANTILE_MAX_ELEMENTS = 2 ** 24  # torch.quantile raises "input tensor is too la
 
 # ----------------------------------------------------------------------------------------------- divergences
 
+def top1_hits(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None) -> tuple[int, int]:
+    """(positions where the student's argmax equals the teacher's, positions counted): logits (..., V), `mask`
+    (...) selecting the positions (all when None). The one top-1 agreement of heads and draft LMs."""
+    same = student_logits.argmax(-1) == teacher_logits.argmax(-1)
+    if mask is None:
+        return int(same.sum()), same.numel()
+    return int((same & mask).sum()), int(mask.sum())
+
+
 def _check_kind(kind: str, beta: float, temperature: float) -> None:
     if kind not in DIVERGENCES:
         raise AdaspecError(f"unknown divergence {kind!r}: use one of {', '.join(DIVERGENCES)}.")

@@ -420,3 +420,12 @@ def test_global_scope_across_ranks(tmp_path):
     results = [(tmp_path / f"res.{r}").read_text().split() for r in range(world)]
     assert all(r[0] == "True" for r in results), results
     assert float(results[1][2]) == 0.0 and float(results[0][2]) > 0
+
+
+def test_top1_hits_counts_argmax_agreement_at_masked_positions():
+    from adaspec_eagle.training.losses import top1_hits
+
+    student = torch.tensor([[[0.0, 2.0], [3.0, 1.0], [0.0, 1.0]]])  # argmax 1, 0, 1
+    teacher = torch.tensor([[[1.0, 5.0], [0.0, 1.0], [0.0, 9.0]]])  # argmax 1, 1, 1
+    assert top1_hits(student, teacher) == (2, 3)
+    assert top1_hits(student, teacher, torch.tensor([[True, True, False]])) == (1, 2)
