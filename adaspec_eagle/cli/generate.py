@@ -9,8 +9,10 @@ the step statistics.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 
 from adaspec_eagle import AdaspecError
+from adaspec_eagle.config import add_flags
 
 
 def _prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
@@ -163,6 +165,36 @@ def cmd_generate(args) -> int:
     return 0
 
 
+@dataclass
+class GenerateOptions:
+    """`generate`'s options besides the prompt and the drafter: each field is one flag (`config.add_flags`)."""
+
+    target: str = field(default="smollm2-135m", metadata={"help": "registry name, folder, .gguf file or "
+                                                                  "tiny-<family>"})
+    draft_vocab: str = field(default="auto", metadata={
+        "help": "EAGLE-1/2 heads: draft from the N most frequent training tokens only (lossless, a cheaper draft "
+                "step); 0 = the whole vocabulary; auto = 8192 when the head folder has token_counts.safetensors"})
+    lookup_tokens: int = field(default=0, metadata={
+        "help": "graft up to N prompt-lookup tokens (what followed the last n-gram's latest earlier occurrence) "
+                "onto every tree; alone, without a drafter: prompt lookup decoding"})
+    tree_shape: str = field(default="dynamic", metadata={"choices": ("dynamic", "static", "chain")})
+    depth: int = field(default=6, metadata={"help": "draft levels (the chain length for --tree-shape chain)"})
+    topk: int = field(default=8, metadata={"help": "children per expanded node"})
+    total_tokens: str = field(default="48", metadata={
+        "help": "draft tokens verified per step, or 'auto' to measure this machine and pick the fastest budget"})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy (identical to plain greedy)"})
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    stop: list[str] = field(default_factory=list, metadata={"append": True, "help": "stop string (repeatable)"})
+    seed: int = 0
+    no_chat: bool = field(default=False, metadata={"help": "feed the prompt as raw text, without the chat "
+                                                           "template"})
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    stats_to_stderr: bool = field(default=False, metadata={"help": "print the statistics on stderr"})
+
+
 def register_cli(sub) -> None:
     p = sub.add_parser("generate", help="generate text with tree speculative decoding (streams, then statistics)",
                        description="Generate with tree speculative decoding: a draft head (--head) or a draft LM "
@@ -170,32 +202,11 @@ def register_cli(sub) -> None:
                                    "with prompt-lookup tokens grafted on (--lookup-tokens). Batch size 1. Without a "
                                    "drafter: plain greedy decoding by the same engine.")
     p.add_argument("prompt", help="the user message (the chat template is applied for chat targets)")
-    p.add_argument("--target", default="smollm2-135m", help="registry name, folder, .gguf file or tiny-<family>")
     drafter = p.add_mutually_exclusive_group()
     drafter.add_argument("--drafter", help="head:PATH, draft-lm:NAME_OR_PATH or lookup:N, as bench spells them")
     drafter.add_argument("--head", help="folder of a trained EAGLE / EAGLE-3 head for this target (= --drafter "
                                         "head:PATH)")
     drafter.add_argument("--draft-lm", help="draft LM: registry name, folder, or layers=N (the target's first N "
                                             "layers)")
-    p.add_argument("--draft-vocab", default="auto", help="EAGLE-1/2 heads: draft from the N most frequent training "
-                   "tokens only (lossless, a cheaper draft step); 0 = the whole vocabulary; auto = "
-                   "8192 when the head folder has token_counts.safetensors")
-    p.add_argument("--lookup-tokens", type=int, default=0,
-                   help="graft up to N prompt-lookup tokens (what followed the last n-gram's latest earlier "
-                        "occurrence) onto every tree; alone, without --head / --draft-lm: prompt lookup decoding")
-    p.add_argument("--tree-shape", choices=("dynamic", "static", "chain"), default="dynamic")
-    p.add_argument("--depth", type=int, default=6, help="draft levels (the chain length for --tree-shape chain)")
-    p.add_argument("--topk", type=int, default=8, help="children per expanded node")
-    p.add_argument("--total-tokens", default="48", help="draft tokens verified per step, or 'auto' to measure "
-                                                        "this machine and pick the fastest budget")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (identical to plain greedy)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, without the chat template")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--stats-to-stderr", action="store_true", help="print the statistics on stderr")
+    add_flags(p, GenerateOptions)
     p.set_defaults(func=cmd_generate)
