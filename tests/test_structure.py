@@ -33,3 +33,36 @@ def test_no_function_is_longer_than_60_lines():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
                 long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
     assert not long, long
+
+
+def test_every_command_the_docs_give_parses():
+    """Each `adaspec-eagle ...` command in the README and docs/ is one our parser accepts (placeholders like
+    {a,b} and bare command names aside): docs that name a flag the CLI does not have fail here."""
+    import contextlib
+    import io
+    import re
+    import shlex
+
+    from adaspec_eagle.cli import build_parser
+
+    commands = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = path.read_text()
+        commands += [(path.name, c) for c in re.findall(r"`(adaspec-eagle [^`]+)`", text)]
+        for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split("  #")[0].strip()
+                if line.startswith("adaspec-eagle "):
+                    commands.append((path.name, line))
+    bad = []
+    for name, command in commands:
+        argv = shlex.split(command)[1:]
+        if "{" in command or "..." in command or len(argv) < 2:
+            continue
+        try:
+            with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+                build_parser().parse_args(argv)
+        except SystemExit as e:
+            if e.code:
+                bad.append(f"{name}: {command}")
+    assert len(commands) >= 15 and not bad, bad

@@ -549,14 +549,14 @@ def test_shipped_heads_are_lossless_and_accept_drafts(smollm2, name):
 
 @pytest.mark.slow
 def test_readme_python_example_runs(smollm2, monkeypatch, capsys):
-    """The guide's Python example (real SmolLM2, a shipped head, prompt lookup grafted on) runs as printed and
+    """The README's Python example (real SmolLM2, a shipped head, prompt lookup grafted on) runs as printed and
     its greedy output equals plain greedy (the example asserts it)."""
     import re
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    blocks = re.findall(r"```python\n(.*?)```", (root / "docs" / "GUIDE.md").read_text(), flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", (root / "README.md").read_text(), flags=re.S)
     example = next(b for b in blocks if "speculative_generate(" in b)
     monkeypatch.chdir(root)
-    exec(compile(example, "docs/GUIDE.md", "exec"), {})
+    exec(compile(example, "README.md", "exec"), {})
     assert re.search(r"tau \d\.\d\d, [\d.]+ tok/s", capsys.readouterr().out)

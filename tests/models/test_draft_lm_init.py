@@ -56,3 +56,11 @@ def test_tokenizer_mismatch_refused_before_training(tmp_path, monkeypatch):
     monkeypatch.setattr(dl, "load_model", lambda *a, **k: (load_model("tiny-llama-s1", with_tokenizer=False), other))
     with pytest.raises(AdaspecError, match="tokenizers differ: target .* has 102 tokens, draft 'x' has 103"):
         init_draft("x", target, tok)
+
+
+def test_bad_fresh_item_is_named_in_the_error():
+    from adaspec_eagle import AdaspecError
+    from adaspec_eagle.models.draft_lm import parse_draft_init
+
+    with pytest.raises(AdaspecError, match=r"bad item 'hidden=x'"):
+        parse_draft_init("fresh:hidden=x,layers=2")
