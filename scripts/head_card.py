@@ -63,7 +63,7 @@ def main() -> int:
         f"embedding fingerprint `{target['fingerprint']}`). The hub's bf16 weights load with a fingerprint warning.",
         f"- **Head:** EAGLE-1/2 layout (`fc` over [embedding, last feature], no bias, + one Llama decoder layer; the "
         f"target's `lm_head`), {params / 1e6:.1f}M parameters, fp32, {size_mb:.1f} MB `model.safetensors` in the "
-        f"layout EAGLE loads directly (`adaspec-eagle export {folder} --format sglang|vllm --out DIR` for the other "
+        f"layout EAGLE loads directly (`adaspec-eagle export {folder} --format vllm --out DIR`, or `--format sglang`, for the other "
         "engines). `token_counts.safetensors`: the training answers' token frequencies, which rank the drafter's "
         "restricted vocabulary (`--draft-vocab`).",
         f"- **Loss:** {STAGE_LOSS[a.stage].format(k=meta['k'], budget=meta.get('budget'))}: EAGLE-1's objective, "

@@ -36,7 +36,7 @@ def test_no_function_is_longer_than_60_lines():
 
 
 def test_every_command_the_docs_give_parses():
-    """Each `adaspec-eagle ...` command in the README and docs/ is one our parser accepts (placeholders like
+    """Each `adaspec-eagle ...` command in the README, docs/ and the head cards is one our parser accepts (placeholders like
     {a,b} and bare command names aside): docs that name a flag the CLI does not have fail here."""
     import contextlib
     import io
@@ -46,7 +46,7 @@ def test_every_command_the_docs_give_parses():
     from adaspec_eagle.cli import build_parser
 
     commands = []
-    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "heads").glob("*/README.md"))]:
         text = path.read_text()
         commands += [(path.name, c) for c in re.findall(r"`(adaspec-eagle [^`]+)`", text)]
         for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
