@@ -350,7 +350,6 @@ def _check_args(prompt_ids, max_new_tokens, temperature, top_p, stop_strings, to
     return ids
 
 
-@torch.no_grad()
 def _prefill(target, drafter: Drafter, ids: list[int], cache) -> torch.Tensor:
     """The target's cache of every prompt token but the last (the first tree's root), the drafter's features of
     them; -> the sequence so far (T,)."""
@@ -414,6 +413,7 @@ def _record_step(stats: dict, draft: DraftTree, path: list[int], emitted: list[i
     stats["lookup_accepted"] += sum(n >= draft.first_grafted for n in path[1:])
 
 
+@torch.no_grad()
 def speculative_generate(target, prompt_ids, drafter: Drafter, max_new_tokens: int = 128,
                          temperature: float = 0.0, top_p: float = 1.0, tree: TreeConfig | None = None,
                          eos_token_id=None, stop_strings=None, tokenizer=None, seed: int = 0, on_tokens=None):

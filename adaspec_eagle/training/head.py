@@ -354,7 +354,6 @@ def chain_acceptance(draft: torch.Tensor, greedy: torch.Tensor, input_ids: torch
     return torch.stack(accepted), torch.stack(reached)
 
 
-@torch.no_grad()
 def _batch_chains(head, steps, features, batch, valid, lm_head, ids):
     """(accepted, reached) of greedy chains drafted from every valid position of one batch (`chain_acceptance`):
     step j's draft is the head's argmax (over `ids` when given) on its own j-th unrolled output."""
@@ -373,6 +372,7 @@ def _batch_chains(head, steps, features, batch, valid, lm_head, ids):
     return chain_acceptance(draft, greedy, batch["input_ids"], valid, batch["attention_mask"])
 
 
+@torch.no_grad()
 def evaluate_head(head, target, heldout, batch_size: int = 8, pad_id: int = 0, chain: int = 0,
                   vocab_ids: torch.Tensor | None = None) -> dict:
     """Held-out agreement of a head with its target at the valid (loss) positions.

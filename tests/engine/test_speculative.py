@@ -560,3 +560,32 @@ def test_readme_python_example_runs(smollm2, monkeypatch, capsys):
     monkeypatch.chdir(root)
     exec(compile(example, "README.md", "exec"), {})
     assert re.search(r"tau \d\.\d\d, [\d.]+ tok/s", capsys.readouterr().out)
+
+
+def test_generation_and_head_evaluation_run_without_autograd(monkeypatch):
+    """The engine's loops and the held-out evaluation must not build graphs: with grad enabled the small-batch
+    linear routing steps aside and a verify step costs twice as much (a decorator once slid onto a helper)."""
+    import adaspec_eagle.engine.compat as compat_mod
+    from adaspec_eagle.training.head import evaluate_head
+    from _helpers import samples
+
+    target = target_of("llama")
+    seen = []
+    real_forward = compat_mod.forward
+
+    def forward(*a, **kw):
+        seen.append(torch.is_grad_enabled())
+        return real_forward(*a, **kw)
+
+    monkeypatch.setattr(compat_mod, "forward", forward)
+    drafter = HeadDrafter(build_head(target, HeadConfig()).eval())
+    speculative_generate(target, [5, 6, 7, 8], drafter, 6, tree=TreeConfig(depth=2, topk=2, total_tokens=3))
+    plain_generate(target, [5, 6, 7, 8], 4)
+    assert seen and not any(seen)
+    from adaspec_eagle.training import head as head_mod
+
+    calls, real_chain = [], head_mod.chain_acceptance
+    monkeypatch.setattr(head_mod, "chain_acceptance",
+                        lambda *a, **kw: calls.append(torch.is_grad_enabled()) or real_chain(*a, **kw))
+    evaluate_head(build_head(target, HeadConfig()), target, samples(4, T=12), chain=2)
+    assert calls and not any(calls)
