@@ -19,6 +19,8 @@ import time
 import uuid
 from pathlib import Path
 
+import yaml
+
 from adaspec_eagle import AdaspecError
 
 MARKER = ".adaspec-eagle"
@@ -185,8 +187,6 @@ def made_by_us(folder: Path) -> bool:
         return True
     try:
         if (folder / "config.yaml").is_file():
-            import yaml
-
             saved = yaml.safe_load((folder / "config.yaml").read_text())
             return isinstance(saved, dict) and "output_dir" in saved
         if (folder / "config.json").is_file():
@@ -196,15 +196,9 @@ def made_by_us(folder: Path) -> bool:
         if (folder / "regen.jsonl").is_file():  # the target's answers (a cache one run can hand to another)
             with open(folder / "regen.jsonl", encoding="utf-8") as f:
                 return "regen" in json.loads(f.readline() or "{}")
-    except (ValueError, OSError, UnicodeDecodeError, yaml_error()):
+    except (ValueError, OSError, UnicodeDecodeError, yaml.YAMLError):
         return False
     return False
-
-
-def yaml_error():
-    import yaml
-
-    return yaml.YAMLError
 
 
 def foreign_entries(folder: Path) -> list[str]:

