@@ -234,6 +234,10 @@ class HeadRecipe:
     stage: Literal["both", "reference", "draft"] = "both"
     reference: str | None = None
     """Path of a trained reference head (for stage=draft)."""
+    init_head: str | None = None
+    """A trained head folder (this tool's, or an EAGLE / SGLang / vLLM export) whose weights start every stage:
+    continued training, e.g. more epochs or new data for a shipped head. Its kind, fc bias and (EAGLE-3) draft
+    vocabulary must match the recipe's head. None: a fresh head from train.seed."""
     features: Literal["cached", "online"] = "cached"
     """'cached': run the target once, store features on disk (memory-mapped), reuse for both stages."""
     feature_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"

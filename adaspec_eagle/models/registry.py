@@ -334,12 +334,14 @@ def target_forward_features(model, input_ids: torch.Tensor, attention_mask: torc
 
     input_ids: (B, T). Returns a dict with
       "features": (B, T, H) the last hidden state after the final norm (EAGLE-1/2 input),
-      "logits":   (B, T, V) the target's logits,
       "fused":    (B, T, 3H) HF hidden_states at `feature_layer_ids` concatenated (only with eagle3_layers).
+    No logits: the lm_head runs on the last position only (`logits_to_keep=1`); over the whole vocabulary at
+    every position it would cost about a fifth of a small target's forward, and the teacher is lm_head(features).
     """
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False,
+                logits_to_keep=1)
     hs = out.hidden_states
-    result = {"features": hs[-1], "logits": out.logits}
+    result = {"features": hs[-1]}
     if eagle3_layers:
         result["fused"] = torch.cat([hs[i] for i in feature_layer_ids(model.config.num_hidden_layers)], dim=-1)
     return result

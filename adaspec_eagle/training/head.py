@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from adaspec_eagle import AdaspecError
 from adaspec_eagle.config import HeadRecipe, LossConfig, load_recipe, save_resolved, to_dict
 from adaspec_eagle.models import check_samples_fit, embedding_rows, target_identity
-from adaspec_eagle.models.heads import build_head, load_head, save_head
+from adaspec_eagle.models.heads import build_head, check_head_folder, load_head, save_head
 
 STAGE_DIRS = {"reference": "reference", "adaspec": "adaspec", "kd": "kd"}
 
@@ -627,6 +627,7 @@ class _Pipeline:
     reference: object
     ref_path: Path | None
     eagle3: bool
+    init: object = None
     dataset: object = None
 
     @property
@@ -674,6 +675,8 @@ def _check_inputs(cfg: HeadRecipe, resume, overwrite, progress, log, claim) -> _
     out = Path(cfg.output_dir)
     check_output_folder(out, replace=overwrite)  # files this tool did not make: refused, never deleted
     ref_path = _reference_path(cfg, stages)
+    if cfg.init_head:
+        check_head_folder(cfg.init_head)
     accelerator = make_accelerator(cfg.train)
     configure_deepspeed(accelerator, cfg.train, cfg.optim)  # a DeepSpeed config at odds with the recipe: refused
     target, tokenizer = load_target(cfg.target, cfg.train.precision)
@@ -696,9 +699,10 @@ def _check_inputs(cfg: HeadRecipe, resume, overwrite, progress, log, claim) -> _
     # frequency-restricted drafting of `speculative.HeadDrafter(draft_vocab=N)`.
     token_counts = training_token_counts(train_set, embedding_rows(target))
     reference = _check_reference(cfg, ref_path, target, token_counts)
+    init = _check_init(cfg, target, token_counts)
     check_outputs(cfg, stages, resume, overwrite)
     p = _Pipeline(cfg, stages, out, accelerator, target, tokenizer, train_set, heldout, token_counts, reference,
-                  ref_path, cfg.head.kind == "eagle3")
+                  ref_path, cfg.head.kind == "eagle3", init)
     if cfg.features == "cached":
         _check_feature_cache(p, overwrite, partitioned)
     return p
@@ -748,6 +752,27 @@ def _check_reference(cfg: HeadRecipe, ref_path, target, token_counts):
             raise AdaspecError(f"reference head {str(ref_path)!r} has another draft vocabulary than this data "
                                "gives; train the reference on the same data and head.draft_vocab_size.")
     return reference
+
+
+def _check_init(cfg: HeadRecipe, target, token_counts):
+    """The head given as init_head, loaded and checked to fit the head this recipe builds (same parameters and
+    shapes; for EAGLE-3 the same draft vocabulary), so a mismatch is named before any training."""
+    if not cfg.init_head:
+        return None
+    init = load_head(str(cfg.init_head), target)
+    fresh = build_head(target, cfg.head, token_counts if cfg.head.kind == "eagle3" else None)
+    have = {k: tuple(v.shape) for k, v in init.state_dict().items()}
+    want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    if have != want:
+        diff = sorted(set(have.items()) ^ set(want.items()))[:4]
+        raise AdaspecError(f"init_head {str(cfg.init_head)!r} does not fit the head this recipe trains (head.kind="
+                           f"{cfg.head.kind!r}, head.fc_bias={cfg.head.fc_bias}); differing parameters: {diff}. Set "
+                           "head.kind / head.fc_bias to match the head, or leave init_head unset.")
+    if cfg.head.kind == "eagle3" and not torch.equal(init.draft_ids.cpu(), fresh.draft_ids.cpu()):
+        raise AdaspecError(f"init_head {str(cfg.init_head)!r} drafts over another vocabulary than this data gives "
+                           "(head.draft_vocab_size and the training tokens); continue it on the data it was "
+                           "trained on, or leave init_head unset.")
+    return init
 
 
 def _check_feature_cache(p: _Pipeline, overwrite: bool, partitioned: bool) -> None:
@@ -823,6 +848,8 @@ def _train_stage(p: _Pipeline, stage: str, records: dict, stop_at, progress) -> 
     stage_train = stage_budget(cfg, stage, reference_steps(records, p.reference))
     torch.manual_seed(cfg.train.seed)  # every stage starts from the same head initialisation
     head = build_head(p.target, cfg.head, p.token_counts if p.eagle3 else None)
+    if p.init is not None:  # continued training: the given head's weights (checked to fit in _check_init)
+        head.load_state_dict(p.init.state_dict())
     vocab_ids = None if p.eagle3 else restricted_vocab(head, p.token_counts, cfg.head.train_vocab_size)
     if p.reference is not None:
         p.reference = p.reference.to(p.accelerator.device).requires_grad_(False).eval()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from adaspec_eagle.config import HeadConfig, HeadRecipe, LossConfig, TrainConfig
 from adaspec_eagle.training.features import pad_batch
-from adaspec_eagle.models.heads import build_head
+from adaspec_eagle.models.heads import build_head, load_head
 from adaspec_eagle.models import target_forward_features, tiny_model
 from adaspec_eagle.training.head import (chain_acceptance, eagle3_loss, evaluate_head, head_forward, head_loss,
                                       head_valid_mask, reference_steps, restricted_vocab, stage_budget, TTTUnroll)
@@ -424,3 +424,37 @@ def test_a_kept_head_from_a_lost_trajectory_is_dropped_on_resume(tmp_path):
     assert keeper.best["step"] == 40  # from the checkpoint's own past: kept
     keeper = BestHeadKeeper(folder, target, [], 4, 0, None, {}, resume_step=30)
     assert keeper.best is None and not folder.exists()  # later than the resumed checkpoint: dropped
+
+
+def test_init_head_starts_every_stage_from_the_given_head(tmp_path):
+    from pathlib import Path
+
+    from adaspec_eagle import AdaspecError
+    from adaspec_eagle.config import load_recipe
+    from adaspec_eagle.training import head as train_head
+
+    recipe = str(Path(__file__).resolve().parents[2] / "recipes" / "heads" / "tiny.yaml")
+    base = [f"output_dir={tmp_path / 'first'}", "stage=reference", "train.max_steps=3", "data.num_samples=8"]
+    train_head.run_pipeline(load_recipe(HeadRecipe, recipe, base), progress=False, log=lambda m: None)
+    target = train_head.load_target(load_recipe(HeadRecipe, recipe, base).target)[0]
+    first = load_head(str(tmp_path / "first" / "reference"), target)
+    # continued with a vanishing learning rate, both stages end where the given head was, not at a fresh head
+    cfg = load_recipe(HeadRecipe, recipe, [f"output_dir={tmp_path / 'next'}", f"init_head={tmp_path / 'first' / 'reference'}",
+                                           "train.max_steps=2", "data.num_samples=8", "optim.lr=1e-12"])
+    train_head.run_pipeline(cfg, progress=False, log=lambda m: None)
+    torch.manual_seed(cfg.train.seed)
+    fresh = build_head(target, cfg.head)
+    for stage in ("reference", "adaspec"):
+        got = load_head(str(tmp_path / "next" / stage), target).state_dict()
+        for name, value in first.state_dict().items():
+            torch.testing.assert_close(got[name], value, atol=1e-6, rtol=0)
+        assert not torch.allclose(got["fc.weight"], fresh.state_dict()["fc.weight"])
+    # a head that does not fit the recipe's head is named before training; nothing is written
+    bad = load_recipe(HeadRecipe, recipe, [f"output_dir={tmp_path / 'bad'}", f"init_head={tmp_path / 'first' / 'reference'}",
+                                           "head.fc_bias=true", "data.num_samples=8"])
+    with pytest.raises(AdaspecError, match="fc_bias"):
+        train_head.run_pipeline(bad, progress=False, log=lambda m: None)
+    assert not (tmp_path / "bad" / "reference").exists()
+    missing = load_recipe(HeadRecipe, recipe, [f"output_dir={tmp_path / 'm'}", f"init_head={tmp_path / 'nope'}"])
+    with pytest.raises(AdaspecError, match="does not exist"):
+        train_head.run_pipeline(missing, progress=False, log=lambda m: None)
