@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import json
 import os
 import types
@@ -18,6 +19,14 @@ from typing import Any, Literal
 import yaml
 
 from adaspec_eagle import AdaspecError
+from adaspec_eagle.io import (
+    atomic_write,
+    check_output_folder,
+    empty_folder,
+    mark_output_folder,
+    output_lock,
+    read_text,
+)
 
 
 def _check(cond: bool, key: str, value: Any, expected: str) -> None:
@@ -331,7 +340,6 @@ def from_dict(cls, data: dict | None, prefix: str = ""):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        import difflib
 
         key = unknown[0]
         close = difflib.get_close_matches(key, names, n=1)
@@ -411,7 +419,6 @@ def load_yaml(text: str, what: str):
 
 def load_recipe(cls, path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None):
     """Defaults of `cls`, then the YAML at `path`, then `key=value` overrides; validated."""
-    from adaspec_eagle.io import read_text
 
     data: dict = {}
     if path is not None:
@@ -435,7 +442,6 @@ def to_dict(cfg) -> dict:
 
 def save_resolved(cfg, folder: str | os.PathLike, name: str = "config.yaml") -> Path:
     """Write the resolved config next to an output (atomically)."""
-    from adaspec_eagle.io import atomic_write
 
     path = Path(folder) / name
     atomic_write(path, yaml.safe_dump(json.loads(json.dumps(to_dict(cfg))), sort_keys=False, allow_unicode=True))
@@ -458,7 +464,6 @@ def claim_output_dir(folder: str | os.PathLike, cfg, overwrite: bool = False, co
     unless `overwrite`, which empties that run's folder; and a folder another live process is writing to (an
     exclusive lock, so two runs never interleave). The same config resumes. Only the main process of a
     distributed launch checks and locks."""
-    from adaspec_eagle.io import check_output_folder, empty_folder, mark_output_folder, output_lock
 
     folder = Path(folder)
     main_process = int(os.environ.get("RANK", "0")) == 0

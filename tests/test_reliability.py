@@ -251,24 +251,24 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
 
 
 def test_disk_full_while_saving_the_head_leaves_nothing_half_written(tmp_path, monkeypatch):
-    import safetensors.torch
+    from adaspec_eagle.models import heads as heads_module
 
     data = chat_file(tmp_path / "chats.jsonl")
     cfg = load_recipe(HeadRecipe, TINY, head_overrides(data, tmp_path / "run", steps=2))
-    real = safetensors.torch.save_file
+    real = heads_module.save_file
 
     def full_disk(tensors, filename, *a, **kw):
         Path(filename).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    monkeypatch.setattr(heads_module, "save_file", full_disk)
     with pytest.raises(AdaspecError, match=r"could not write the reference head .*No space left.*nothing "
                                            "half-written"):
         run_pipeline(cfg, **QUIET)
     out = tmp_path / "run"
     assert not (out / "reference").exists() and not list(out.glob(".reference*"))  # no temp folder left either
     assert not (out / "runs" / "reference" / "result.json").exists()  # the stage is not marked complete
-    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    monkeypatch.setattr(heads_module, "save_file", real)
     done = run_pipeline(cfg, **QUIET)  # the rerun resumes from the final checkpoint and writes the head
     assert (out / "reference" / "model.safetensors").is_file() and done["train"]["reference"]["steps"] == 2
 

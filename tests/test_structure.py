@@ -35,6 +35,35 @@ def test_no_function_is_longer_than_60_lines():
     assert not long, long
 
 
+# Imports that may stay inside functions, and why; every other import sits at the top of its module, so a reader
+# sees a module's dependencies in one place (and the import-linter contracts see them all).
+LAZY_IMPORTS = {
+    "deepspeed": "optional extra, only on the DeepSpeed path",
+    "accelerate": "about a second to import; the parser imports every command module, so every command would pay",
+    "datasets": "slow to import (pyarrow); only for Hugging Face hub datasets",
+    "matplotlib": "optional, only for bench plots",
+    "torch.utils.tensorboard": "needs the tensorboard package; only when training logs are written",
+    "torch.distributed": "only under a multi-process launch",
+    "fcntl": "POSIX only",
+}
+
+
+def test_imports_sit_at_the_top_of_their_module():
+    import ast
+
+    inside = []
+    for path in sorted((ROOT / "adaspec_eagle").rglob("*.py")):
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    module = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+                    if not any(module == m or module.startswith(m + ".") for m in LAZY_IMPORTS):
+                        inside.append(f"{path.relative_to(ROOT)}:{node.lineno} {module}")
+    assert not inside, inside
+
+
 def test_every_command_the_docs_give_parses():
     """Each `adaspec-eagle ...` command in the README, docs/ and the head cards is one our parser accepts (placeholders like
     {a,b} and bare command names aside): docs that name a flag the CLI does not have fail here."""

@@ -11,6 +11,8 @@ verified}) and of repeated timings. Definitions:
 
 from __future__ import annotations
 
+import numpy as np
+
 PAPER_GAMMA = 4
 
 
@@ -56,7 +58,6 @@ def tokens_per_second(tokens: int, seconds: float) -> float:
 
 def spread(values: list[float]) -> dict:
     """Median with min/max and the interquartile range of repeated measurements."""
-    import numpy as np
 
     v = np.asarray([x for x in values if x == x], dtype=float)  # drop NaN
     if v.size == 0:

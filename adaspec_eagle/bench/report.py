@@ -13,9 +13,20 @@ import platform
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+import transformers
+
+from adaspec_eagle import __version__
+from adaspec_eagle.bench.metrics import (
+    PAPER_GAMMA,
+    drafted_acceptance,
+    or_none,
+    spread,
+    summarize_steps,
+    tau,
+    tokens_per_second,
+)
 from adaspec_eagle.io import atomic_write, mark_output_folder
-from adaspec_eagle.bench.metrics import (PAPER_GAMMA, or_none, drafted_acceptance, spread, summarize_steps, tau,
-                            tokens_per_second)
 
 if TYPE_CHECKING:
     from adaspec_eagle.bench.runner import BenchConfig, Method, Run
@@ -26,8 +37,6 @@ PLOTS = ("accepted_length_hist.png", "acceptance_by_position.png", "speedup_by_s
 
 def machine_info(device: str) -> dict:
     """CPU model, cores, threads, device and library versions, recorded with every benchmark."""
-    import torch
-    import transformers
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -38,7 +47,6 @@ def machine_info(device: str) -> dict:
     dev = str(device)
     if torch.device(device).type == "cuda":
         dev = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
-    from adaspec_eagle import __version__
 
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": dev,
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),

@@ -10,17 +10,40 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
+from tqdm import tqdm
+from transformers import GenerationConfig
+
 from adaspec_eagle import AdaspecError
 from adaspec_eagle.bench.metrics import PAPER_GAMMA
-from adaspec_eagle.config import MAX_LOOKUP_TOKENS
-from adaspec_eagle.engine.factory import make_drafter, parse_drafter
 from adaspec_eagle.bench.report import make_record, markdown_table, write_outputs
+from adaspec_eagle.config import (
+    MAX_LOOKUP_TOKENS,
+    DataConfig,
+    TreeConfig,
+    add_flags,
+    from_flags,
+    to_flags,
+)
+from adaspec_eagle.data import prompts_for_eval, read_records, render_chat
+from adaspec_eagle.engine.factory import make_drafter, parse_drafter
+from adaspec_eagle.engine.speculative import (
+    CommitRecorder,
+    parse_draft_vocab,
+    plain_generate,
+    speculative_generate,
+    tuned_tree,
+)
+from adaspec_eagle.engine.speculative import eos_ids as stop_ids
+from adaspec_eagle.io import check_output_folder, disk_errors
+from adaspec_eagle.models import check_runtime, load_model
 
 # ----------------------------------------------------------------------------------------------------------
 # Prompt suites
@@ -39,7 +62,6 @@ def encode_prompt(tokenizer, prompt) -> list[int]:
     """Token ids of a prompt: ids pass through; a chat message list is rendered with the tokenizer's chat
     template (`data.render_chat`, with the generation prompt); a string is raw text, as `data` treats task
     prompts."""
-    from adaspec_eagle.data import render_chat
 
     if hasattr(prompt, "tolist"):
         prompt = prompt.tolist()
@@ -53,7 +75,6 @@ def encode_prompt(tokenizer, prompt) -> list[int]:
 def read_prompt_file(path: str, n: int) -> list:
     """Up to `n` prompts of a local JSON/JSONL file, in file order: records with a 'prompt' string (raw text),
     chat 'messages' (everything up to the last user turn) or MT-bench 'turns' (the first turn, as a chat)."""
-    from adaspec_eagle.data import read_records
 
     if not os.path.isfile(path):
         raise AdaspecError(f"suite jsonl:{path}: no such file; pass an existing .json/.jsonl file of prompts.")
@@ -91,9 +112,6 @@ def _mt_bench_prompts(n: int) -> list:
 
 
 def _data_prompts(name: str, path: str | None, tokenizer, n: int) -> list:
-    from adaspec_eagle.config import DataConfig
-    from adaspec_eagle.data import prompts_for_eval
-
     try:
         return prompts_for_eval(name, tokenizer, n, DataConfig(dataset=name, path=path))
     except AdaspecError as e:
@@ -150,8 +168,6 @@ class Method:
 
 
 def _sync(device) -> None:
-    import torch
-
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
@@ -161,8 +177,6 @@ def hf_generate_method(name: str, kind: str, target, eos_ids, pad_id, max_new_to
     """Plain / assisted / prompt-lookup decoding through `transformers`' own `generate`, from a fresh
     GenerationConfig (the model's defaults, e.g. a repetition penalty, would change the output). Target
     forwards are counted with a forward hook, so tau = new tokens / target forwards for the peers too."""
-    import torch
-    from transformers import GenerationConfig
 
     sampling = temperature > 0
     gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sampling, eos_token_id=eos_ids,
@@ -207,9 +221,6 @@ def engine_method(name: str, target, tokenizer, drafter, tree, max_new_tokens: i
                   top_p: float, eos_ids: list[int], info: dict | None = None) -> Method:
     """Speculative decoding by our engine; acceptance comes from its step records. tree: one `TreeConfig`, or
     {suite name: TreeConfig} (trees tuned per suite; recorded as `trees`, and `tree` is the first)."""
-    import torch
-
-    from adaspec_eagle.engine.speculative import CommitRecorder, speculative_generate
 
     recorder = CommitRecorder(drafter)
     trees = tree if isinstance(tree, dict) else {}
@@ -244,9 +255,6 @@ def engine_method(name: str, target, tokenizer, drafter, tree, max_new_tokens: i
 def engine_plain_method(name: str, target, tokenizer, max_new_tokens: int, temperature: float, top_p: float,
                         eos_ids: list[int]) -> Method:
     """Plain greedy decoding by our engine's own loop (same cache code as the speculative path)."""
-    import torch
-
-    from adaspec_eagle.engine.speculative import plain_generate
 
     def generate(ids: list[int], seed: int, suite: str | None = None) -> Run:
         x = torch.tensor([ids], device=target.device)  # (1, T)
@@ -331,7 +339,6 @@ class BenchConfig:
                   ">= 1"), (self.temperature >= 0, "--temperature", ">= 0"), (0 < self.top_p <= 1, "--top-p",
                   "in (0, 1]"), (self.repeats >= 1, "--repeats", ">= 1"), (self.warmup >= 0, "--warmup", ">= 0"),
                   (0 <= self.lookup_tokens <= MAX_LOOKUP_TOKENS, "--lookup-tokens", f"in 0..{MAX_LOOKUP_TOKENS}")]
-        from adaspec_eagle.engine.speculative import parse_draft_vocab
 
         self.draft_vocab = parse_draft_vocab(self.draft_vocab)
         if self.total_tokens != "auto":
@@ -349,7 +356,6 @@ class BenchConfig:
                                "reference for speedup).")
         if self.temperature > 0 and "engine" in self.baseline:
             raise AdaspecError("--baseline engine is greedy only; with --temperature > 0 use --baseline hf.")
-        from adaspec_eagle.models import check_runtime
 
         check_runtime(self.device, self.dtype, self.threads)
 
@@ -362,7 +368,6 @@ def chain_info(info: dict) -> dict:
 def _tuned_trees(target, drafter, tune_prompts: dict, tree, eos_ids) -> tuple[dict, dict]:
     """`tree`'s budget, depth and lookup length tuned for `drafter` on each suite's prompt
     (`speculative.tune_tree_budget`) -> ({suite: TreeConfig}, {suite: what was tuned, for the record})."""
-    from adaspec_eagle.engine.speculative import tuned_tree
 
     trees, record = {}, {}
     for suite, prompt in tune_prompts.items():
@@ -374,7 +379,6 @@ def _drafter_methods(cfg: BenchConfig, spec, drafter, target, tokenizer, eos_ids
                      common: dict) -> list[Method]:
     """One drafter's rows: its tree (tuned per suite with total_tokens="auto"), with --lookup-tokens a row with
     prompt lookup grafted on, with --alpha-protocol a greedy chain of the paper's gamma."""
-    from adaspec_eagle.config import TreeConfig
 
     auto = cfg.total_tokens == "auto"
     info = {"drafter": spec.kind, "source": spec.source}
@@ -410,7 +414,6 @@ def build_methods(cfg: BenchConfig, target, tokenizer, eos_ids: list[int], tune_
     gamma=4 chain with --alpha-protocol), then the peers. total_tokens="auto": each drafter's tree budget, depth
     (and lookup length) are tuned per suite on `tune_prompts` ({suite name: prompt ids}, each suite's first
     prompt) before anything is timed: code and chat want different trees."""
-    from adaspec_eagle.config import TreeConfig
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     common = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
@@ -446,11 +449,6 @@ def build_methods(cfg: BenchConfig, target, tokenizer, eos_ids: list[int], tune_
 def run_bench(cfg: BenchConfig) -> dict:
     """Load, warm up, run every method on every prompt `repeats` times (interleaved, so drift hits all methods
     alike), and return the benchmark record (see `write_outputs`)."""
-    import torch
-    from tqdm import tqdm
-
-    from adaspec_eagle.models import load_model
-    from adaspec_eagle.engine.speculative import eos_ids as stop_ids
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -495,9 +493,6 @@ def _short(name: str, width: int = 18) -> str:
 def command_line(cfg: BenchConfig) -> str:
     """The `adaspec-eagle bench` command that reproduces `cfg` (recorded in bench.json and bench.md), every flag
     derived from `BenchConfig` (`config.to_flags`); the progress bar is left out."""
-    import shlex
-
-    from adaspec_eagle.config import to_flags
 
     flags = to_flags(dataclasses.replace(cfg, progress=True))
     return shlex.join(["adaspec-eagle", "bench", *flags])
@@ -510,9 +505,6 @@ def command_line(cfg: BenchConfig) -> str:
 
 
 def cmd_bench(args) -> int:
-    from adaspec_eagle.config import from_flags
-    from adaspec_eagle.io import check_output_folder, disk_errors
-
     cfg = from_flags(BenchConfig, args)
     check_output_folder(cfg.out)  # before the benchmark runs: a file, a read-only place or others' files
     record = run_bench(cfg)
@@ -528,8 +520,6 @@ def cmd_bench(args) -> int:
 
 
 def register_cli(sub) -> None:
-    from adaspec_eagle.config import add_flags
-
     p = sub.add_parser("bench", help="acceptance (τ, α, accepted/drafted) and speed (tokens/s, speedup over plain "
                                      "decoding) of drafters and peers on prompt suites",
                        description="Benchmark drafters against plain decoding of the same target in the same run. "

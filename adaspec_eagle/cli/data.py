@@ -4,25 +4,23 @@
 from __future__ import annotations
 
 import os
+import time
 
 from adaspec_eagle import AdaspecError
+from adaspec_eagle.config import DataConfig
+from adaspec_eagle.data import build_dataset, write_tokenized
+from adaspec_eagle.models import load_tokenizer, tiny_tokenizer
 
 
 def _tokenizer(target: str):
     if target == "tiny":
-        from adaspec_eagle.models import tiny_tokenizer
 
         return tiny_tokenizer()
-    from adaspec_eagle.models import load_tokenizer
 
     return load_tokenizer(target)
 
 
 def cmd_data_tokenize(args) -> int:
-    import time
-
-    from adaspec_eagle.config import DataConfig
-    from adaspec_eagle.data import write_tokenized
 
     if os.path.exists(args.out) and not args.overwrite:
         raise AdaspecError(f"{args.out!r} exists; pass --overwrite to replace it or choose another --out.")
@@ -37,10 +35,6 @@ def cmd_data_tokenize(args) -> int:
 
 
 def cmd_data_stats(args) -> int:
-    import time
-
-    from adaspec_eagle.config import DataConfig
-    from adaspec_eagle.data import build_dataset
 
     tokenizer = _tokenizer(args.target)
     cfg = DataConfig(dataset=args.dataset, path=args.path, max_length=args.max_length, num_samples=args.num_samples,

@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from adaspec_eagle import AdaspecError
+from adaspec_eagle.cli import main
+from adaspec_eagle.config import HeadRecipe, load_recipe
 
 # Shipped inside the package (recipes/heads/smollm2-135m.yaml in a checkout links to it), so the demo runs from
 # any installation.
@@ -19,8 +21,6 @@ DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "smollm2-1
 
 
 def cmd_demo(args) -> int:
-    from adaspec_eagle.cli import main
-
     recipe = Path(args.recipe)
     if not recipe.is_file():
         raise AdaspecError(f"demo recipe {str(recipe)!r} not found: pass --recipe PATH (a head recipe, e.g. "
@@ -33,7 +33,6 @@ def cmd_demo(args) -> int:
     if args.no_bench:
         return 0
     print("\nspeculative decoding with the two heads (greedy, held-out ShareGPT prompts):", flush=True)
-    from adaspec_eagle.config import HeadRecipe, load_recipe
 
     target = load_recipe(HeadRecipe, recipe, list(args.overrides)).target
     return main(["bench", "--target", target,

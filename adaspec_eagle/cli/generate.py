@@ -11,8 +11,21 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
+import torch
+
 from adaspec_eagle import AdaspecError
-from adaspec_eagle.config import add_flags
+from adaspec_eagle.config import MAX_LOOKUP_TOKENS, TreeConfig, add_flags
+from adaspec_eagle.engine.factory import make_drafter, parse_drafter
+from adaspec_eagle.engine.speculative import (
+    LookupDrafter,
+    eos_ids,
+    parse_draft_vocab,
+    plain_generate,
+    speculative_generate,
+    tuned_tree,
+)
+from adaspec_eagle.models import check_runtime, load_model
+from adaspec_eagle.models.heads import check_head_folder
 
 
 def _prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
@@ -62,7 +75,6 @@ def format_stats(stats: dict) -> str:
 
 def check_args(args, max_lookup: int) -> None:
     """Every flag checked before the target loads (which takes a while for a real model)."""
-    from adaspec_eagle.models import check_runtime
 
     check_runtime(args.device, args.dtype, args.threads)
     checks = [(args.max_new_tokens >= 1, "--max-new-tokens", ">= 1"), (args.temperature >= 0, "--temperature",
@@ -79,7 +91,6 @@ def check_args(args, max_lookup: int) -> None:
         raise AdaspecError(f"--total-tokens {total!r}: expected an integer in 1..1024 or 'auto'.")
     spec = drafter_spec(args)  # a malformed --drafter is refused here
     if spec is not None and spec.kind == "head":
-        from adaspec_eagle.models.heads import check_head_folder
 
         check_head_folder(spec.source)
 
@@ -87,7 +98,6 @@ def check_args(args, max_lookup: int) -> None:
 def drafter_spec(args):
     """The drafter the flags name, in the one spelling `generate`, `bench` and the Python API share
     (`engine.factory`): --drafter SPEC, or its shorthands --head PATH and --draft-lm NAME. None: no drafter."""
-    from adaspec_eagle.engine.factory import parse_drafter
 
     if args.drafter:
         return parse_drafter(args.drafter)
@@ -99,13 +109,6 @@ def drafter_spec(args):
 
 
 def cmd_generate(args) -> int:
-    import torch
-
-    from adaspec_eagle.config import MAX_LOOKUP_TOKENS, TreeConfig
-    from adaspec_eagle.models import load_model
-    from adaspec_eagle.engine.factory import make_drafter
-    from adaspec_eagle.engine.speculative import (LookupDrafter, eos_ids, parse_draft_vocab, plain_generate,
-                                                  speculative_generate)
 
     check_args(args, MAX_LOOKUP_TOKENS)
     if args.threads:
@@ -135,7 +138,6 @@ def cmd_generate(args) -> int:
         if total == "auto" and isinstance(drafter, LookupDrafter):
             total = 1  # nothing to tune: the tree is the lookup chain
         elif total == "auto":
-            from adaspec_eagle.engine.speculative import tuned_tree
 
             tree, tuned = tuned_tree(target, drafter, ids, TreeConfig(depth=args.depth, topk=args.topk,
                                                                      shape=args.tree_shape,

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from adaspec_eagle.models import list_models
+
 
 def cmd_list_models(args) -> int:
-    from adaspec_eagle.models import list_models
-
     rows = list_models()
     width = max(len(r[0]) for r in rows)
     print(f"{'name':<{width}}  {'family':<9} loads from")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import importlib.util
 import json
 import os
@@ -37,10 +38,15 @@ import warnings
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.numpy import save
+from tqdm.auto import tqdm
 
 from adaspec_eagle import AdaspecError
 from adaspec_eagle.config import DataConfig
+from adaspec_eagle.io import atomic_write, read_text
 
 IGNORE_INDEX = -100
 
@@ -203,7 +209,6 @@ def read_records(path: str) -> list:
             raise AdaspecError(f"data file {path!r} is not UTF-8 text: byte {e.start} of its uncompressed contents "
                                f"(0x{raw[e.start]:02x}) cannot be decoded; save it as UTF-8.") from None
     else:
-        from adaspec_eagle.io import read_text
 
         text = read_text(path, "data file")
     if not text.strip():
@@ -538,7 +543,6 @@ TOKENIZED_FORMAT = "adaspec-eagle tokenized examples v1"
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """A short hash of what encoding depends on: the vocabulary, the special tokens and the chat template."""
-    import hashlib
 
     blob = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.bos_token, tokenizer.eos_token,
                        getattr(tokenizer, "chat_template", None)], ensure_ascii=False)
@@ -551,11 +555,6 @@ def write_tokenized(path: str, tokenizer, cfg: DataConfig, progress: bool = True
 
     Reading it back at a shorter max_length cuts again; that equals cutting the text once, except for a
     prompt/completion example whose prompt text itself contains the BOS token (the second cut may keep it)."""
-    import numpy as np
-    from safetensors.numpy import save
-    from tqdm.auto import tqdm
-
-    from adaspec_eagle.io import atomic_write
 
     if not path.endswith(".safetensors"):
         raise AdaspecError(f"tokenized data goes to a .safetensors file; got {path!r}.")
@@ -613,8 +612,6 @@ def read_tokenized(path: str, tokenizer, max_length: int | None = None) -> tuple
 def _read_tokenized(path: str, mtime_ns: int, size: int) -> tuple[dict, list[dict]]:
     """(metadata, examples) of a tokenized file; keyed by modification time and size, so a rewritten file is read
     again."""
-    import numpy as np
-    from safetensors import safe_open
 
     try:
         with safe_open(path, framework="numpy") as f:

@@ -26,14 +26,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 import os
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from adaspec_eagle import AdaspecError
+from adaspec_eagle.data import load_examples, render_chat, split_order
+from adaspec_eagle.models import identity_mismatch, target_identity
 
 CACHE_NAME = "regen.jsonl"
 CACHE_VERSION = 1
@@ -57,7 +61,6 @@ def prompt_part(example: dict) -> dict:
 
 def prompt_text(tokenizer, example: dict) -> str:
     """The prompt as the target sees it: the chat rendered with the generation prompt, or the plain prompt."""
-    from adaspec_eagle.data import render_chat
 
     part = prompt_part(example)
     if "messages" in part:
@@ -89,8 +92,6 @@ def record_key(identity: dict, text: str, limit: int) -> str:
 
 
 def _same_target(recorded: dict, now: dict) -> bool:
-    from adaspec_eagle.models import identity_mismatch
-
     return identity_mismatch(recorded, now, IDENTITY_KEYS) is None
 
 
@@ -126,7 +127,6 @@ def read_cache(path: str | os.PathLike, identity: dict) -> dict[int, dict]:
 
 def check_cache(path: str | os.PathLike, target) -> None:
     """Raise (before anything is written) when `path` holds answers of another target."""
-    from adaspec_eagle.models import target_identity
 
     read_cache(path, target_identity(target))
 
@@ -192,7 +192,6 @@ def _answer(target, tokenizer, examples, todo, keys, cache_path, identity, fresh
             stats) -> None:
     """Generate the `todo` answers in batches of similar prompt lengths, appending each batch to the cache as it
     finishes; fills `results` and `stats` in place."""
-    from tqdm.auto import tqdm
 
     todo.sort()  # similar lengths share a batch: less padding
     pad_id, eos_ids, eos = _pad_id(target, tokenizer), _eos_ids(target, tokenizer), tokenizer.eos_token or ""
@@ -233,7 +232,6 @@ def regenerate(target, tokenizer, examples: list[dict], indices, cache_path: str
     `answer_tokens` new tokens (None: up to max_length). Finished answers are read
     from / appended to `cache_path` (see the module docstring); `fresh` starts the cache over.
     stats: {"answered", "cached", "generated", "too_long", "new_tokens", "seconds", "tokens_per_s", "eos"}."""
-    from adaspec_eagle.models import target_identity
 
     cache_path = Path(cache_path)
     identity = target_identity(target)
@@ -271,9 +269,6 @@ def cached_answer_examples(cfg, tokenizer, cache_path: str | os.PathLike):
     """(examples, SourceInfo) of `data.load_examples(cfg)` with the answers of an existing answer cache in place
     (optionally .xz-compressed, e.g. one brought back from another machine), None where an example has none;
     no target needed. The form `data.build_dataset(..., examples=...)` takes."""
-    import lzma
-
-    from adaspec_eagle.data import load_examples
 
     eos = tokenizer.eos_token or ""
     examples, source = load_examples(cfg, eos)
@@ -294,7 +289,6 @@ def self_distill_examples(cfg, tokenizer, target, cache_path, *, batch_size: int
     prompt fits in `cfg.max_length`. Held-out answers are regenerated too, so held-out agreement measures the
     head on the target's own outputs (what acceptance at temperature 0 sees). Every other slot is None, which
     `build_dataset` skips: training never falls back to an original answer. Returns (examples, SourceInfo)."""
-    from adaspec_eagle.data import load_examples, split_order
 
     examples, source = load_examples(cfg, tokenizer.eos_token or "")
     heldout, train = split_order(len(examples), cfg.holdout, cfg.seed)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+from transformers import DynamicCache
 
 from adaspec_eagle import AdaspecError
 
@@ -50,7 +51,6 @@ def takes_logits_to_keep(model) -> bool:
 def new_cache(config=None):
     """An empty `DynamicCache`; with a model config its layer types follow the config (so a sliding-window
     model is refused by `compact_cache` instead of silently attending past its window)."""
-    from transformers import DynamicCache
 
     return DynamicCache(config=config) if config is not None else DynamicCache()
 

@@ -17,6 +17,9 @@ from pathlib import Path
 
 from adaspec_eagle import AdaspecError
 from adaspec_eagle.config import MAX_LOOKUP_TOKENS
+from adaspec_eagle.engine import speculative
+from adaspec_eagle.models.draft_lm import init_draft
+from adaspec_eagle.models.heads import load_head
 
 
 @dataclass
@@ -47,17 +50,14 @@ def make_drafter(spec: DrafterSpec | str, target, tokenizer, dtype: str = "float
     """A drafter spec (or its string) -> (engine drafter, draft LM model or None). The draft LM also serves
     transformers' assisted generation. draft_vocab: an EAGLE-1/2 head's frequency-restricted draft vocabulary
     (`speculative.HeadDrafter`)."""
-    from adaspec_eagle.engine import speculative
 
     if isinstance(spec, str):
         spec = parse_drafter(spec)
     if spec.kind == "lookup":
         return speculative.LookupDrafter(), None
     if spec.kind == "head":
-        from adaspec_eagle.models.heads import load_head
 
         return speculative.HeadDrafter(load_head(spec.source, target), draft_vocab=draft_vocab), None
-    from adaspec_eagle.models.draft_lm import init_draft
 
     draft = init_draft(spec.source, target, tokenizer, dtype=dtype).eval()
     return speculative.DraftLMDrafter(draft), draft

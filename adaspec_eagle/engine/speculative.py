@@ -20,11 +20,12 @@ from dataclasses import replace as dataclasses_replace
 import torch
 
 from adaspec_eagle import AdaspecError
-from adaspec_eagle.engine import compat
-from adaspec_eagle.engine import linear_routing
 from adaspec_eagle.config import TreeConfig
+from adaspec_eagle.engine import compat, linear_routing
 from adaspec_eagle.engine.tree import DraftTree, build_tree, graft_chain, tree_mask
 from adaspec_eagle.engine.verify import greedy_verify, stochastic_verify, warp_probs
+from adaspec_eagle.models import embedding_rows
+from adaspec_eagle.models.heads import frequent_ids
 
 
 def _fit_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -205,8 +206,6 @@ class HeadDrafter(Drafter):
         return None if self._weight is None else int(self._weight.shape[0])
 
     def _restrict(self, size: int) -> None:
-        from adaspec_eagle.models.heads import frequent_ids
-
         lm_head = self.head.target_lm_head
         vocab = int(lm_head.weight.shape[0])
         if size < 1:
@@ -585,7 +584,6 @@ kernels make it uneven, `kernels.py`) and at the budgets above it, interpolating
 def measure_verify_cost(target, prefix_len: int, sizes, repeats: int = 3) -> dict[int, float]:
     """Seconds of one target verify forward of n draft tokens (+ the root) after `prefix_len` cached tokens, for
     each n in `sizes` (median of `repeats`, after one warm-up)."""
-    from adaspec_eagle.models import embedding_rows
 
     vocab = embedding_rows(target)
     g = torch.Generator().manual_seed(0)

@@ -33,10 +33,12 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from adaspec_eagle import AdaspecError
-from adaspec_eagle.models.heads import infer_kind, read_head_config, read_weights
 from adaspec_eagle.io import MARKER, atomic_folder, check_output_folder, disk_errors
+from adaspec_eagle.models import check_target_identity, load_model
+from adaspec_eagle.models.heads import infer_kind, read_head_config, read_weights
 
 FORMATS = ("eagle", "eagle3", "sglang", "vllm")
 KIND_NAMES = {"eagle1": "EAGLE-1/2", "eagle3": "EAGLE-3"}
@@ -226,7 +228,6 @@ def export_head(head_folder, fmt: str, out, with_embeddings: bool = False, targe
 
     with_embeddings: include `embed_tokens.weight`, from `target` (a registry name / path, loaded and checked
     against the recorded identity) or else from the source folder when it has one."""
-    from safetensors.torch import save_file
 
     out = Path(out)
     if Path(head_folder).resolve() == out.resolve():
@@ -243,7 +244,6 @@ def export_head(head_folder, fmt: str, out, with_embeddings: bool = False, targe
     embed = None
     if with_embeddings:
         if target is not None:
-            from adaspec_eagle.models import check_target_identity, load_model
 
             model = load_model(target, with_tokenizer=False)
             recorded = (config.get("adaspec") or {}).get("target")

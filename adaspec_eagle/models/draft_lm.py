@@ -7,6 +7,7 @@ import copy
 import re
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from adaspec_eagle import AdaspecError
 from adaspec_eagle.models import check_tokenizers_compatible, embedding_rows, load_model
@@ -44,7 +45,6 @@ def derive_from_target(target, layers: int):
     """A draft made of the target's first `layers` decoder layers, its embeddings, final norm and lm_head
     (copied, so training the draft never touches the target). Works for every family through the config's
     `num_hidden_layers` and the layer index in parameter names."""
-    from transformers import AutoModelForCausalLM
 
     total = _decoder_layer_count(target.config)
     if not 1 <= layers <= total:
@@ -70,7 +70,6 @@ def derive_from_target(target, layers: int):
 
 def fresh_draft(target, hidden: int, layers: int, heads: int | None = None, intermediate: int | None = None):
     """A randomly initialised draft of the target's family and vocabulary at a given size."""
-    from transformers import AutoModelForCausalLM
 
     cfg = copy.deepcopy(target.config)
     heads = heads or max(1, hidden // 64)

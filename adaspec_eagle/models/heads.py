@@ -29,13 +29,23 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save, save_file
 from torch import nn
 from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import (
+    LlamaDecoderLayer,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+)
 
 from adaspec_eagle import AdaspecError
-from adaspec_eagle.io import atomic_folder, atomic_write, fsync_dir
-from adaspec_eagle.models import check_target_identity, embedding_rows, feature_layer_ids, target_identity
+from adaspec_eagle.io import atomic_folder, atomic_write, fsync_dir, read_text
+from adaspec_eagle.models import (
+    check_target_identity,
+    embedding_rows,
+    feature_layer_ids,
+    target_identity,
+)
 
 FORMAT_VERSION = 1
 
@@ -465,8 +475,6 @@ TOKEN_COUNTS_FILE = "token_counts.safetensors"
 
 
 def _token_counts_bytes(counts) -> bytes:
-    from safetensors.torch import save
-
     counts = torch.as_tensor(counts).flatten().to(torch.int64).contiguous()
     return save({"counts": counts}, metadata={"what": "target-token frequencies of the training data"})
 
@@ -488,7 +496,6 @@ def read_token_counts(folder) -> torch.Tensor | None:
     path = Path(folder) / TOKEN_COUNTS_FILE
     if not path.is_file():
         return None
-    from safetensors.torch import load_file
 
     try:
         return load_file(str(path))["counts"]
@@ -502,7 +509,6 @@ def save_head(head, folder, meta: dict | None = None, target_model=None, token_c
     `model.safetensors` into `folder`, atomically, plus `token_counts.safetensors` when `token_counts` (V,) (the
     training data's target-token frequencies) is given. The target identity is taken from `target_model` when
     given, else the identity recorded by `build_head` / `load_head`."""
-    from safetensors.torch import save_file
 
     head = unwrap_head(head)
     adaspec = {"format_version": FORMAT_VERSION, "kind": head.kind, "fc_bias": head.fc.bias is not None,
@@ -548,7 +554,6 @@ def read_weights(folder) -> dict[str, torch.Tensor]:
             continue
         try:
             if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
 
                 state = load_file(str(path))
             else:
@@ -620,7 +625,6 @@ def read_head_config(folder) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         return {}
-    from adaspec_eagle.io import read_text
 
     try:
         return json.loads(read_text(path, "head config"))

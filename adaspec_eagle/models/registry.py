@@ -6,6 +6,7 @@ Every model is a plain `transformers` causal LM; nothing here forks a modeling f
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import importlib.util
@@ -16,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers as tf
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from adaspec_eagle import AdaspecError
 
@@ -114,7 +118,6 @@ def _require_gguf(source: Source) -> None:
 
 def load_tokenizer(name_or_path: str):
     """The tokenizer of a registry name / folder / GGUF / hub id (pad token set to EOS when missing)."""
-    from transformers import AutoTokenizer
 
     if parse_tiny_name(name_or_path) is not None:
         return tiny_tokenizer()
@@ -170,7 +173,6 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", device: 
 
     `name_or_path`: a registry name, local folder, .gguf file, hub id, or a tiny random model name
     (`parse_tiny_name`). Returns (model, tokenizer) or the model alone with `with_tokenizer=False`."""
-    from transformers import AutoModelForCausalLM
 
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise AdaspecError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}.")
@@ -364,8 +366,6 @@ def tiny_tokenizer(chat: bool = True):
     """A character-level tokenizer (102 ids: 5 specials + printable ASCII + newline/tab) built in-process.
 
     Shares the ChatML template of SmolLM2/Qwen2 when `chat`; EOS is <|im_end|> for chat, <|endoftext|> else."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(TINY_SPECIALS + _TINY_CHARS)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -387,7 +387,6 @@ TINY_FAMILIES = ("llama", "phi", "gpt_neox", "qwen2", "codegen")
 
 def tiny_config(family: str, vocab_size: int = TINY_VOCAB, hidden_size: int = 64, num_layers: int = 2, **overrides):
     """A small random config of a registry family (2 layers, hidden 64, 4 heads)."""
-    import transformers as tf
 
     common = dict(vocab_size=vocab_size, eos_token_id=3, bos_token_id=1, pad_token_id=0)
     heads = max(1, hidden_size // 16)
@@ -421,7 +420,6 @@ def _gathered(model, modifier_rank: int | None = None):
     """A context in which a module partitioned by DeepSpeed ZeRO-3 (created under `zero.Init` by `accelerate
     launch` with zero3_init_flag, or wrapped by `train.prepare_frozen`) holds its full weights; with
     `modifier_rank`, that rank's changes are kept (None: read only). A no-op for a plain module."""
-    import contextlib
 
     params = [p for p in model.parameters() if hasattr(p, "ds_id")]
     if not params:
@@ -433,7 +431,6 @@ def _gathered(model, modifier_rank: int | None = None):
 
 def tiny_model(family: str = "llama", seed: int = 0, vocab_size: int = TINY_VOCAB, **overrides):
     """A random causal LM of `family` in fp32 eval mode, deterministic for a seed."""
-    from transformers import AutoModelForCausalLM
 
     cfg = tiny_config(family, vocab_size=vocab_size, **overrides)
     torch.manual_seed(seed)

@@ -21,8 +21,29 @@ import torch
 import torch.nn.functional as F
 
 from adaspec_eagle import AdaspecError
-from adaspec_eagle.config import DraftLMRecipe, LossConfig, claim_output_dir, load_recipe, save_resolved
-from adaspec_eagle.models import check_samples_fit, embedding_rows, load_model, target_identity
+from adaspec_eagle.config import (
+    DraftLMRecipe,
+    LossConfig,
+    claim_output_dir,
+    load_recipe,
+    save_resolved,
+)
+from adaspec_eagle.data import build_dataset, collate
+from adaspec_eagle.io import atomic_folder, check_output_folder
+from adaspec_eagle.models import (
+    check_samples_fit,
+    embedding_rows,
+    load_model,
+    target_identity,
+)
+from adaspec_eagle.models.draft_lm import init_draft
+from adaspec_eagle.training.loop import (
+    configure_deepspeed,
+    make_accelerator,
+    prepare_frozen,
+    train,
+)
+from adaspec_eagle.training.losses import adaspec_loss, top1_hits
 
 STAGES = ("target", "reference", "draft")
 
@@ -43,7 +64,6 @@ def _logits(model, batch: dict, vocab: int) -> torch.Tensor:
 
 def make_loss_fn(stage: str, vocab: int, loss_cfg: LossConfig, target=None, reference=None):
     """loss_fn(model, batch, num_items) -> (loss, stats) for the training loop (see train.train)."""
-    from adaspec_eagle.training.losses import adaspec_loss
 
     def sft(model, batch, num_items):
         pos = positions(batch)  # (B, T-1)
@@ -68,8 +88,6 @@ def make_loss_fn(stage: str, vocab: int, loss_cfg: LossConfig, target=None, refe
 @torch.no_grad()
 def top1_agreement(draft, target, samples, vocab: int, batch_size: int = 8) -> float:
     """Fraction of held-out target-token positions where the draft's argmax equals the target's."""
-    from adaspec_eagle.data import collate
-    from adaspec_eagle.training.losses import top1_hits
 
     hits = total = 0
     for i in range(0, len(samples), batch_size):
@@ -83,7 +101,6 @@ def top1_agreement(draft, target, samples, vocab: int, batch_size: int = 8) -> f
 def save_model_atomic(model, tokenizer, folder: Path, meta: dict) -> None:
     """save_pretrained through `heads.atomic_folder` (temp folder, fsync, one rename): a crash or a full disk
     leaves the old folder (or none), never a half-written model that looks complete."""
-    from adaspec_eagle.io import atomic_folder
 
     try:
         with atomic_folder(folder) as tmp:
@@ -102,7 +119,6 @@ def _stage_done(folder: Path) -> bool:
 
 def run(cfg: DraftLMRecipe, loss_kind: str = "adaspec", overwrite: bool = False, progress: bool = True) -> dict:
     """Run the configured stages; returns {stage: {"path", "agreement", "steps", "tokens_per_s"}}."""
-    from adaspec_eagle.training.loop import configure_deepspeed, make_accelerator, prepare_frozen
 
     out = Path(cfg.output_dir)
     target, tok, train_set, heldout, vocab = _check_inputs(cfg, loss_kind, overwrite)
@@ -138,9 +154,6 @@ def run(cfg: DraftLMRecipe, loss_kind: str = "adaspec", overwrite: bool = False,
 
 def _check_inputs(cfg: DraftLMRecipe, loss_kind: str, overwrite: bool):
     """Everything that can fail, before anything is written: -> (target, tokenizer, train, heldout, vocab)."""
-    from adaspec_eagle.data import build_dataset
-    from adaspec_eagle.io import check_output_folder
-    from adaspec_eagle.models.draft_lm import init_draft
 
     out = Path(cfg.output_dir)
     check_output_folder(out, replace=overwrite)  # before the models load; claimed once all else is checked
@@ -167,9 +180,6 @@ class _StageTrainer:
         self.out = Path(cfg.output_dir)
 
     def _train(self, stage: str, model, loss_fn, name: str) -> dict:
-        from adaspec_eagle.data import collate
-        from adaspec_eagle.training.loop import train
-
         cfg = self.cfg
         epochs = {"target": cfg.target_epochs, "reference": cfg.reference_epochs, "draft": cfg.draft_epochs}[stage]
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
@@ -192,7 +202,6 @@ class _StageTrainer:
     def distill(self, stage: str, loss_kind: str, target, identity: dict, reference=None) -> dict:
         """A draft from the recipe's initialisation distilled from the target: the reference (KD) or the draft
         stage (AdaSPEC against `reference`, or KD), saved to OUT/reference, OUT/adaspec or OUT/kd."""
-        from adaspec_eagle.models.draft_lm import init_draft
 
         name = "reference" if stage == "reference" else loss_kind
         draft = init_draft(self.cfg.draft, target, self.tok).train()

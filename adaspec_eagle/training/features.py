@@ -24,10 +24,16 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from adaspec_eagle import AdaspecError
-from adaspec_eagle.io import fsync_dir, fsync_tree
-from adaspec_eagle.models import identity_mismatch, target_forward_features, target_identity
+from adaspec_eagle.data import collate
+from adaspec_eagle.io import disk_errors, fsync_dir, fsync_tree
+from adaspec_eagle.models import (
+    identity_mismatch,
+    target_forward_features,
+    target_identity,
+)
 
 STORAGE = {"fp16": (np.float16, torch.float16), "bf16": (np.int16, torch.bfloat16), "fp32": (np.float32, torch.float32)}
 FORMAT_VERSION = 1
@@ -46,7 +52,6 @@ def data_fingerprint(samples: Sequence[dict]) -> str:
 def pad_batch(samples: Sequence[dict], pad_id: int = 0) -> dict:
     """`data.collate` (right-padded input_ids / attention_mask / loss_mask (B, T)) plus every float key of the
     samples, (T, D) each -> (B, T, D) zero-padded. Right padding keeps the heads' causal mask valid."""
-    from adaspec_eagle.data import collate
 
     out = collate(samples, pad_id)
     B, T = out["input_ids"].shape
@@ -79,7 +84,6 @@ def build_cache(target, samples: Sequence[dict], folder: str | os.PathLike, *, d
         raise AdaspecError(f"feature cache dtype {dtype!r} is not one of {sorted(STORAGE)}.")
     if len(samples) == 0:
         raise AdaspecError("no samples to cache features for: the data slice is empty.")
-    from adaspec_eagle.io import disk_errors
 
     folder = Path(folder)
     shutil.rmtree(folder, ignore_errors=True)
@@ -96,7 +100,6 @@ def build_cache(target, samples: Sequence[dict], folder: str | os.PathLike, *, d
 
 def _fill_cache(target, samples, folder: Path, dtype: str, fused: bool, batch_size: int, pad_id: int,
                 progress: bool) -> None:
-    from tqdm.auto import tqdm
 
     np_dtype, torch_dtype = STORAGE[dtype]
     lengths = np.array([len(s["input_ids"]) for s in samples], dtype=np.int64)

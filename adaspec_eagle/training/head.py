@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import shutil
 import sys
@@ -31,11 +32,55 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
+from transformers import DynamicCache
 
 from adaspec_eagle import AdaspecError
-from adaspec_eagle.config import HeadRecipe, LossConfig, load_recipe, save_resolved, to_dict
-from adaspec_eagle.models import check_samples_fit, embedding_rows, target_identity
-from adaspec_eagle.models.heads import build_head, check_head_folder, load_head, save_head
+from adaspec_eagle.config import (
+    HeadRecipe,
+    LossConfig,
+    from_dict,
+    load_recipe,
+    save_resolved,
+    to_dict,
+)
+from adaspec_eagle.data import build_dataset
+from adaspec_eagle.data.regen import CACHE_NAME, self_distill_examples
+from adaspec_eagle.engine.speculative import DEFAULT_DRAFT_VOCAB
+from adaspec_eagle.io import (
+    check_output_folder,
+    disk_full,
+    mark_output_folder,
+    output_lock,
+)
+from adaspec_eagle.models import (
+    check_samples_fit,
+    embedding_rows,
+    load_model,
+    target_forward_features,
+    target_identity,
+)
+from adaspec_eagle.models.heads import (
+    build_head,
+    check_head_folder,
+    frequent_ids,
+    load_head,
+    save_head,
+)
+from adaspec_eagle.training.features import (
+    build_cache,
+    cache_problem,
+    open_cache,
+    pad_batch,
+)
+from adaspec_eagle.training.loop import (
+    configure_deepspeed,
+    latest_checkpoint,
+    make_accelerator,
+    prepare_frozen,
+    train,
+)
+from adaspec_eagle.training.losses import adaspec_loss, chunked_adaspec_loss, top1_hits
 
 STAGE_DIRS = {"reference": "reference", "adaspec": "adaspec", "kd": "kd"}
 
@@ -43,7 +88,6 @@ STAGE_DIRS = {"reference": "reference", "adaspec": "adaspec", "kd": "kd"}
 def load_target(name: str, precision: str = "fp32"):
     """(model, tokenizer) of a registry name / path / hub id / tiny-FAMILY name, frozen, in the training
     precision (the target only runs forward)."""
-    from adaspec_eagle.models import load_model
 
     dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
     model, tok = load_model(name, dtype=dtype)
@@ -68,7 +112,6 @@ def batch_features(batch: dict, target=None) -> torch.Tensor:
     """(B, T, H) target features: cached in the batch, or computed now by the frozen target (online mode)."""
     if "features" in batch:
         return batch["features"]
-    from adaspec_eagle.models import target_forward_features
 
     with torch.no_grad():
         return target_forward_features(target, batch["input_ids"], batch["attention_mask"].long())["features"]
@@ -97,7 +140,6 @@ def restricted_vocab(head, token_counts, size: int) -> torch.Tensor | None:
     """(Vd,) int64 target ids of a restricted training vocabulary: the `size` most frequent trainable tokens
     plus the EOS / BOS / PAD ids, exactly the ids `speculative.HeadDrafter(draft_vocab=size)` drafts over.
     None when `size` is 0 or covers the whole vocabulary."""
-    from adaspec_eagle.models.heads import frequent_ids
 
     counts = torch.as_tensor(token_counts)
     if size <= 0 or size >= counts.numel():
@@ -126,7 +168,6 @@ def _in_vocab(batch, valid, vocab_ids, vocab: int, n: int, device) -> torch.Tens
 def _sharded_token_loss(head, lm_head, h_v, f_next, ref_h, in_vocab, loss_cfg: LossConfig, num_items):
     """ZeRO-3: the lm_head weight is a shard; calling the module gathers it (its hooks run), raw weights would
     not. This path holds the [N, V] logits (chunked selection and backward all the same)."""
-    from adaspec_eagle.training.losses import adaspec_loss
 
     dtype = lm_head.weight.dtype  # (DeepSpeed's ZeRO-3 linear does not autocast)
     with torch.no_grad():
@@ -158,7 +199,6 @@ def head_loss(head, batch: dict, *, target, loss_cfg: LossConfig, reference=None
     positions whose target token x_{t+2} is one of them. The feature loss covers the positions the token loss
     keeps (every valid one for KD; the AdaSPEC selection otherwise).
     Returns (loss, stats) with stats {"kept", "valid", "kl_sum"} (floats, for the loop's logs)."""
-    from adaspec_eagle.training.losses import chunked_adaspec_loss
 
     features = batch_features(batch, target).float()  # (B, T, H)
     inputs = add_feature_noise(features, feature_noise) if torch.is_grad_enabled() else features
@@ -227,8 +267,6 @@ class TTTUnroll(torch.nn.Module):
         self.head = head
 
     def forward(self, fused, input_ids, steps: int):
-        from transformers import DynamicCache
-
         B, T = input_ids.shape
         n = T - 1
         hidden = self.head.project(fused[:, :-1])  # (B, n, H)
@@ -246,7 +284,6 @@ def batch_fused(batch: dict, target) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (B, T, H), fused (B, T, 3H)): cached in the batch or computed now by the frozen target."""
     if "fused" in batch:
         return batch["features"], batch["fused"]
-    from adaspec_eagle.models import target_forward_features
 
     with torch.no_grad():
         out = target_forward_features(target, batch["input_ids"], batch["attention_mask"].long(), eagle3_layers=True)
@@ -261,7 +298,6 @@ def eagle3_loss(unroll, batch: dict, *, target, loss_cfg: LossConfig, steps: int
     of the draft ids, as EAGLE-3 does); no feature loss. With `exclude_out_of_vocab`, positions whose target
     token x_{t+2+j} is outside the draft vocabulary are left out (EAGLE-3's position mask). num_items counts
     step-0 positions."""
-    from adaspec_eagle.training.losses import chunked_adaspec_loss
 
     head = getattr(unroll, "module", unroll).head
     features, fused = batch_fused(batch, target)
@@ -384,8 +420,6 @@ def evaluate_head(head, target, heldout, batch_size: int = 8, pad_id: int = 0, c
     through the training-time-test unroll), {"gamma", "tau": 1 + mean accepted tokens per chain (the mean
     accepted length of chain speculation), "accept_by_depth": P(step j accepted | step j reached), "chains"};
     drafts rank over `vocab_ids` (the drafter's restricted vocabulary) when given."""
-    from adaspec_eagle.training.features import pad_batch
-    from adaspec_eagle.training.losses import top1_hits
 
     device = next(target.parameters()).device
     head.eval()
@@ -439,11 +473,9 @@ def load_samples(cfg: HeadRecipe, tokenizer, target=None, accelerator=None, fres
     data.self_distill: both splits carry the target's greedy answers (regen.py; the main process generates
     them into OUT/regen.jsonl, resumable; `fresh` starts that cache over). The held-out answers are regenerated
     too, so held-out agreement is measured on the target's own outputs, as acceptance is."""
-    from adaspec_eagle.data import build_dataset
 
     examples = None
     if cfg.data.self_distill:
-        from adaspec_eagle.data.regen import CACHE_NAME, self_distill_examples
 
         main = accelerator is None or accelerator.is_main_process
         kw = dict(batch_size=cfg.data.regen_batch_size, log=log)
@@ -488,9 +520,6 @@ def run_key(cfg: HeadRecipe, stage: str) -> dict:
 
 def check_outputs(cfg: HeadRecipe, stages: list[str], resume: bool, overwrite: bool) -> None:
     """Refuse an output folder that holds a different run unless --resume or --overwrite."""
-    import yaml
-
-    from adaspec_eagle.config import from_dict
 
     if resume or overwrite:
         return
@@ -518,7 +547,6 @@ def stage_budget(cfg: HeadRecipe, stage: str, ref_steps: int | None):
     Both protocols: when the reference's step count is known (trained in this run, or recorded in its head),
     the AdaSPEC stage runs exactly that many steps (a time-capped reference caps it too) and has no time cap
     of its own."""
-    import dataclasses
 
     train_cfg = cfg.train
     if stage != "adaspec":
@@ -561,8 +589,6 @@ class BestHeadKeeper:
                 shutil.rmtree(self.folder, ignore_errors=True)
 
     def __call__(self, model, step: int) -> dict:
-        from adaspec_eagle.engine.speculative import DEFAULT_DRAFT_VOCAB
-
         head = model.head if isinstance(model, TTTUnroll) else model
         if self.ids is False:  # the same for every evaluation of the stage
             self.ids = None if head.uses_fused else restricted_vocab(head, self.token_counts, DEFAULT_DRAFT_VOCAB)
@@ -581,7 +607,6 @@ class BestHeadKeeper:
 
 def resumed_step(run_dir: Path) -> int:
     """The step of the checkpoint a stage in `run_dir` resumes from (0: none)."""
-    from adaspec_eagle.training.loop import latest_checkpoint
 
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     if ckpt is None:
@@ -601,7 +626,6 @@ def run_pipeline(cfg: HeadRecipe, resume: bool = False, overwrite: bool = False,
     `heads.save_head`), runs/<stage>/ (config.yaml, checkpoints/, tb/, result.json once complete),
     results.json, .lock. Every check a user can fail happens before anything is written; then the main process
     locks OUT (`io.output_lock`) until it returns, so a second run into OUT is refused, not interleaved."""
-    from adaspec_eagle.io import mark_output_folder, output_lock
 
     def claim():
         held.enter_context(output_lock(cfg.output_dir))
@@ -668,8 +692,6 @@ def _run_pipeline(cfg: HeadRecipe, resume, overwrite, stop_at, progress, log, cl
 def _check_inputs(cfg: HeadRecipe, resume, overwrite, progress, log, claim) -> _Pipeline:
     """Everything a user can get wrong, before anything is written (except self-distillation's answer cache,
     written under the folder's lock once the folder is checked)."""
-    from adaspec_eagle.io import check_output_folder
-    from adaspec_eagle.training.loop import configure_deepspeed, make_accelerator, prepare_frozen
 
     stages = stages_to_run(cfg)
     out = Path(cfg.output_dir)
@@ -776,8 +798,6 @@ def _check_init(cfg: HeadRecipe, target, token_counts):
 
 
 def _check_feature_cache(p: _Pipeline, overwrite: bool, partitioned: bool) -> None:
-    from adaspec_eagle.training.features import cache_problem
-
     cache_dir = p.out / "features"
     problem = "missing" if overwrite else cache_problem(cache_dir, p.target, p.train_set, fused=p.eagle3)
     if problem not in (None, "missing"):
@@ -809,8 +829,6 @@ def _start_writing(p: _Pipeline, overwrite: bool, progress: bool, log, claim) ->
 
 
 def _cached(p: _Pipeline, samples, folder: Path, progress: bool, log):
-    from adaspec_eagle.training.features import build_cache, cache_problem, open_cache
-
     if p.main and cache_problem(folder, p.target, samples, fused=p.eagle3) is not None:
         if log:
             log(f"caching target features of {len(samples)} samples in {folder}")
@@ -838,8 +856,6 @@ def _stage_loss(p: _Pipeline, loss_cfg: LossConfig, reference, vocab_ids):
 
 def _train_stage(p: _Pipeline, stage: str, records: dict, stop_at, progress) -> dict:
     """Train one stage (resuming its checkpoints) and, once complete, save its head; records[stage] is set."""
-    from adaspec_eagle.training.features import pad_batch
-    from adaspec_eagle.training.loop import train
 
     cfg, run_dir = p.cfg, p.out / "runs" / stage
     if p.main:
@@ -884,7 +900,6 @@ def _train_stage(p: _Pipeline, stage: str, records: dict, stop_at, progress) -> 
 def _save_stage_head(p: _Pipeline, stage: str, head, meta: dict, evaluate, record: dict) -> None:
     """The stage's head (the best held-out one when selecting), its config and its result, which marks the
     stage complete; a full disk leaves nothing half-written and the stage resumable."""
-    from adaspec_eagle.io import disk_full
 
     head_dir, run_dir = p.out / STAGE_DIRS[stage], p.out / "runs" / stage
     if evaluate is not None and evaluate.best is not None:  # the best held-out tau, not the last
@@ -903,8 +918,6 @@ def _save_stage_head(p: _Pipeline, stage: str, head, meta: dict, evaluate, recor
 
 
 def _evaluate_stage(p: _Pipeline, stage: str, trained, log) -> dict:
-    from adaspec_eagle.engine.speculative import DEFAULT_DRAFT_VOCAB
-
     ids = None if p.eagle3 else restricted_vocab(trained, p.token_counts, DEFAULT_DRAFT_VOCAB)
     e = evaluate_head(trained, p.target, p.heldout, p.cfg.train.batch_size, p.pad_id, chain=CHAIN_GAMMA,
                       vocab_ids=ids)

@@ -36,6 +36,7 @@ on the build machine.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -47,10 +48,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from adaspec_eagle import AdaspecError
-from adaspec_eagle.io import disk_full, fsync_dir, fsync_tree
 from adaspec_eagle.config import OptimConfig, TrainConfig
+from adaspec_eagle.io import disk_full, fsync_dir, fsync_tree
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -74,7 +76,6 @@ def prepare_frozen(accelerator, model: torch.nn.Module) -> torch.nn.Module:
     model.requires_grad_(False).eval()
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is not None and plugin.zero_stage == 3:
-        import copy
 
         import deepspeed
 
@@ -322,7 +323,6 @@ def train(model: torch.nn.Module, dataset: Sequence, loss_fn: LossFn, *, collate
     checkpoint (as a kill would), for tests of resume. Returns {"model" (unwrapped), "steps", "total_steps",
     "losses" (one per step, from the first also after a resume), "tokens" (non-padding tokens seen), "stats"
     (last step), "seconds", "tokens_per_s"}."""
-    from tqdm.auto import tqdm
 
     acc = accelerator or make_accelerator(train_cfg)
     out_dir = Path(out_dir)
