@@ -5,11 +5,14 @@ rejected with the key's dotted name; the resolved config is written next to ever
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import difflib
 import json
+import inspect
 import os
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -239,8 +242,12 @@ class HeadRecipe:
     """`adaspec-eagle train-head`: a reference head (KD), then the AdaSPEC head against it."""
 
     target: str = "smollm2-135m"
+    """The frozen target: a registry name (`adaspec-eagle list-models`), a model folder, a .gguf file, a hub id, or
+    tiny-FAMILY."""
     output_dir: str = "runs/head"
+    """Where the run writes its heads, checkpoints and feature cache (a new or empty folder, or one of its runs)."""
     stage: Literal["both", "reference", "draft"] = "both"
+    """Stages to train: the reference head (KD), the draft head (loss.kind, against `reference`), or both."""
     reference: str | None = None
     """Path of a trained reference head (for stage=draft)."""
     init_head: str | None = None
@@ -263,10 +270,14 @@ class DraftLMRecipe:
     """`adaspec-eagle train-draft-lm`: optional target fine-tune, reference LM (KD), AdaSPEC draft LM."""
 
     target: str = "pythia-1.4b"
+    """The target: a registry name (`adaspec-eagle list-models`), a model folder or a hub id."""
     draft: str = "pythia-31m"
-    """Registry name / path of the draft init, or 'layers=N' to derive it from the target's first N layers."""
+    """The draft's initialisation: a registry name or path, 'layers=N' (the target's first N layers) or
+    'fresh:hidden=H,layers=L' (a new model of that size)."""
     output_dir: str = "runs/draft-lm"
+    """Where the run writes its models (a new or empty folder, or one of its runs)."""
     stages: list[str] = field(default_factory=lambda: ["target", "reference", "draft"])
+    """Stages to run, in order: target fine-tune, reference LM (KD), draft LM (loss.kind)."""
     data: DataConfig = field(default_factory=lambda: DataConfig(dataset="gsm8k"))
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -518,6 +529,62 @@ def add_flags(parser, cls) -> None:
             if "choices" in m:
                 kw["choices"] = m["choices"]
         parser.add_argument(flag, **{k: v for k, v in kw.items() if v is not None or k == "default"})
+
+
+def field_docs(cls) -> dict[str, str]:
+    """{field name: the docstring written under it} for dataclass `cls` (its attribute docstrings)."""
+    docs, last = {}, None
+    for node in ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            last = node.target.id
+        elif last and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and \
+                isinstance(node.value.value, str):
+            docs[last] = " ".join(node.value.value.split())
+            last = None
+        else:
+            last = None
+    return docs
+
+
+def _owner(cls, key: str):
+    """The dataclass that holds the last part of a dotted recipe key ('loss.kind' -> LossConfig)."""
+    for part in key.split(".")[:-1]:
+        cls = typing.get_type_hints(cls)[part]
+    return cls
+
+
+def _flag_dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def add_key_flags(parser, cls, flags: dict[str, str]) -> None:
+    """Shortcut flags for recipe keys of `cls` ({'--loss': 'loss.kind', ...}): each flag's help and choices come
+    from the key's field (its docstring and Literal type), so the recipe key is the one definition. A flag not
+    given leaves the recipe's value; `key_overrides` turns the given ones into `key=value` overrides. A list
+    field takes a comma list."""
+    for flag, key in flags.items():
+        owner, name = _owner(cls, key), key.split(".")[-1]
+        hint = typing.get_type_hints(owner)[name]
+        kw = {"dest": _flag_dest(flag), "default": None,
+              "help": f"{field_docs(owner).get(name, '')} (recipe key {key})".strip()}
+        if typing.get_origin(hint) is Literal:
+            kw["choices"] = list(typing.get_args(hint))
+        elif typing.get_origin(hint) is list:
+            kw["metavar"] = "A,B"
+        parser.add_argument(flag, **kw)
+
+
+def key_overrides(args, cls, flags: dict[str, str]) -> list[str]:
+    """The `key=value` overrides of the `add_key_flags` flags given on the command line (a list field's comma list
+    as [a,b]; an empty one is kept, for the config to refuse)."""
+    out = []
+    for flag, key in flags.items():
+        value = getattr(args, _flag_dest(flag))
+        if value is None:
+            continue
+        hint = typing.get_type_hints(_owner(cls, key))[key.split(".")[-1]]
+        out.append(f"{key}=[{value}]" if typing.get_origin(hint) is list else f"{key}={value}")
+    return out
 
 
 def from_flags(cls, args):

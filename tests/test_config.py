@@ -56,3 +56,30 @@ def test_resolved_config_round_trips(tmp_path):
     again = load_recipe(HeadRecipe, path)
     assert again == cfg
     assert yaml.safe_load(path.read_text())["loss"]["k"] == 0.3
+
+
+def test_shortcut_flags_are_defined_by_their_recipe_keys():
+    """train-head's and train-draft-lm's flags take help and choices from the recipe fields they set, and give
+    back exactly the overrides the recipe keys would."""
+    import argparse
+
+    from adaspec_eagle.config import DraftLMRecipe, HeadRecipe, add_key_flags, field_docs, key_overrides, LossConfig
+    from adaspec_eagle.training import draft_lm, head
+
+    p = argparse.ArgumentParser()
+    add_key_flags(p, HeadRecipe, head.RECIPE_FLAGS)
+    loss = next(a for a in p._actions if a.dest == "loss")
+    assert loss.choices == ["adaspec", "kd"] and field_docs(LossConfig)["kind"] in loss.help
+    assert next(a for a in p._actions if a.dest == "stage").choices == ["both", "reference", "draft"]
+    args = p.parse_args(["--loss", "kd", "--init-head", "h", "--output-dir", "o"])
+    assert key_overrides(args, HeadRecipe, head.RECIPE_FLAGS) == ["init_head=h", "loss.kind=kd", "output_dir=o"]
+    assert key_overrides(p.parse_args([]), HeadRecipe, head.RECIPE_FLAGS) == []  # the recipe's values stand
+
+    p = argparse.ArgumentParser()
+    add_key_flags(p, DraftLMRecipe, draft_lm.RECIPE_FLAGS)
+    args = p.parse_args(["--stages", "reference,draft", "--draft", "layers=2"])
+    over = key_overrides(args, DraftLMRecipe, draft_lm.RECIPE_FLAGS)
+    assert over == ["draft=layers=2", "stages=[reference,draft]"]
+    cfg = load_recipe(DraftLMRecipe, None, over)
+    assert cfg.stages == ["reference", "draft"] and cfg.draft == "layers=2"
+    assert field_docs(DraftLMRecipe)["draft"] in next(a for a in p._actions if a.dest == "draft").help

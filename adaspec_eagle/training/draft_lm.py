@@ -13,6 +13,7 @@ Alignment: logits at position t predict token t+1; a position counts when token 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from pathlib import Path
@@ -24,7 +25,9 @@ from adaspec_eagle import AdaspecError
 from adaspec_eagle.config import (
     DraftLMRecipe,
     LossConfig,
+    add_key_flags,
     claim_output_dir,
+    key_overrides,
     load_recipe,
     save_resolved,
 )
@@ -215,15 +218,13 @@ class _StageTrainer:
         return record
 
 
+# Shortcut flags for recipe keys (help and choices from the keys' own fields)
+RECIPE_FLAGS = {"--target": "target", "--draft": "draft", "--stages": "stages", "--loss": "loss.kind",
+                "--output-dir": "output_dir"}
+
+
 def cmd_train_draft_lm(args) -> int:
-    overrides = list(args.overrides)
-    for flag, key in ((args.target, "target"), (args.draft, "draft"), (args.output_dir, "output_dir")):
-        if flag is not None:
-            overrides.append(f"{key}={flag}")
-    if args.stages is not None:  # "" is no stage at all: refused by the config, not read as "all"
-        overrides.append(f"stages=[{args.stages}]")
-    if args.loss is not None:  # the flag wins over the recipe, and the saved config says what ran
-        overrides.append(f"loss.kind={args.loss}")
+    overrides = list(args.overrides) + key_overrides(args, DraftLMRecipe, RECIPE_FLAGS)
     cfg = load_recipe(DraftLMRecipe, args.recipe, overrides)
     summary = run(cfg, loss_kind=cfg.loss.kind, overwrite=args.overwrite)
     print(f"\nheld-out top-1 agreement with the target ({cfg.data.dataset}):")
@@ -235,16 +236,9 @@ def cmd_train_draft_lm(args) -> int:
 
 def register_cli(sub) -> None:
     p = sub.add_parser("train-draft-lm", help="target fine-tune -> reference LM (KD) -> AdaSPEC draft LM",
-                       description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", help="YAML recipe (recipes/draft-lm/*.yaml)")
-    p.add_argument("--target", help="target model (registry name, folder, hub id)")
-    p.add_argument("--draft", help="draft init: a model name/path, 'layers=N' (first N target layers) or "
-                                   "'fresh:hidden=H,layers=L'")
-    p.add_argument("--stages", help="comma-separated subset of target,reference,draft")
-    p.add_argument("--loss", choices=["adaspec", "kd"], default=None,
-                   help="draft stage loss (sets loss.kind): AdaSPEC or plain KD (the DistillSpec baseline); default: "
-                        "the recipe's loss.kind, adaspec when it has none")
-    p.add_argument("--output-dir")
+    add_key_flags(p, DraftLMRecipe, RECIPE_FLAGS)
     p.add_argument("--overwrite", action="store_true", help="reuse an output folder that holds another run")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. loss.k=0.3 train.max_steps=10")
     p.set_defaults(func=cmd_train_draft_lm)

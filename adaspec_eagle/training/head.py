@@ -39,7 +39,9 @@ from adaspec_eagle import AdaspecError
 from adaspec_eagle.config import (
     HeadRecipe,
     LossConfig,
+    add_key_flags,
     from_dict,
+    key_overrides,
     load_recipe,
     save_resolved,
     to_dict,
@@ -933,13 +935,13 @@ def _evaluate_stage(p: _Pipeline, stage: str, trained, log) -> dict:
 # CLI
 
 
+# Shortcut flags for recipe keys (help and choices from the keys' own fields)
+RECIPE_FLAGS = {"--target": "target", "--stage": "stage", "--reference": "reference", "--init-head": "init_head",
+                "--loss": "loss.kind", "--output-dir": "output_dir"}
+
+
 def cmd_train_head(args) -> int:
-    overrides = list(args.overrides)
-    for flag, key in (("target", "target"), ("stage", "stage"), ("reference", "reference"), ("loss", "loss.kind"),
-                      ("output_dir", "output_dir")):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides.append(f"{key}={value}")
+    overrides = list(args.overrides) + key_overrides(args, HeadRecipe, RECIPE_FLAGS)
     cfg = load_recipe(HeadRecipe, args.recipe, overrides)
     result = run_pipeline(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
                           log=lambda msg: print(msg, file=sys.stderr))
@@ -963,11 +965,7 @@ def register_cli(sub) -> None:
                               "  ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m adaspec_eagle "
                               "train-head --recipe R   # 2 CPU processes (gloo)")
     p.add_argument("--recipe", help="YAML recipe (recipes/heads/*.yaml)")
-    p.add_argument("--target", help="target model: registry name, folder, .gguf, hub id, or tiny-FAMILY")
-    p.add_argument("--stage", choices=["both", "reference", "draft"])
-    p.add_argument("--reference", help="trained reference head folder (for --stage draft)")
-    p.add_argument("--loss", choices=["adaspec", "kd"], help="draft-stage loss (kd: the DistillSpec baseline)")
-    p.add_argument("--output-dir", dest="output_dir")
+    add_key_flags(p, HeadRecipe, RECIPE_FLAGS)
     p.add_argument("--resume", action="store_true", help="continue a run whose config changed")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --output-dir")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
