@@ -33,7 +33,8 @@ def main() -> int:
     p.add_argument("--head", required=True, help="the head folder the card is written into")
     p.add_argument("--recipe", required=True)
     p.add_argument("--results", required=True, help="the training runs' record (scripts/gpu_heads.py results.json)")
-    p.add_argument("--run", required=True, help="the run's name in --results")
+    p.add_argument("--run", default="", help="the run's name in --results (gpu_heads.py records several)")
+    p.add_argument("--init-note", default="", help="what the recipe's init_head is (continued training)")
     p.add_argument("--stage", required=True, choices=sorted(STAGE_LOSS))
     p.add_argument("--eval", required=True, help="scripts/eval_heads.py output (JSON lines)")
     p.add_argument("--eval-key", required=True, help="the 'head' value of this head's row in --eval")
@@ -46,7 +47,8 @@ def main() -> int:
     cfg = json.loads((folder / "config.json").read_text())
     meta, target = cfg["adaspec"]["meta"], cfg["adaspec"]["target"]
     recipe = yaml.safe_load(Path(a.recipe).read_text())
-    record = json.loads(Path(a.results).read_text())["runs"][a.run]["train"][a.stage]
+    results = json.loads(Path(a.results).read_text())  # gpu_heads.py's runs, or one train-head run's results.json
+    record = (results["runs"][a.run] if "runs" in results else results)["train"][a.stage]
     row = next(json.loads(line) for line in Path(a.eval).read_text().splitlines()
                if json.loads(line)["head"] == a.eval_key)
     from safetensors import safe_open
@@ -82,7 +84,9 @@ def main() -> int:
         "(`train.max_minutes`)" + (", the AdaSPEC stage ran the same steps." if a.stage == "adaspec" else ".")
         + (f" Kept: the checkpoint of step {sel['step']} (best held-out chain tau among evaluations every "
            f"{tr.get('eval_every')} steps)." if sel else ""),
-        f"- **Reproduce:** `{a.reproduce}` (run `{a.run}`, stage `{a.stage}`).", "",
+        *([f"- **Continued from:** `{recipe['init_head']}`" + (f", {a.init_note}" if a.init_note else "") + "."]
+          if recipe.get("init_head") else []),
+        f"- **Reproduce:** `{a.reproduce}` (" + (f"run `{a.run}`, " if a.run else "") + f"stage `{a.stage}`).", "",
         "## Measured", "",
         f"Held-out, on this CPU (fp32 target), {row['samples']} conversations answered by the target "
         f"({row['positions']:,} positions): top-1 agreement with the target **{row['top1']:.2%}** (forward KL "
