@@ -9,6 +9,7 @@ import ast
 import contextlib
 import dataclasses
 import difflib
+import functools
 import json
 import inspect
 import os
@@ -531,8 +532,10 @@ def add_flags(parser, cls) -> None:
         parser.add_argument(flag, **{k: v for k, v in kw.items() if v is not None or k == "default"})
 
 
+@functools.lru_cache(maxsize=None)
 def field_docs(cls) -> dict[str, str]:
-    """{field name: the docstring written under it} for dataclass `cls` (its attribute docstrings)."""
+    """{field name: the docstring written under it} for dataclass `cls` (its attribute docstrings; read from its
+    source once per class, since every command's parser asks for them)."""
     docs, last = {}, None
     for node in ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
