@@ -28,6 +28,20 @@ def _prod(shape) -> int:
     return n
 
 
+def _time_cap(minutes, record: dict, stage: str) -> str:
+    """What `train.max_minutes` did to the stage, as far as its record tells."""
+    if stage == "adaspec":
+        return "; the AdaSPEC stage ran the reference's step count."
+    if not minutes:
+        return "."
+    planned, cut = record.get("planned_steps"), record.get("budget_steps")
+    if planned and cut and cut < planned:
+        return f"; `train.max_minutes` ({minutes}) cut the stage to {cut} of its {planned} planned steps."
+    if planned:
+        return f"; `train.max_minutes` ({minutes}) did not bind: all {planned} planned steps ran."
+    return f", with `train.max_minutes` {minutes} (the record does not say whether it cut the schedule)."
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--head", required=True, help="the head folder the card is written into")
@@ -80,8 +94,7 @@ def main() -> int:
         f"- **Budget:** {record['steps']} steps of {record['batch_size']} sequences "
         f"({record['tokens']:,} tokens, {record['seconds']:.0f} s at {record['tokens_per_s']:,.0f} tok/s) on "
         f"{a.trained_on}, {tr['precision']}, AdamW lr {float(opt['lr']):g} ({opt['schedule']}, {opt['warmup_steps']} "
-        f"warm-up steps); the reference stage was capped at {tr.get('max_minutes')} minutes "
-        "(`train.max_minutes`)" + (", the AdaSPEC stage ran the same steps." if a.stage == "adaspec" else ".")
+        f"warm-up steps)" + _time_cap(tr.get("max_minutes"), record, a.stage)
         + (f" Kept: the checkpoint of step {sel['step']} (best held-out chain tau among evaluations every "
            f"{tr.get('eval_every')} steps)." if sel else ""),
         *([f"- **Continued from:** `{recipe['init_head']}`" + (f", {a.init_note}" if a.init_note else "") + "."]

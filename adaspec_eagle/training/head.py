@@ -762,6 +762,16 @@ def _check_training_setup(cfg: HeadRecipe, accelerator, partitioned: bool, train
                            "data.max_length.")
 
 
+def _recipe_head(cfg: HeadRecipe, target, token_counts):
+    """A fresh head as this recipe builds it (an EAGLE-3 head's draft vocabulary from the data's token counts),
+    for checking a given head against it."""
+    return build_head(target, cfg.head, token_counts if cfg.head.kind == "eagle3" else None)
+
+
+def _same_draft_vocab(head, fresh) -> bool:
+    return torch.equal(head.draft_ids.cpu(), fresh.draft_ids.cpu())
+
+
 def _check_reference(cfg: HeadRecipe, ref_path, target, token_counts):
     """The reference head given with --stage draft, checked against this run's head kind and vocabulary."""
     if ref_path is None:
@@ -770,11 +780,9 @@ def _check_reference(cfg: HeadRecipe, ref_path, target, token_counts):
     if reference.kind != cfg.head.kind:
         raise AdaspecError(f"reference head {str(ref_path)!r} is an {reference.kind} head but head.kind="
                            f"{cfg.head.kind!r}; train the reference with the same head kind.")
-    if cfg.head.kind == "eagle3":
-        draft_ids = build_head(target, cfg.head, token_counts).draft_ids
-        if not torch.equal(reference.draft_ids.cpu(), draft_ids.cpu()):
-            raise AdaspecError(f"reference head {str(ref_path)!r} has another draft vocabulary than this data "
-                               "gives; train the reference on the same data and head.draft_vocab_size.")
+    if cfg.head.kind == "eagle3" and not _same_draft_vocab(reference, _recipe_head(cfg, target, token_counts)):
+        raise AdaspecError(f"reference head {str(ref_path)!r} has another draft vocabulary than this data gives; "
+                           "train the reference on the same data and head.draft_vocab_size.")
     return reference
 
 
@@ -784,7 +792,7 @@ def _check_init(cfg: HeadRecipe, target, token_counts):
     if not cfg.init_head:
         return None
     init = load_head(str(cfg.init_head), target)
-    fresh = build_head(target, cfg.head, token_counts if cfg.head.kind == "eagle3" else None)
+    fresh = _recipe_head(cfg, target, token_counts)
     have = {k: tuple(v.shape) for k, v in init.state_dict().items()}
     want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
     if have != want:
@@ -792,7 +800,7 @@ def _check_init(cfg: HeadRecipe, target, token_counts):
         raise AdaspecError(f"init_head {str(cfg.init_head)!r} does not fit the head this recipe trains (head.kind="
                            f"{cfg.head.kind!r}, head.fc_bias={cfg.head.fc_bias}); differing parameters: {diff}. Set "
                            "head.kind / head.fc_bias to match the head, or leave init_head unset.")
-    if cfg.head.kind == "eagle3" and not torch.equal(init.draft_ids.cpu(), fresh.draft_ids.cpu()):
+    if cfg.head.kind == "eagle3" and not _same_draft_vocab(init, fresh):
         raise AdaspecError(f"init_head {str(cfg.init_head)!r} drafts over another vocabulary than this data gives "
                            "(head.draft_vocab_size and the training tokens); continue it on the data it was "
                            "trained on, or leave init_head unset.")
@@ -890,7 +898,7 @@ def _train_stage(p: _Pipeline, stage: str, records: dict, stop_at, progress) -> 
     if run["steps"] < run["total_steps"]:
         return run
     records[stage] = {k: run[k] for k in ("steps", "tokens", "seconds", "tokens_per_s", "losses", "budget_steps",
-                                          "evals")}
+                                          "planned_steps", "evals")}
     records[stage]["batch_size"] = stage_train.batch_size
     if p.main:
         _save_stage_head(p, stage, head, {**meta, "steps": run["steps"], "tokens": run["tokens"]}, evaluate,

@@ -321,7 +321,8 @@ def train(model: torch.nn.Module, dataset: Sequence, loss_fn: LossFn, *, collate
     loop state (so a resumed run has them) and returned as "evals".
     out_dir gets `checkpoints/` (resumed from) and `tb/`. `stop_at` ends the call after that step without a final
     checkpoint (as a kill would), for tests of resume. Returns {"model" (unwrapped), "steps", "total_steps",
-    "losses" (one per step, from the first also after a resume), "tokens" (non-padding tokens seen), "stats"
+    "planned_steps" (the schedule's steps before a `max_minutes` cut), "budget_steps" (the cut, None without a time
+    budget), "losses" (one per step, from the first also after a resume), "tokens" (non-padding tokens seen), "stats"
     (last step), "seconds", "tokens_per_s"}."""
 
     acc = accelerator or make_accelerator(train_cfg)
@@ -374,7 +375,8 @@ def _finish(acc, model, state: dict, steps: int, stats_out: dict, seconds0: floa
     acc.wait_for_everyone()
     acc.free_memory()  # forget this stage's model/optimizer so a next stage checkpoints only its own
     return {"model": unwrapped, "steps": state["step"], "total_steps": steps, "losses": state["losses"],
-            "budget_steps": state.get("budget_steps"), "evals": state.get("evals", []),
+            "budget_steps": state.get("budget_steps"), "planned_steps": state.get("planned_steps", steps),
+            "evals": state.get("evals", []),
             "tokens": state["tokens"], "stats": stats_out, "seconds": seconds0 + elapsed,
             "tokens_per_s": (state["tokens"] - tokens0) / max(elapsed, 1e-9)}
 
@@ -388,10 +390,11 @@ def _prepare(acc, model, train_cfg: TrainConfig, optim_cfg: OptimConfig, ckpt_di
     optimizer = torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
                                   weight_decay=optim_cfg.weight_decay)
     model, optimizer = acc.prepare(model, optimizer)
-    state = {"step": 0, "losses": [], "tokens": 0, "total_steps": steps, "seconds": 0.0}
+    state = {"step": 0, "losses": [], "tokens": 0, "total_steps": steps, "planned_steps": steps, "seconds": 0.0}
     last = latest_checkpoint(ckpt_dir)
     if last is not None:
         state = load_checkpoint(acc, last)
+        state.setdefault("planned_steps", steps)
         if state.get("budget_steps"):
             steps = min(steps, state["budget_steps"])
         state["total_steps"] = steps

@@ -148,11 +148,13 @@ def test_time_budget_cuts_steps_and_resume_keeps_the_cut(tmp_path):
     target, head, loss_fn = head_setup()
     part = run_train(head, data, loss_fn, tmp_path, stop_at=21, **kw)
     assert part["budget_steps"] == 21 and part["total_steps"] == 21  # cut to one step past the 20-step probe
+    assert part["planned_steps"] == 40  # the schedule before the cut, so a record can say the cap bound
     target, head, loss_fn = head_setup()
     resumed = run_train(head, data, loss_fn, tmp_path, max_steps=40, save_every=5)  # the cut survives a resume
-    assert resumed["steps"] == 21 and resumed["total_steps"] == 21
+    assert resumed["steps"] == 21 and resumed["total_steps"] == 21 and resumed["planned_steps"] == 40
     free = run_train(head_setup()[1], data, head_setup()[2], tmp_path / "free", max_steps=25, max_minutes=60.0)
     assert free["steps"] == 25 and free["budget_steps"] == 25  # a budget that fits leaves the steps alone
+    assert free["planned_steps"] == 25
 
 
 def test_grad_accumulation_matches_full_batch(tmp_path):

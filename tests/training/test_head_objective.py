@@ -458,3 +458,22 @@ def test_init_head_starts_every_stage_from_the_given_head(tmp_path):
     missing = load_recipe(HeadRecipe, recipe, [f"output_dir={tmp_path / 'm'}", f"init_head={tmp_path / 'nope'}"])
     with pytest.raises(AdaspecError, match="does not exist"):
         train_head.run_pipeline(missing, progress=False, log=lambda m: None)
+
+
+def test_a_given_eagle3_head_must_draft_over_the_vocabulary_this_data_gives(tmp_path):
+    from adaspec_eagle import AdaspecError
+    from adaspec_eagle.models.heads import save_head
+    from adaspec_eagle.training.head import _check_init, _check_reference
+
+    target = tiny_model("llama").requires_grad_(False)
+    counts = torch.zeros(target.get_output_embeddings().weight.shape[0], dtype=torch.int64)
+    counts[5:40] = 1
+    other = counts.roll(30)  # same size, other ids
+    save_head(build_head(target, HeadConfig(kind="eagle3", draft_vocab_size=40), token_counts=counts), tmp_path / "h")
+    cfg = HeadRecipe(head=HeadConfig(kind="eagle3", draft_vocab_size=40), init_head=str(tmp_path / "h"))
+    assert _check_init(cfg, target, counts).kind == "eagle3"  # the data it was trained on: accepted
+    assert _check_reference(cfg, tmp_path / "h", target, counts).kind == "eagle3"
+    with pytest.raises(AdaspecError, match="init_head .* drafts over another vocabulary"):
+        _check_init(cfg, target, other)
+    with pytest.raises(AdaspecError, match="reference head .* another draft vocabulary"):
+        _check_reference(cfg, tmp_path / "h", target, other)
