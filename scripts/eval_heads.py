@@ -8,6 +8,11 @@ by depth, and its tau), drafting over the engine's default restricted vocabulary
 --answers: a self-distillation answer cache (`regen.jsonl`, optionally .xz) whose held-out answers replace the
 conversations' own (the target's own text, what greedy decoding drafts against); without it the split is
 ShareGPT as written. The target's features of the split are computed once (a feature cache in --cache).
+
+--breakdown FILE.md: where two or more heads differ, position by position (`position_records`): top-1 by how
+frequent the target's token is in the first head's training answers, by how hard the position is for the first
+head (its KL quintile; give the AdaSPEC run's reference head first and this is the difficulty AdaSPEC selects
+by), by the target's confidence, and the tokens each head gets right most often where the first does not.
 """
 
 from __future__ import annotations
@@ -26,7 +31,73 @@ from adaspec_eagle.models.heads import load_head
 from adaspec_eagle.models import load_model
 from adaspec_eagle.data.regen import cached_answer_examples
 from adaspec_eagle.engine.speculative import DEFAULT_DRAFT_VOCAB
-from adaspec_eagle.training.head import CHAIN_GAMMA, evaluate_head, restricted_vocab
+from adaspec_eagle.training.head import CHAIN_GAMMA, evaluate_head, position_records, restricted_vocab
+
+FREQ_BUCKETS = [(0, 100), (100, 1000), (1000, DEFAULT_DRAFT_VOCAB), (DEFAULT_DRAFT_VOCAB, None)]
+CONFIDENCE_EDGES = [0.0, 0.25, 0.5, 0.75, 0.9, 1.0 + 1e-9]
+
+
+def _bucket_table(title: str, names: list[str], recs: list[dict], buckets: list[tuple[str, torch.Tensor]]):
+    """Markdown rows: per bucket (label, bool mask over positions), its share and each head's top-1, and the
+    difference of every head from the first."""
+    n = recs[0]["hit"].numel()
+    head = f"| {title} | positions | " + " | ".join(f"top-1 {x}" for x in names) + " | " + \
+        " | ".join(f"{x} - {names[0]}" for x in names[1:]) + " |"
+    lines = [head, "|---|---:|" + "---:|" * (2 * len(names) - 1)]
+    for label, mask in buckets:
+        m = int(mask.sum())
+        if not m:
+            continue
+        top = [float(r["hit"][mask].float().mean()) for r in recs]
+        lines.append(f"| {label} | {m:,} ({m / n:.0%}) | " + " | ".join(f"{t:.1%}" for t in top) + " | "
+                     + " | ".join(f"{(t - top[0]) * 100:+.1f}" for t in top[1:]) + " |")
+    return lines
+
+
+def _rank_buckets(tokens: torch.Tensor, counts: torch.Tensor):
+    rank = torch.empty_like(counts, dtype=torch.long)
+    rank[torch.argsort(counts.float(), descending=True, stable=True)] = torch.arange(counts.numel())
+    r = rank[tokens]
+    return [(f"rank {lo + 1:,}-{hi:,}" if hi else f"rank > {lo:,}", (r >= lo) & (r < (hi or counts.numel())))
+            for lo, hi in FREQ_BUCKETS]
+
+
+def _difficulty_buckets(kl: torch.Tensor):
+    edges = torch.quantile(kl.double(), torch.linspace(0, 1, 6, dtype=torch.float64))
+    q = torch.bucketize(kl.double(), edges[1:-1], right=True)  # 0..4
+    names = ["easiest", "2nd", "3rd", "4th", "hardest"]
+    return [(f"{names[i]} fifth (KL {edges[i]:.2f}-{edges[i + 1]:.2f})", q == i) for i in range(5)]
+
+
+def _net_wins(names, recs, tok, k: int = 12) -> list[str]:
+    """The target tokens where each head is right and the first head wrong most often (net of the reverse)."""
+    lines = []
+    for name, r in zip(names[1:], recs[1:]):
+        net = torch.zeros(int(recs[0]["token"].max()) + 1)
+        net.index_add_(0, recs[0]["token"], r["hit"].float() - recs[0]["hit"].float())
+        for side, order in ((f"{name} right, {names[0]} wrong", True), (f"{names[0]} right, {name} wrong", False)):
+            top = torch.argsort(net, descending=order)[:k]
+            words = ", ".join(f"{tok.decode([int(t)])!r} {abs(int(net[t]))}" for t in top if net[t] != 0)
+            lines.append(f"- **{side}** (net positions, by target token): {words}")
+    return lines
+
+
+def breakdown(paths: list[str], target, cached, pad: int, tok) -> str:
+    names = [Path(x).name for x in paths]
+    heads = [load_head(x, target) for x in paths]
+    recs = [position_records(h, target, cached, 8, pad) for h in heads]
+    counts = getattr(heads[0], "token_counts", None)
+    conf = recs[0]["confidence"]
+    lines = [f"Held-out positions: {recs[0]['hit'].numel():,}; top-1 = the head's argmax equals the target's.", ""]
+    if counts is not None:
+        lines += _bucket_table(f"frequency of the target token in {names[0]}'s training answers", names, recs,
+                               _rank_buckets(recs[0]["token"], counts)) + [""]
+    lines += _bucket_table(f"difficulty for {names[0]} (its KL(target || head) fifths)", names, recs,
+                           _difficulty_buckets(recs[0]["kl"])) + [""]
+    lines += _bucket_table("the target's probability of its token", names, recs,
+                           [(f"{lo:.2f}-{min(hi, 1.0):.2f}", (conf >= lo) & (conf < hi))
+                            for lo, hi in zip(CONFIDENCE_EDGES, CONFIDENCE_EDGES[1:])]) + [""]
+    return "\n".join(lines + _net_wins(names, recs, tok)) + "\n"
 
 
 def main() -> int:
@@ -41,6 +112,7 @@ def main() -> int:
     p.add_argument("--limit", type=int, help="evaluate on the first N held-out samples only")
     p.add_argument("--cache", help="folder for the held-out feature cache (default: a temporary one)")
     p.add_argument("--out", help="append one JSON line per head here")
+    p.add_argument("--breakdown", help="write the position-by-position comparison of the heads here (markdown)")
     a = p.parse_args()
     target, tok = load_model(a.target)
     cfg = DataConfig(dataset=a.dataset, max_length=a.max_length, holdout=a.holdout, seed=a.seed)
@@ -70,6 +142,8 @@ def main() -> int:
             if a.out:
                 with open(a.out, "a") as f:
                     f.write(json.dumps(row) + "\n")
+        if a.breakdown and len(a.heads) > 1:
+            Path(a.breakdown).write_text(breakdown(a.heads, target, cached, pad, tok))
     return 0
 
 

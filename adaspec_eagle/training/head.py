@@ -410,6 +410,39 @@ def _batch_chains(head, steps, features, batch, valid, lm_head, ids):
     return chain_acceptance(draft, greedy, batch["input_ids"], valid, batch["attention_mask"])
 
 
+def _heldout_batches(head, target, heldout, batch_size: int, pad_id: int, chain: int):
+    """Per held-out batch with a valid position: (batch, valid (B, T-1), unrolled head outputs, target features
+    (B, T, H), student logits (N, V), teacher logits (N, V)) at the N valid positions, in a fixed order (the
+    samples' order, each sample's positions left to right)."""
+    device = next(target.parameters()).device
+    head.eval()
+    lm_head = target.get_output_embeddings()
+    for start in range(0, len(heldout), batch_size):
+        batch = pad_batch([heldout[i] for i in range(start, min(len(heldout), start + batch_size))], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        valid = head_valid_mask(batch["loss_mask"], batch["attention_mask"])  # (B, T-1)
+        if not valid.any():
+            continue
+        if getattr(head, "uses_fused", False):  # EAGLE-3: the first unroll step
+            features, fused = (x.float() for x in batch_fused(batch, target))
+        else:
+            features = batch_features(batch, target).float()  # (B, T, H)
+            fused = features
+        steps = TTTUnroll(head)(fused, batch["input_ids"], max(chain, 1))  # [(B, T-1, H)] * steps
+        student = head.logits(steps[0][valid][None])[0].float()  # (N, V)
+        teacher = lm_head(features[:, 1:][valid].to(lm_head.weight.dtype)).float()  # (N, V)
+        yield batch, valid, steps, features, student, teacher
+
+
+def _forward_kl_rows(head, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """(N,) KL(target || head) per position; an EAGLE-3 head's over its draft vocabulary (the teacher
+    renormalised on it)."""
+    if getattr(head, "uses_fused", False):
+        teacher, student = teacher[:, head.draft_ids], student[:, head.draft_ids]
+    log_p = teacher.log_softmax(-1)
+    return (log_p.exp() * (log_p - student.log_softmax(-1))).sum(-1)
+
+
 @torch.no_grad()
 def evaluate_head(head, target, heldout, batch_size: int = 8, pad_id: int = 0, chain: int = 0,
                   vocab_ids: torch.Tensor | None = None) -> dict:
@@ -423,33 +456,15 @@ def evaluate_head(head, target, heldout, batch_size: int = 8, pad_id: int = 0, c
     accepted length of chain speculation), "accept_by_depth": P(step j accepted | step j reached), "chains"};
     drafts rank over `vocab_ids` (the drafter's restricted vocabulary) when given."""
 
-    device = next(target.parameters()).device
-    head.eval()
     lm_head = target.get_output_embeddings()
     hits, kl_sum, total = 0, 0.0, 0
     acc_sum = torch.zeros(max(chain, 1), dtype=torch.float64)
     reach_sum = torch.zeros(max(chain, 1), dtype=torch.float64)
-    ids = None if vocab_ids is None else vocab_ids.to(device)
-    for start in range(0, len(heldout), batch_size):
-        batch = pad_batch([heldout[i] for i in range(start, min(len(heldout), start + batch_size))], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        valid = head_valid_mask(batch["loss_mask"], batch["attention_mask"])  # (B, T-1)
-        if not valid.any():
-            continue
-        if getattr(head, "uses_fused", False):  # EAGLE-3: the first unroll step
-            features, fused = (x.float() for x in batch_fused(batch, target))
-        else:
-            features = batch_features(batch, target).float()  # (B, T, H)
-            fused = features
-        steps = TTTUnroll(head)(fused, batch["input_ids"], max(chain, 1))  # [(B, T-1, H)] * steps
-        hidden = steps[0]
-        student = head.logits(hidden[valid][None])[0].float()  # (N, V)
-        teacher = lm_head(features[:, 1:][valid].to(lm_head.weight.dtype)).float()  # (N, V)
+    ids = None if vocab_ids is None else vocab_ids.to(lm_head.weight.device)
+    for batch, valid, steps, features, student, teacher in _heldout_batches(head, target, heldout, batch_size,
+                                                                            pad_id, chain):
         hits += top1_hits(student, teacher)[0]
-        if getattr(head, "uses_fused", False):  # KL over the draft vocabulary (the teacher renormalised on it)
-            teacher, student = teacher[:, head.draft_ids], student[:, head.draft_ids]
-        log_p = teacher.log_softmax(-1)
-        kl_sum += float((log_p.exp() * (log_p - student.log_softmax(-1))).sum())
+        kl_sum += float(_forward_kl_rows(head, student, teacher).sum())
         total += int(valid.sum())
         if chain:
             accepted, reached = _batch_chains(head, steps, features, batch, valid, lm_head, ids)
@@ -462,6 +477,22 @@ def evaluate_head(head, target, heldout, batch_size: int = 8, pad_id: int = 0, c
                         "accept_by_depth": [float(a / r) if r else 0.0 for a, r in zip(acc_sum, reach_sum)],
                         "chains": int(chains)}
     return out
+
+
+@torch.no_grad()
+def position_records(head, target, heldout, batch_size: int = 8, pad_id: int = 0) -> dict:
+    """Per valid held-out position (the order of `evaluate_head`, so two heads' records align position by
+    position): {"token": (N,) the target's argmax, "hit": (N,) bool, the head's argmax equals it (top-1),
+    "kl": (N,) KL(target || head), "confidence": (N,) the target's probability of its argmax}. For per-token
+    comparisons of heads (which tokens one head gets right and another not)."""
+    parts: dict[str, list] = {"token": [], "hit": [], "kl": [], "confidence": []}
+    for _, _, _, _, student, teacher in _heldout_batches(head, target, heldout, batch_size, pad_id, 0):
+        best = teacher.argmax(-1)
+        parts["token"].append(best.cpu())
+        parts["hit"].append((student.argmax(-1) == best).cpu())
+        parts["kl"].append(_forward_kl_rows(head, student, teacher).cpu())
+        parts["confidence"].append(teacher.softmax(-1).gather(-1, best[:, None])[:, 0].cpu())
+    return {k: torch.cat(v) if v else torch.empty(0) for k, v in parts.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from adaspec_eagle.training.features import pad_batch
 from adaspec_eagle.models.heads import build_head, load_head
 from adaspec_eagle.models import target_forward_features, tiny_model
 from adaspec_eagle.training.head import (chain_acceptance, eagle3_loss, evaluate_head, head_forward, head_loss,
-                                      head_valid_mask, reference_steps, restricted_vocab, stage_budget, TTTUnroll)
+                                      head_valid_mask, position_records, reference_steps, restricted_vocab,
+                                      stage_budget, TTTUnroll)
 from _helpers import samples
 
 
@@ -286,6 +287,22 @@ def test_oracle_head_is_accepted_at_every_depth_and_a_one_step_head_only_at_the_
     e1 = evaluate_head(OracleHead(target.get_output_embeddings(), feats, right_depth=1), target, data, chain=4)
     assert e1["top1"] == 1.0 and e1["chain"]["accept_by_depth"][0] == 1.0
     assert e1["chain"]["accept_by_depth"][1] < 0.5 and e1["chain"]["tau"] < 2.6
+
+
+def test_position_records_align_across_heads_and_sum_to_the_evaluation():
+    target = tiny_model("llama").requires_grad_(False).eval()
+    data = greedy_samples(target)
+    feats = target_forward_features(target, torch.stack([s["input_ids"] for s in data]))["features"]
+    oracle = position_records(OracleHead(target.get_output_embeddings(), feats), target, data)
+    _, head, _ = setup()
+    rec = position_records(head, target, data, batch_size=2)  # another batching: the same positions, in order
+    e = evaluate_head(head, target, data, batch_size=3)
+    assert rec["hit"].numel() == e["positions"] == oracle["hit"].numel()
+    assert torch.equal(rec["token"], oracle["token"])  # the target's argmax: the same position by position
+    assert bool(oracle["hit"].all()) and float(oracle["kl"].abs().max()) < 1e-5
+    assert abs(float(rec["hit"].float().mean()) - e["top1"]) < 1e-9
+    assert abs(float(rec["kl"].mean()) - e["kl"]) < 1e-5
+    assert bool(((rec["confidence"] > 0) & (rec["confidence"] <= 1)).all())
 
 
 def test_trained_head_chain_metrics_are_consistent():
