@@ -168,7 +168,11 @@ class HeadConfig:
     ttt_steps: int = 7
     """EAGLE-3 training-time-test unroll length."""
     ttt_decay: float = 0.8
-    """Weight of unroll step j is ttt_decay**j."""
+    """Weight of unroll step j is ttt_decay**j (EAGLE-3's unroll, and EAGLE-1's with head.unroll_steps > 1)."""
+    unroll_steps: int = 1
+    """EAGLE-1/2: train the head on its own outputs as it drafts (a training-time test, as HASS does for EAGLE-2
+    heads): step j of the unroll reads the head's step j-1 outputs and is scored against the target's token and
+    feature j places on; each step costs about one more head forward and token loss. 1: teacher-forced only."""
     fc_bias: bool = False
     """A bias on the EAGLE-1 fc layer. vLLM's EAGLE-1 layout has none (an exported bias must be folded)."""
     token_loss_weight: float = 0.1
@@ -195,6 +199,8 @@ class HeadConfig:
         _check(self.draft_vocab_size >= 2, "head.draft_vocab_size", self.draft_vocab_size, ">= 2")
         _check(self.ttt_steps >= 1, "head.ttt_steps", self.ttt_steps, ">= 1")
         _check(0 < self.ttt_decay <= 1, "head.ttt_decay", self.ttt_decay, "0 < decay <= 1")
+        _check(self.unroll_steps >= 1 and (self.kind == "eagle1" or self.unroll_steps == 1), "head.unroll_steps",
+               self.unroll_steps, ">= 1, and 1 for an EAGLE-3 head (it unrolls head.ttt_steps)")
         _check(self.feature_loss_weight >= 0, "head.feature_loss_weight", self.feature_loss_weight, ">= 0")
         _check(self.token_loss_weight > 0, "head.token_loss_weight", self.token_loss_weight, "> 0")
         _check(self.feature_noise >= 0, "head.feature_noise", self.feature_noise, ">= 0")

@@ -12,6 +12,9 @@ lm_head(h_t) predict x_{t+2}; the teacher is softmax(lm_head(f_{t+1})), the targ
 loss_mask[t+2] (and x_{t+2} is not padding); the last position T-2 never counts (x_T is not in the sample).
 Loss = losses.chunked_adaspec_loss over the valid positions (student, teacher and reference logits formed chunk
 by chunk from hidden states and the target's lm_head) + head.feature_loss_weight * smooth-L1(h_t, f_{t+1}).
+With head.unroll_steps = n > 1 the EAGLE-1 head is also trained as it drafts (a training-time test, as HASS does
+for EAGLE-2 heads): `TTTUnroll` feeds step j its own step j-1 outputs, step j at t predicts x_{t+2+j} and
+regresses f_{t+1+j}, and step j's loss is weighted ttt_decay**j.
 
 EAGLE-3 (head.kind=eagle3): hidden_in = fc(fused target layers); a `ttt_steps` training-time-test unroll in which
 step j feeds the head its own step j-1 outputs with the tokens shifted by j (`TTTUnroll`, masks by `ttt_mask`),
@@ -156,12 +159,12 @@ def add_feature_noise(features: torch.Tensor, width: float) -> torch.Tensor:
     return features + (torch.rand_like(features) - 0.5) * width
 
 
-def _in_vocab(batch, valid, vocab_ids, vocab: int, n: int, device) -> torch.Tensor:
-    """(N,) the valid positions whose target token x_{t+2} is one of `vocab_ids` (all of them when None)."""
+def _in_vocab(batch, valid, vocab_ids, vocab: int, n: int, device, step: int = 0) -> torch.Tensor:
+    """(N,) the valid positions whose target token x_{t+2+step} is one of `vocab_ids` (all of them when None)."""
     if vocab_ids is None:
         return torch.ones(n, dtype=torch.bool, device=device)
-    labels = batch["input_ids"][:, 2:]  # (B, T-2) x_{t+2}; the last head position never counts
-    labels = torch.nn.functional.pad(labels, (0, 1))[valid]  # (N,)
+    labels = batch["input_ids"][:, 2 + step:]  # x_{t+2+step}; the last 1 + step head positions never count
+    labels = torch.nn.functional.pad(labels, (0, 1 + step))[:, :valid.shape[1]][valid]  # (N,)
     member = torch.zeros(vocab, dtype=torch.bool, device=device)
     member[vocab_ids] = True
     return member[labels]
@@ -189,7 +192,8 @@ def _feature_loss(h_v, f_next, kept, loss_cfg: LossConfig, num_items) -> torch.T
 
 def head_loss(head, batch: dict, *, target, loss_cfg: LossConfig, reference=None, feature_loss_weight: float = 0.0,
               num_items: float | None = None, token_loss_weight: float = 1.0, feature_noise: float = 0.0,
-              vocab_ids: torch.Tensor | None = None, exclude_out_of_vocab: bool = True):
+              vocab_ids: torch.Tensor | None = None, exclude_out_of_vocab: bool = True, unroll_steps: int = 1,
+              unroll_decay: float = 1.0):
     """token_loss_weight x AdaSPEC (or KD) loss of an EAGLE-1 head on a batch + feature_loss_weight x smooth-L1.
 
     batch: input_ids / attention_mask / loss_mask (B, T) and optionally cached features (B, T, H).
@@ -200,23 +204,44 @@ def head_loss(head, batch: dict, *, target, loss_cfg: LossConfig, reference=None
     target ids only (lm_head rows; the teacher renormalised over them), and with `exclude_out_of_vocab` only at
     positions whose target token x_{t+2} is one of them. The feature loss covers the positions the token loss
     keeps (every valid one for KD; the AdaSPEC selection otherwise).
-    Returns (loss, stats) with stats {"kept", "valid", "kl_sum"} (floats, for the loop's logs)."""
+    unroll_steps > 1: `head` is a `TTTUnroll` of the head (the model the loop trains); step j (at t: the head's
+    own step j-1 output and x_{t+1+j}) is scored as step 0 is, against x_{t+2+j} and f_{t+1+j}, weighted
+    unroll_decay**j; num_items counts step-0 positions. The reference runs the same unroll.
+    Returns (loss, stats) with stats {"kept", "valid", "kl_sum"} (floats, summed over steps, for the loop's logs)."""
 
     features = batch_features(batch, target).float()  # (B, T, H)
     inputs = add_feature_noise(features, feature_noise) if torch.is_grad_enabled() else features
-    hidden = head_forward(head, inputs, batch["input_ids"])  # (B, T-1, H)
-    valid = head_valid_mask(batch["loss_mask"], batch.get("attention_mask"))  # (B, T-1)
-    h_v = hidden[valid]  # (N, H)
-    f_next = features[:, 1:][valid]  # (N, H) f_{t+1}: the teacher's hidden state and the regression target
-    lm_head = target.get_output_embeddings()
-    ref_h = None
+    ids = batch["input_ids"]
+    outs = head(inputs, ids, unroll_steps) if unroll_steps > 1 else [head_forward(head, inputs, ids)]
+    student = getattr(head, "module", head)  # .module: a DDP/DeepSpeed wrapper
+    student = student.head if isinstance(student, TTTUnroll) else student
+    ref_outs = None
     if reference is not None and loss_cfg.kind == "adaspec":
         with torch.no_grad():
-            ref_h = head_forward(reference, inputs, batch["input_ids"])[valid]  # (N, H)
+            ref_outs = TTTUnroll(reference)(inputs, ids, unroll_steps) if unroll_steps > 1 else \
+                [head_forward(reference, inputs, ids)]
+    lm_head = target.get_output_embeddings()
     if vocab_ids is not None:
-        vocab_ids = vocab_ids.to(h_v.device)
-    in_vocab = _in_vocab(batch, valid, vocab_ids if exclude_out_of_vocab else None, lm_head.weight.shape[0],
-                         h_v.shape[0], h_v.device)  # (N,)
+        vocab_ids = vocab_ids.to(features.device)
+    loss, stats = 0.0, {"kept": 0.0, "valid": 0.0, "kl_sum": 0.0}
+    for j, hidden in enumerate(outs):
+        valid = head_valid_mask(batch["loss_mask"], batch.get("attention_mask"), j)  # (B, T-1)
+        f_next = F.pad(features[:, 1 + j:], (0, 0, 0, j))[:, :hidden.shape[1]][valid]  # (N, H) f_{t+1+j}
+        ref_h = ref_outs[j][valid] if ref_outs is not None else None
+        in_vocab = _in_vocab(batch, valid, vocab_ids if exclude_out_of_vocab else None, lm_head.weight.shape[0],
+                             f_next.shape[0], f_next.device, j)  # (N,)
+        step_loss, step_stats = _head_step_loss(student, lm_head, hidden[valid], f_next, ref_h, in_vocab, vocab_ids,
+                                                loss_cfg, num_items, token_loss_weight, feature_loss_weight)
+        loss = loss + unroll_decay ** j * step_loss
+        for key in stats:
+            stats[key] += step_stats[key]
+    loss = loss + 0.0 * sum(h.sum() for h in outs)  # keeps every rank's graph connected when nothing is valid
+    return loss, stats
+
+
+def _head_step_loss(head, lm_head, h_v, f_next, ref_h, in_vocab, vocab_ids, loss_cfg: LossConfig, num_items,
+                    token_loss_weight: float, feature_loss_weight: float):
+    """One unroll step of `head_loss` at its N valid positions: h_v, f_next, ref_h (N, H) (ref_h None: KD)."""
     if _is_partitioned(lm_head):
         if vocab_ids is not None:
             raise AdaspecError("head.train_vocab_size under DeepSpeed ZeRO-3 is not supported (the lm_head weight "
@@ -238,7 +263,6 @@ def head_loss(head, batch: dict, *, target, loss_cfg: LossConfig, reference=None
         if kept is None or loss_cfg.kind == "kd":  # KD: every position's feature, in the vocabulary or not
             kept = torch.ones_like(in_vocab)
         loss = loss + feature_loss_weight * _feature_loss(h_v, f_next, kept, loss_cfg, num_items)
-    loss = loss + 0.0 * hidden.sum()  # keeps every rank's graph connected when a micro-batch has no valid token
     return loss, {"kept": float(stats["kept"]), "valid": float(stats["valid"]),
                   "kl_sum": float(stats["kl"]) * float(stats["valid"])}
 
@@ -259,10 +283,12 @@ def ttt_mask(length: int, step: int, device=None) -> torch.Tensor:
 
 
 class TTTUnroll(torch.nn.Module):
-    """Wraps an EAGLE-3 head so the whole unroll is one forward (one DDP/FSDP forward per micro-batch).
+    """Wraps a head so the whole unroll is one forward (one DDP/FSDP forward per micro-batch): an EAGLE-3 head's
+    training-time test, an EAGLE-1 head's with head.unroll_steps > 1, and every head's held-out chains.
 
-    forward(fused (B, T, 3H), input_ids (B, T), steps) -> [h^0, ..., h^{steps-1}] each (B, T-1, H), where step j
-    at index t reads (h^{j-1}_t, x_{t+1+j}) (h^{-1} = fc(fused_t)) at position t+j and predicts x_{t+2+j}."""
+    forward(fused (B, T, 3H) or features (B, T, H), input_ids (B, T), steps) -> [h^0, ..., h^{steps-1}] each
+    (B, T-1, H), where step j at index t reads (h^{j-1}_t, x_{t+1+j}) (h^{-1} = head.project(...)_t: fc(fused_t)
+    for EAGLE-3, f_t for EAGLE-1) at position t+j and predicts x_{t+2+j}."""
 
     def __init__(self, head):
         super().__init__()
@@ -890,7 +916,8 @@ def _stage_loss(p: _Pipeline, loss_cfg: LossConfig, reference, vocab_ids):
         return head_loss(model, batch, target=p.target, loss_cfg=loss_cfg, reference=reference,
                          feature_loss_weight=hc.feature_loss_weight, num_items=num_items,
                          token_loss_weight=hc.token_loss_weight, feature_noise=hc.feature_noise,
-                         vocab_ids=vocab_ids, exclude_out_of_vocab=hc.exclude_out_of_vocab)
+                         vocab_ids=vocab_ids, exclude_out_of_vocab=hc.exclude_out_of_vocab,
+                         unroll_steps=hc.unroll_steps, unroll_decay=hc.ttt_decay)
 
     return loss_fn
 
@@ -918,14 +945,14 @@ def _train_stage(p: _Pipeline, stage: str, records: dict, stop_at, progress) -> 
     if cfg.train.eval_every and p.main:  # (the loop evaluates on the main process only)
         evaluate = BestHeadKeeper(run_dir / "best", p.target, p.heldout, cfg.train.batch_size, p.pad_id,
                                   p.token_counts, meta, resume_step=resumed_step(run_dir))
-    run = train(TTTUnroll(head) if p.eagle3 else head, p.dataset,
+    run = train(TTTUnroll(head) if p.eagle3 or cfg.head.unroll_steps > 1 else head, p.dataset,
                 _stage_loss(p, loss_cfg, p.reference if stage == "adaspec" else None, vocab_ids),
                 collate=lambda samples: pad_batch(samples, p.pad_id),
                 count_items=lambda batch: int(head_valid_mask(batch["loss_mask"], batch["attention_mask"]).sum()),
                 train_cfg=stage_train, optim_cfg=cfg.optim, out_dir=run_dir, accelerator=p.accelerator,
                 desc=stage, stop_at=stop_at, progress=progress, evaluate=evaluate)
     head = run.pop("model")
-    head = head.head if p.eagle3 else head
+    head = head.head if isinstance(head, TTTUnroll) else head
     if run["steps"] < run["total_steps"]:
         return run
     records[stage] = {k: run[k] for k in ("steps", "tokens", "seconds", "tokens_per_s", "losses", "budget_steps",

@@ -494,3 +494,50 @@ def test_a_given_eagle3_head_must_draft_over_the_vocabulary_this_data_gives(tmp_
         _check_init(cfg, target, other)
     with pytest.raises(AdaspecError, match="reference head .* another draft vocabulary"):
         _check_reference(cfg, tmp_path / "h", target, other)
+
+
+def test_unrolled_eagle1_loss_reduces_to_the_teacher_forced_one_and_scores_step_j_j_places_on():
+    target, head, batch = setup()
+    kw = dict(target=target, loss_cfg=LossConfig(kind="kd"), feature_loss_weight=1.0, token_loss_weight=0.1)
+    one, s1 = head_loss(head, batch, **kw)
+    # step 0 of the unroll is the teacher-forced pass: with step 1 weighted 0 the loss and gradients are the same
+    zero, s0 = head_loss(TTTUnroll(head), batch, **kw, unroll_steps=2, unroll_decay=0.0)
+    torch.testing.assert_close(zero, one)
+    g1, g0 = grads(head, one), grads(head, zero)
+    for name in g1:
+        torch.testing.assert_close(g0[name], g1[name], rtol=1e-4, atol=1e-7)
+    two, s2 = head_loss(TTTUnroll(head), batch, **kw, unroll_steps=2, unroll_decay=0.8)
+    valid1 = int(head_valid_mask(batch["loss_mask"], batch["attention_mask"], 1).sum())
+    assert s2["valid"] == s1["valid"] + valid1 and float(two.detach()) > float(one.detach())
+    # alignment: a head whose step j output is the target's feature f_{t+1+j} has no feature loss and agrees with
+    # the target at every step; one that is right only at step 0 is charged at step 1 alone
+    data = greedy_samples(target)
+    b = pad_batch(data, 0)
+    feats = target_forward_features(target, b["input_ids"])["features"]
+    lm = target.get_output_embeddings()
+    feat_only = dict(target=target, loss_cfg=LossConfig(kind="kd"), feature_loss_weight=1.0, token_loss_weight=0.0)
+    oracle, _ = head_loss(TTTUnroll(OracleHead(lm, feats)), b, **feat_only, unroll_steps=3)
+    assert float(oracle) < 1e-6
+    kd_only = dict(target=target, loss_cfg=LossConfig(kind="kd"), feature_loss_weight=0.0)
+    assert float(head_loss(TTTUnroll(OracleHead(lm, feats)), b, **kd_only, unroll_steps=3)[0]) < 1e-5
+    step0_only = OracleHead(lm, feats, right_depth=1)
+    assert float(head_loss(TTTUnroll(step0_only), b, **feat_only, unroll_steps=1 + 1, unroll_decay=1e-9)[0]) < 1e-6
+    assert float(head_loss(TTTUnroll(step0_only), b, **feat_only, unroll_steps=2)[0]) > 1e-3
+
+
+def test_unroll_steps_trains_an_eagle1_head_through_the_pipeline(tmp_path):
+    from pathlib import Path
+
+    from adaspec_eagle import AdaspecError
+    from adaspec_eagle.config import load_recipe
+    from adaspec_eagle.training import head as train_head
+
+    recipe = str(Path(__file__).resolve().parents[2] / "recipes" / "heads" / "tiny.yaml")
+    cfg = load_recipe(HeadRecipe, recipe, [f"output_dir={tmp_path}", "stage=reference", "train.max_steps=2",
+                                           "data.num_samples=8", "head.unroll_steps=3"])
+    out = train_head.run_pipeline(cfg, progress=False, log=lambda m: None)
+    rec = out["train"]["reference"]
+    assert rec["steps"] == 2 and all(x == x and x > 0 for x in rec["losses"])
+    assert load_head(str(tmp_path / "reference"), train_head.load_target(cfg.target)[0]).kind == "eagle1"
+    with pytest.raises(AdaspecError, match="head.unroll_steps"):
+        HeadConfig(kind="eagle3", unroll_steps=2)
