@@ -84,6 +84,8 @@ def _net_wins(names, recs, tok, k: int = 12) -> list[str]:
 
 def breakdown(paths: list[str], target, cached, pad: int, tok) -> str:
     names = [Path(x).name for x in paths]
+    if len(set(names)) < len(names):  # e.g. several runs' OUT/reference: name them by their run folder too
+        names = [f"{Path(x).parent.name}/{Path(x).name}" for x in paths]
     heads = [load_head(x, target) for x in paths]
     recs = [position_records(h, target, cached, 8, pad) for h in heads]
     counts = getattr(heads[0], "token_counts", None)

@@ -31,7 +31,8 @@ def _prod(shape) -> int:
 def _time_cap(minutes, record: dict, stage: str) -> str:
     """What `train.max_minutes` did to the stage, as far as its record tells."""
     if stage == "adaspec":
-        return "; the AdaSPEC stage ran the reference's step count."
+        return "; the AdaSPEC stage ran the reference stage's step count" + (
+            f" (the reference stage had `train.max_minutes` {minutes})." if minutes else ".")
     if not minutes:
         return "."
     planned, cut = record.get("planned_steps"), record.get("budget_steps")
@@ -86,7 +87,10 @@ def main() -> int:
         f"{head_keys.get('feature_loss_weight', 1.0)} x smooth-L1 regression of the next target feature + "
         f"{head_keys.get('token_loss_weight', 0.1)} x the token loss over the {head_keys.get('train_vocab_size')} "
         "most frequent answer tokens (positions whose target token lies outside are left out of it), uniform "
-        f"noise of width {head_keys.get('feature_noise', 0.2)} on the input features.",
+        f"noise of width {head_keys.get('feature_noise', 0.2)} on the input features"
+        + (f"; trained on its own outputs as it drafts, {head_keys['unroll_steps']} unroll steps a position "
+           f"(`head.unroll_steps`; step j weighted {head_keys.get('ttt_decay', 0.8)}^j, scored j places on)."
+           if head_keys.get("unroll_steps", 1) > 1 else "."),
         f"- **Data:** the target's own greedy answers (at most {data['answer_tokens']} tokens) to the first user "
         f"turn of {data['num_samples']:,} ShareGPT conversations (`data.self_distill`), up to {data['max_length']} "
         f"tokens a sample; {data['holdout']} held-out conversations (seed {data['seed']}; they include the bench's "
