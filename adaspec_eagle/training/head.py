@@ -212,8 +212,11 @@ def head_loss(head, batch: dict, *, target, loss_cfg: LossConfig, reference=None
     features = batch_features(batch, target).float()  # (B, T, H)
     inputs = add_feature_noise(features, feature_noise) if torch.is_grad_enabled() else features
     ids = batch["input_ids"]
-    outs = head(inputs, ids, unroll_steps) if unroll_steps > 1 else [head_forward(head, inputs, ids)]
     student = getattr(head, "module", head)  # .module: a DDP/DeepSpeed wrapper
+    if unroll_steps > 1 and not isinstance(student, TTTUnroll):
+        raise AdaspecError(f"head_loss with unroll_steps={unroll_steps} needs the head wrapped in TTTUnroll (the "
+                           "model the loop trains), got a bare head.")
+    outs = head(inputs, ids, unroll_steps) if unroll_steps > 1 else [head_forward(head, inputs, ids)]
     student = student.head if isinstance(student, TTTUnroll) else student
     ref_outs = None
     if reference is not None and loss_cfg.kind == "adaspec":

@@ -497,6 +497,8 @@ def test_a_given_eagle3_head_must_draft_over_the_vocabulary_this_data_gives(tmp_
 
 
 def test_unrolled_eagle1_loss_reduces_to_the_teacher_forced_one_and_scores_step_j_j_places_on():
+    from adaspec_eagle import AdaspecError
+
     target, head, batch = setup()
     kw = dict(target=target, loss_cfg=LossConfig(kind="kd"), feature_loss_weight=1.0, token_loss_weight=0.1)
     one, s1 = head_loss(head, batch, **kw)
@@ -507,6 +509,8 @@ def test_unrolled_eagle1_loss_reduces_to_the_teacher_forced_one_and_scores_step_
     for name in g1:
         torch.testing.assert_close(g0[name], g1[name], rtol=1e-4, atol=1e-7)
     two, s2 = head_loss(TTTUnroll(head), batch, **kw, unroll_steps=2, unroll_decay=0.8)
+    with pytest.raises(AdaspecError, match="TTTUnroll"):  # a bare head cannot run the unroll
+        head_loss(head, batch, **kw, unroll_steps=2)
     valid1 = int(head_valid_mask(batch["loss_mask"], batch["attention_mask"], 1).sum())
     assert s2["valid"] == s1["valid"] + valid1 and float(two.detach()) > float(one.detach())
     # alignment: a head whose step j output is the target's feature f_{t+1+j} has no feature loss and agrees with
