@@ -113,6 +113,14 @@ def head_valid_mask(loss_mask: torch.Tensor, attention_mask: torch.Tensor | None
     return valid
 
 
+def ahead(x: torch.Tensor, k: int, n: int, fill=0) -> torch.Tensor:
+    """x[:, t + k] for t = 0..n-1: x (B, T, ...) read k places on, `fill` past its end -> (B, n, ...). The one
+    alignment of head position t with the token / feature / label j places later."""
+    out = x[:, k:k + n]
+    missing = n - out.shape[1]
+    return F.pad(out, (0, 0) * (x.dim() - 2) + (0, missing), value=fill) if missing else out
+
+
 def batch_features(batch: dict, target=None) -> torch.Tensor:
     """(B, T, H) target features: cached in the batch, or computed now by the frozen target (online mode)."""
     if "features" in batch:
@@ -163,8 +171,7 @@ def _in_vocab(batch, valid, vocab_ids, vocab: int, n: int, device, step: int = 0
     """(N,) the valid positions whose target token x_{t+2+step} is one of `vocab_ids` (all of them when None)."""
     if vocab_ids is None:
         return torch.ones(n, dtype=torch.bool, device=device)
-    labels = batch["input_ids"][:, 2 + step:]  # x_{t+2+step}; the last 1 + step head positions never count
-    labels = torch.nn.functional.pad(labels, (0, 1 + step))[:, :valid.shape[1]][valid]  # (N,)
+    labels = ahead(batch["input_ids"], 2 + step, valid.shape[1])[valid]  # (N,) x_{t+2+step}
     member = torch.zeros(vocab, dtype=torch.bool, device=device)
     member[vocab_ids] = True
     return member[labels]
@@ -229,7 +236,7 @@ def head_loss(head, batch: dict, *, target, loss_cfg: LossConfig, reference=None
     loss, stats = 0.0, {"kept": 0.0, "valid": 0.0, "kl_sum": 0.0}
     for j, hidden in enumerate(outs):
         valid = head_valid_mask(batch["loss_mask"], batch.get("attention_mask"), j)  # (B, T-1)
-        f_next = F.pad(features[:, 1 + j:], (0, 0, 0, j))[:, :hidden.shape[1]][valid]  # (N, H) f_{t+1+j}
+        f_next = ahead(features, 1 + j, hidden.shape[1])[valid]  # (N, H) f_{t+1+j}
         ref_h = ref_outs[j][valid] if ref_outs is not None else None
         in_vocab = _in_vocab(batch, valid, vocab_ids if exclude_out_of_vocab else None, lm_head.weight.shape[0],
                              f_next.shape[0], f_next.device, j)  # (N,)
@@ -303,7 +310,7 @@ class TTTUnroll(torch.nn.Module):
         hidden = self.head.project(fused[:, :-1])  # (B, n, H)
         cache, outs = DynamicCache(), []
         for j in range(steps):
-            ids = torch.nn.functional.pad(input_ids[:, 1 + j:], (0, j))[:, :n]  # (B, n) x_{t+1+j}, 0-padded
+            ids = ahead(input_ids, 1 + j, n)  # (B, n) x_{t+1+j}, 0-padded
             pos = (torch.arange(n, device=input_ids.device) + j).expand(B, -1)  # (B, n)
             mask = None if j == 0 else ttt_mask(n, j, input_ids.device)
             hidden = self.head(hidden, ids, pos, attention_mask=mask, cache=cache)  # (B, n, H)
@@ -345,7 +352,7 @@ def eagle3_loss(unroll, batch: dict, *, target, loss_cfg: LossConfig, steps: int
     total, stats_sum = 0.0, {"kept": 0.0, "valid": 0.0, "kl_sum": 0.0}
     for j, h in enumerate(outs):
         valid = head_valid_mask(batch["loss_mask"], batch.get("attention_mask"), j)  # (B, T-1)
-        f_next = torch.nn.functional.pad(features[:, 1 + j:], (0, 0, 0, j))[:, :h.shape[1]][valid]  # (N_j, H)
+        f_next = ahead(features, 1 + j, h.shape[1])[valid]  # (N_j, H) f_{t+1+j}
         f_next = f_next.to(w_t.dtype)
         teacher = (f_next, w_t) if b_t is None else (f_next, w_t, b_t)
         ref = None
@@ -354,7 +361,7 @@ def eagle3_loss(unroll, batch: dict, *, target, loss_cfg: LossConfig, steps: int
             ref = (reference.norm(ref_outs[j][valid]).to(w_r.dtype), w_r)
         keep = torch.ones(f_next.shape[0], dtype=torch.bool, device=h.device)  # (N_j,)
         if exclude_out_of_vocab:
-            labels = torch.nn.functional.pad(batch["input_ids"][:, 2 + j:], (0, 1 + j))[:, :h.shape[1]]  # x_{t+2+j}
+            labels = ahead(batch["input_ids"], 2 + j, h.shape[1])  # x_{t+2+j}
             keep = head.t2d.to(h.device)[labels[valid]]
         w_s = head.lm_head.weight
         loss, stats = chunked_adaspec_loss(head.norm(h[valid]).to(w_s.dtype), w_s, teacher, ref, keep, loss_cfg,
@@ -399,23 +406,16 @@ def chain_acceptance(draft: torch.Tensor, greedy: torch.Tensor, input_ids: torch
     earlier step was, the text followed the target there (x_{t+1+j} == greedy[t+j]) and draft j equals
     greedy[t+1+j]. Positions whose chain runs past T count as rejected there.
     Returns (accepted (gamma, B, T-1) bool, alive (gamma, B, T-1) bool: step j was reached)."""
-    gamma, B, n = draft.shape
-    T = input_ids.shape[1]
-    def shifted(x, k):  # x[:, t + k] for t < n, False/-1 past the end
-        out = torch.full((B, n), -1, dtype=x.dtype, device=x.device)
-        if k < T:
-            width = min(n, T - k)
-            out[:, :width] = x[:, k:k + width]
-        return out
+    gamma, _, n = draft.shape
     alive = start.clone()
     accepted, reached = [], []
     for j in range(gamma):
-        on_path = shifted(input_ids, 1 + j) == shifted(greedy, j)  # x_{t+1+j} is the target's token
+        on_path = ahead(input_ids, 1 + j, n, -1) == ahead(greedy, j, n, -1)  # x_{t+1+j} is the target's token
         if attention_mask is not None:
-            on_path = on_path & (shifted(attention_mask.long(), 1 + j) == 1)
+            on_path = on_path & (ahead(attention_mask.long(), 1 + j, n, -1) == 1)
         alive = alive & on_path
         reached.append(alive)
-        ok = alive & (draft[j] == shifted(greedy, 1 + j)) & (shifted(greedy, 1 + j) >= 0)
+        ok = alive & (draft[j] == ahead(greedy, 1 + j, n, -1)) & (ahead(greedy, 1 + j, n, -1) >= 0)
         accepted.append(ok)
         alive = ok
     return torch.stack(accepted), torch.stack(reached)
