@@ -82,13 +82,12 @@ def _net_wins(names, recs, tok, k: int = 12) -> list[str]:
     return lines
 
 
-def breakdown(paths: list[str], target, cached, pad: int, tok) -> str:
+def breakdown(paths: list[str], recs: list[dict], counts, tok) -> str:
+    """The markdown comparison of the heads at `paths` from their `position_records`; counts: the first head's
+    training token counts (None: no frequency table)."""
     names = [Path(x).name for x in paths]
     if len(set(names)) < len(names):  # e.g. several runs' OUT/reference: name them by their run folder too
         names = [f"{Path(x).parent.name}/{Path(x).name}" for x in paths]
-    heads = [load_head(x, target) for x in paths]
-    recs = [position_records(h, target, cached, 8, pad) for h in heads]
-    counts = getattr(heads[0], "token_counts", None)
     conf = recs[0]["confidence"]
     lines = [f"Held-out positions: {recs[0]['hit'].numel():,}; top-1 = the head's argmax equals the target's.", ""]
     if counts is not None:
@@ -116,6 +115,8 @@ def main() -> int:
     p.add_argument("--out", help="append one JSON line per head here")
     p.add_argument("--breakdown", help="write the position-by-position comparison of the heads here (markdown)")
     a = p.parse_args()
+    if a.breakdown and len(a.heads) < 2:
+        p.error("--breakdown compares heads position by position: give two or more head folders")
     target, tok = load_model(a.target)
     cfg = DataConfig(dataset=a.dataset, max_length=a.max_length, holdout=a.holdout, seed=a.seed)
     examples = cached_answer_examples(cfg, tok, a.answers) if a.answers else None
@@ -130,12 +131,15 @@ def main() -> int:
         if not (folder / "manifest.json").is_file():
             build_cache(target, held, folder, dtype="fp32", batch_size=8, pad_id=pad, progress=False)
         cached = open_cache(folder, target, held)
+        recs = []  # (position_records, training token counts) per head, for --breakdown
         for path in a.heads:
             head = load_head(path, target)
             counts = getattr(head, "token_counts", None)
             ids = restricted_vocab(head, counts, DEFAULT_DRAFT_VOCAB) if counts is not None and not head.uses_fused \
                 else None
             e = evaluate_head(head, target, cached, 8, pad, chain=CHAIN_GAMMA, vocab_ids=ids)
+            if a.breakdown:
+                recs.append((position_records(head, target, cached, 8, pad), counts))
             row = {"head": path, "data": "target answers" if a.answers else "as written", "samples": len(held),
                    "top1": round(e["top1"], 4), "kl": round(e["kl"], 4), "positions": e["positions"],
                    "chain_tau": round(e["chain"]["tau"], 4),
@@ -144,8 +148,8 @@ def main() -> int:
             if a.out:
                 with open(a.out, "a") as f:
                     f.write(json.dumps(row) + "\n")
-        if a.breakdown and len(a.heads) > 1:
-            Path(a.breakdown).write_text(breakdown(a.heads, target, cached, pad, tok))
+        if a.breakdown:
+            Path(a.breakdown).write_text(breakdown(a.heads, [r for r, _ in recs], recs[0][1], tok))
     return 0
 
 
