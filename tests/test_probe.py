@@ -42,7 +42,12 @@ def snapshot(path: Path) -> dict:
 
 @pytest.fixture
 def no_model_load(monkeypatch):
-    """Fail the test if a model starts loading: every check must come first."""
+    """Fail the test if a model starts loading: every check must come first. Every module that binds
+    `load_model` is imported first and patched where it uses the name; a module first imported under the patch
+    would keep `refuse` after the test (the command modules are imported when `main` first builds its parser)."""
+    import adaspec_eagle.bench.runner
+    import adaspec_eagle.cli.generate
+    import adaspec_eagle.export.layouts
     import adaspec_eagle.models
     import adaspec_eagle.models.draft_lm
     import adaspec_eagle.models.registry
@@ -52,7 +57,8 @@ def no_model_load(monkeypatch):
         raise AssertionError("a model was loaded before the arguments were checked")
 
     for module in (adaspec_eagle.models, adaspec_eagle.models.registry, adaspec_eagle.models.draft_lm,
-                   adaspec_eagle.training.draft_lm):
+                   adaspec_eagle.training.draft_lm, adaspec_eagle.cli.generate, adaspec_eagle.bench.runner,
+                   adaspec_eagle.export.layouts):
         monkeypatch.setattr(module, "load_model", refuse)
 
 
