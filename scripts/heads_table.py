@@ -4,6 +4,10 @@ JSON lines (held-out evaluation on this CPU) and `adaspec-eagle bench` records (
 
     python scripts/heads_table.py --results runs/gpu1/results.json --eval runs/eval/heads.jsonl \
         --bench runs/bench-heads-auto --bench32 runs/bench-heads-32
+
+--curve LABEL=RECORD[:STAGE] (repeatable) prints only the held-out curves of training stages side by side, from a
+train-head results.json (the STAGE's evaluations, default reference) or a checkpoint's trainer_state.json, and
+with two curves the second minus the first at every step both evaluated.
 """
 
 from __future__ import annotations
@@ -58,6 +62,30 @@ def runs_table(path: str) -> None:
                   + " / ".join(f"{x:.2f}" for x in e["chain"]["accept_by_depth"]) + " |")
 
 
+def _evals(spec: str) -> tuple[str, dict]:
+    label, _, where = spec.partition("=")
+    path, _, stage = where.partition(":")
+    record = json.loads(Path(path).read_text())
+    evals = record["train"][stage or "reference"]["evals"] if "train" in record else record["evals"]
+    return label, {e["step"]: e for e in evals}
+
+
+def curves_table(specs: list[str]) -> None:
+    """Held-out top-1 / chain tau by step for each curve (and the second minus the first where both have a step)."""
+    curves = [_evals(spec) for spec in specs]
+    steps = sorted({step for _, at in curves for step in at})
+    print("| held-out top-1 / chain tau at step | " + " | ".join(str(x) for x in steps) + " |")
+    print("|---|" + "---:|" * len(steps))
+    for label, at in curves:
+        print(f"| {label} | " + " | ".join(f"{at[x]['top1']:.1%} / {at[x]['tau']:.3f}" if x in at else "—"
+                                            for x in steps) + " |")
+    if len(curves) == 2:
+        (first, a), (second, b) = curves
+        print(f"| {second} − {first} | " + " | ".join(
+            f"{100 * (b[x]['top1'] - a[x]['top1']):+.1f} / {b[x]['tau'] - a[x]['tau']:+.3f}" if x in a and x in b
+            else "—" for x in steps) + " |")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results")
@@ -65,7 +93,11 @@ def main() -> int:
     p.add_argument("--bench")
     p.add_argument("--bench32")
     p.add_argument("--runs", help="print only this gpu_heads.py record's runs table (e.g. the CPU sweep)")
+    p.add_argument("--curve", action="append", help="LABEL=RECORD[:STAGE]: print only held-out curves (see above)")
     a = p.parse_args()
+    if a.curve:
+        curves_table(a.curve)
+        return 0
     if a.runs:
         runs_table(a.runs)
         return 0
