@@ -41,8 +41,8 @@ def test_table_names_the_kd_head_that_ran(tmp_path, monkeypatch):
     monkeypatch.setattr(table, "SHIPPED_KD", weights)
     now = hashlib.sha256(b"weights shipped now").hexdigest()
     before = hashlib.sha256(b"weights shipped before").hexdigest()
-    assert table.label({"kd_head_sha256": now}, "kd") == "EAGLE-1: shipped KD head"
-    old = table.label({"kd_head_sha256": before, "kd_head": "the GPU head"}, "kd")
+    assert table.head_label({"kd_head_sha256": now}, "kd") == "EAGLE-1: shipped KD head"
+    old = table.head_label({"kd_head_sha256": before, "kd_head": "the GPU head"}, "kd")
     assert old.startswith("EAGLE-1: the GPU head, not the one shipped now") and before[:12] in old
-    assert "not recorded" in table.label({}, "kd")
+    assert "not recorded" in table.head_label({}, "kd")
     assert "not the one shipped now" in table.kd_head({"kd_head_sha256": before}, short=True)

@@ -7,6 +7,7 @@ docs/records/engines/ (vllm.json, sglang.json, eagle.json).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -18,11 +19,17 @@ HEADS = {"kd": "EAGLE-1: {kd}", "kd-bias": "EAGLE-1: same head + non-zero fc bia
          "e3": "EAGLE-3: draft vocabulary 8,192 (d2t/t2d)", "e3-full": "EAGLE-3: whole vocabulary (no d2t)"}
 
 
+@functools.cache
+def _sha256(path: Path) -> str | None:
+    """The file's sha256 (None when it is missing), read once per run: every row of every engine asks."""
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
 def kd_head(r: dict, short: bool = False) -> str:
     """Which KD head the engine ran: "the shipped KD head" only while heads/ still holds the weights the record's
     sha256 names; otherwise the record's own description of it (or its hash)."""
     sha = r.get("kd_head_sha256")
-    if sha and SHIPPED_KD.is_file() and hashlib.sha256(SHIPPED_KD.read_bytes()).hexdigest() == sha:
+    if sha and _sha256(SHIPPED_KD) == sha:
         return "shipped KD head"
     if not sha:
         return "KD head (which one was not recorded)"
@@ -31,7 +38,7 @@ def kd_head(r: dict, short: bool = False) -> str:
     return f"{r.get('kd_head', 'a KD head')}, not the one shipped now (sha256 {sha[:12]})"
 
 
-def label(r: dict, name: str) -> str:
+def head_label(r: dict, name: str) -> str:
     return HEADS[name].format(kd=kd_head(r))
 
 
@@ -43,9 +50,9 @@ def vllm_rows(r: dict) -> list[str]:
     rows = []
     for name, h in r["heads"].items():
         if "error" in h:
-            rows.append(f"| {label(r, name)} | failed: {h['error']} |")
+            rows.append(f"| {head_label(r, name)} | failed: {h['error']} |")
             continue
-        rows.append(f"| {label(r, name)} | greedy output identical to vLLM's plain decoding: "
+        rows.append(f"| {head_label(r, name)} | greedy output identical to vLLM's plain decoding: "
                     f"{'yes' if h['identical_to_vllm_plain'] else '**no**'}; acceptance by position "
                     f"{per_pos(h['acceptance_per_pos'])} (ours {per_pos(h['ours_acceptance_per_pos'])}, max gap "
                     f"{h['max_gap']:.3f}); tau {h['tau']:.3f} (ours {h['ours_tau']:.3f}) |")
@@ -60,7 +67,7 @@ def vllm_rows(r: dict) -> list[str]:
 def sglang_rows(r: dict) -> list[str]:
     rows = []
     for name, h in r["heads"].items():
-        rows.append(f"| {label(r, name)} | every parameter loaded: {'yes' if not h['unloaded'] else h['unloaded']}, equal "
+        rows.append(f"| {head_label(r, name)} | every parameter loaded: {'yes' if not h['unloaded'] else h['unloaded']}, equal "
                     f"to the file: {'yes' if not h['differ'] else h['differ']}; attention biases built: "
                     f"{len(h['attention_biases'])}; over {h['positions']} positions max abs diff hidden "
                     f"{h['hidden_max_abs_diff']:.1e}, logits {h['logits_max_abs_diff']:.1e}, same top-1: "
@@ -76,7 +83,7 @@ def sglang_rows(r: dict) -> list[str]:
 def eagle_rows(r: dict) -> list[str]:
     rows = []
     for name, h in r["heads"].items():
-        rows.append(f"| {label(r, name)} | `eagenerate` identical to `naivegenerate`: {h['identical']}/{h['prompts']} "
+        rows.append(f"| {head_label(r, name)} | `eagenerate` identical to `naivegenerate`: {h['identical']}/{h['prompts']} "
                     f"prompts; weights not loaded: {', '.join(h['weights_not_loaded']) or 'none'}; tau "
                     f"{h['tau']:.3f} (ours, same tree: {h['ours_tree_tau']:.3f}) |")
     neg = r.get("negative_control")
