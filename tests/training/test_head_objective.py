@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from adaspec_eagle import AdaspecError
 from adaspec_eagle.config import HeadConfig, HeadRecipe, LossConfig, TrainConfig
 from adaspec_eagle.training.features import pad_batch
 from adaspec_eagle.models.heads import build_head, load_head
@@ -352,7 +353,6 @@ def test_eval_every_keeps_the_head_with_the_best_heldout_tau(tmp_path, monkeypat
 def test_eval_every_without_a_heldout_split_is_refused(tmp_path):
     from pathlib import Path
 
-    from adaspec_eagle import AdaspecError
     from adaspec_eagle.config import load_recipe
     from adaspec_eagle.training.head import run_pipeline
 
@@ -446,7 +446,6 @@ def test_a_kept_head_from_a_lost_trajectory_is_dropped_on_resume(tmp_path):
 def test_init_head_starts_every_stage_from_the_given_head(tmp_path):
     from pathlib import Path
 
-    from adaspec_eagle import AdaspecError
     from adaspec_eagle.config import load_recipe
     from adaspec_eagle.training import head as train_head
 
@@ -478,7 +477,6 @@ def test_init_head_starts_every_stage_from_the_given_head(tmp_path):
 
 
 def test_a_given_eagle3_head_must_draft_over_the_vocabulary_this_data_gives(tmp_path):
-    from adaspec_eagle import AdaspecError
     from adaspec_eagle.models.heads import save_head
     from adaspec_eagle.training.head import _check_init, _check_reference
 
@@ -497,8 +495,6 @@ def test_a_given_eagle3_head_must_draft_over_the_vocabulary_this_data_gives(tmp_
 
 
 def test_unrolled_eagle1_loss_reduces_to_the_teacher_forced_one_and_scores_step_j_j_places_on():
-    from adaspec_eagle import AdaspecError
-
     target, head, batch = setup()
     kw = dict(target=target, loss_cfg=LossConfig(kind="kd"), feature_loss_weight=1.0, token_loss_weight=0.1)
     one, s1 = head_loss(head, batch, **kw)
@@ -532,7 +528,6 @@ def test_unrolled_eagle1_loss_reduces_to_the_teacher_forced_one_and_scores_step_
 def test_unroll_steps_trains_an_eagle1_head_through_the_pipeline(tmp_path):
     from pathlib import Path
 
-    from adaspec_eagle import AdaspecError
     from adaspec_eagle.config import load_recipe
     from adaspec_eagle.training import head as train_head
 
