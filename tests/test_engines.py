@@ -46,3 +46,27 @@ def test_table_names_the_kd_head_that_ran(tmp_path, monkeypatch):
     assert old.startswith("EAGLE-1: the GPU head, not the one shipped now") and before[:12] in old
     assert "not recorded" in table.head_label({}, "kd")
     assert "not the one shipped now" in table.kd_head({"kd_head_sha256": before}, short=True)
+
+
+def test_prepare_remakes_the_kd_head_when_heads_changed(tmp_path):
+    """The work folder caches the KD head and what is made from it; a new shipped head must not be checked as
+    the old one (the cache had kept the GPU head after heads/ changed)."""
+    spec = importlib.util.spec_from_file_location("engines_prepare", ROOT / "scripts" / "engines" / "prepare.py")
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    work, kd = tmp_path / "work", tmp_path / "kd"
+    kd.mkdir()
+    (kd / "model.safetensors").write_bytes(b"new weights")
+    made = [work / "heads" / "kd", work / "heads" / "kd-bias", work / "export" / "vllm-kd",
+            work / "export" / "eagle-kd-bias"]
+    kept = [work / "heads" / "e3", work / "export" / "vllm-e3"]
+    for folder in made + kept:
+        folder.mkdir(parents=True)
+    (work / "heads" / "kd" / "model.safetensors").write_bytes(b"new weights")
+    (work / "reference.json").write_text("{}")
+    assert not prepare.drop_stale_kd(work, kd)
+    assert all(folder.exists() for folder in made + kept) and (work / "reference.json").exists()
+    (kd / "model.safetensors").write_bytes(b"newer weights")
+    assert prepare.drop_stale_kd(work, kd)
+    assert not any(folder.exists() for folder in made) and not (work / "reference.json").exists()
+    assert all(folder.exists() for folder in kept)

@@ -80,6 +80,21 @@ def slow_tokenizer_files(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
 
+def drop_stale_kd(work: Path, kd: Path) -> bool:
+    """WORK keeps its heads between runs; when --kd now holds other weights than the cached `kd` head, remove
+    that head, its biased copy, their exports and the reference runs, so that they are made again from --kd.
+    True when something was removed."""
+    cached = work / "heads" / "kd" / "model.safetensors"
+    if not cached.exists() or cached.read_bytes() == (kd / "model.safetensors").read_bytes():
+        return False
+    for name in ("kd", "kd-bias"):
+        shutil.rmtree(work / "heads" / name, ignore_errors=True)
+        for fmt in FORMATS[name]:
+            shutil.rmtree(work / "export" / f"{fmt}-{name}", ignore_errors=True)
+    (work / "reference.json").unlink(missing_ok=True)
+    return True
+
+
 def make_heads(target, work: Path, kd: Path, e3: Path | None) -> list[str]:
     """The heads under test that exist (the EAGLE-3 ones only with an EAGLE-3 head to start from)."""
     heads = work / "heads"
@@ -193,6 +208,8 @@ def main() -> int:
     torch.manual_seed(0)
     target, tokenizer = load_model("smollm2-135m")
     save_target(target, tokenizer, work / "target")
+    if drop_stale_kd(work, Path(args.kd)):
+        print(f"{args.kd} differs from the cached kd head: its heads, exports and reference runs are made again")
     names = make_heads(target, work, Path(args.kd), Path(args.e3) if args.e3 else None)
     for name in names:
         for fmt in FORMATS[name]:
