@@ -70,3 +70,22 @@ def test_prepare_remakes_the_kd_head_when_heads_changed(tmp_path):
     assert prepare.drop_stale_kd(work, kd)
     assert not any(folder.exists() for folder in made) and not (work / "reference.json").exists()
     assert all(folder.exists() for folder in kept)
+
+
+def test_summary_header_names_the_kd_head_only_when_every_engine_ran_it(tmp_path, monkeypatch):
+    table = _table_module()
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights shipped now")
+    monkeypatch.setattr(table, "SHIPPED_KD", weights)
+    now = hashlib.sha256(b"weights shipped now").hexdigest()
+    before = hashlib.sha256(b"weights shipped before").hexdigest()
+    folder = ROOT / "docs" / "records" / "engines"
+    for engine, sha in (("vllm", now), ("sglang", now), ("eagle", before)):
+        record = json.loads((folder / f"{engine}.json").read_text())
+        record["kd_head_sha256"] = sha
+        (tmp_path / f"{engine}.json").write_text(json.dumps(record))
+    assert "not the same KD head in every engine" in table.summary(tmp_path).splitlines()[0]
+    record = json.loads((tmp_path / "eagle.json").read_text())
+    record["kd_head_sha256"] = now
+    (tmp_path / "eagle.json").write_text(json.dumps(record))
+    assert "(shipped KD head;" in table.summary(tmp_path).splitlines()[0]

