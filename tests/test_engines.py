@@ -33,14 +33,19 @@ def _table_module():
     return module
 
 
-def test_table_names_the_kd_head_that_ran(tmp_path, monkeypatch):
-    """The README calls a record's KD head "shipped" only while heads/ still holds those weights."""
+def _table_with_shipped(tmp_path, monkeypatch):
+    """table.py with heads/' KD weights replaced by a file of ours; the sha256 of those and of other weights."""
     table = _table_module()
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"weights shipped now")
     monkeypatch.setattr(table, "SHIPPED_KD", weights)
-    now = hashlib.sha256(b"weights shipped now").hexdigest()
-    before = hashlib.sha256(b"weights shipped before").hexdigest()
+    now, before = (hashlib.sha256(b).hexdigest() for b in (b"weights shipped now", b"weights shipped before"))
+    return table, now, before
+
+
+def test_table_names_the_kd_head_that_ran(tmp_path, monkeypatch):
+    """The README calls a record's KD head "shipped" only while heads/ still holds those weights."""
+    table, now, before = _table_with_shipped(tmp_path, monkeypatch)
     assert table.head_label({"kd_head_sha256": now}, "kd") == "EAGLE-1: shipped KD head"
     old = table.head_label({"kd_head_sha256": before, "kd_head": "the GPU head"}, "kd")
     assert old.startswith("EAGLE-1: the GPU head, not the one shipped now") and before[:12] in old
@@ -73,12 +78,7 @@ def test_prepare_remakes_the_kd_head_when_heads_changed(tmp_path):
 
 
 def test_summary_header_names_the_kd_head_only_when_every_engine_ran_it(tmp_path, monkeypatch):
-    table = _table_module()
-    weights = tmp_path / "model.safetensors"
-    weights.write_bytes(b"weights shipped now")
-    monkeypatch.setattr(table, "SHIPPED_KD", weights)
-    now = hashlib.sha256(b"weights shipped now").hexdigest()
-    before = hashlib.sha256(b"weights shipped before").hexdigest()
+    table, now, before = _table_with_shipped(tmp_path, monkeypatch)
     folder = ROOT / "docs" / "records" / "engines"
     for engine, sha in (("vllm", now), ("sglang", now), ("eagle", before)):
         record = json.loads((folder / f"{engine}.json").read_text())
