@@ -745,10 +745,23 @@ def _run_pipeline(cfg: HeadRecipe, resume, overwrite, stop_at, progress, log, cl
         if p.heldout:
             evals[stage] = _evaluate_stage(p, stage, trained, log)
     if p.main:
-        summary = {"eval": evals, "train": {s: {k: v for k, v in r.items() if k != "losses"}
-                                            for s, r in records.items()}}
-        (p.out / "results.json").write_text(json.dumps(summary, indent=1))
+        (p.out / "results.json").write_text(json.dumps(_summary(p.out, records, evals), indent=1))
     return {"train": records, "eval": evals, "stopped": False, "main": p.main}
+
+
+def _summary(out: Path, records: dict, evals: dict) -> dict:
+    """results.json: this run's stages (their records without the per-step losses) after the complete stages
+    an earlier run into OUT recorded there, so that a recipe run one stage at a time keeps every stage's record."""
+
+    try:
+        earlier = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        earlier = {}
+    kept = [s for s in earlier.get("train", {}) if s not in records and (out / "runs" / s / "result.json").is_file()]
+    train = {s: earlier["train"][s] for s in kept}
+    train.update({s: {k: v for k, v in r.items() if k != "losses"} for s, r in records.items()})
+    evals = {**{s: earlier["eval"][s] for s in kept if s in earlier.get("eval", {})}, **evals}
+    return {"eval": evals, "train": train}
 
 
 def _check_inputs(cfg: HeadRecipe, resume, overwrite, progress, log, claim) -> _Pipeline:

@@ -228,6 +228,10 @@ def test_cli_both_stages_chain(tmp_path, capsys):
     assert (out2 / "adaspec" / "model.safetensors").is_file() and not (out2 / "reference").exists()
     assert main(tiny_args(data, out, "--stage", "draft", "--loss", "kd")) == 0
     assert json.loads((out / "kd" / "config.json").read_text())["adaspec"]["meta"]["loss"] == "kd"
+    # results.json keeps the stages the first run recorded beside the KD stage run alone
+    kept = json.loads((out / "results.json").read_text())
+    assert list(kept["train"]) == ["reference", "adaspec", "kd"] and kept["eval"]["kd"]["positions"] > 0
+    assert kept["eval"]["adaspec"] == results["eval"]["adaspec"] and "losses" not in kept["train"]["kd"]
     # a different run in the same folder is refused, unless --overwrite
     assert main(tiny_args(data, out, "optim.lr=1e-4")) == 2
     assert "holds a different reference run" in capsys.readouterr().err
