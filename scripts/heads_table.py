@@ -6,8 +6,9 @@ JSON lines (held-out evaluation on this CPU) and `adaspec-eagle bench` records (
         --bench runs/bench-heads-auto --bench32 runs/bench-heads-32
 
 --curve LABEL=RECORD[:STAGE] (repeatable) prints only the held-out curves of training stages side by side, from a
-train-head results.json (the STAGE's evaluations, default reference) or a checkpoint's trainer_state.json, and
-with two curves the second minus the first at every step both evaluated.
+train-head results.json (the STAGE's evaluations, default reference) or a checkpoint's trainer_state.json. An even
+number of curves is read as pairs (e.g. KD, AdaSPEC for each seed): each pair's second minus its first at every step
+both evaluated, and with several pairs the mean difference ± half its range.
 """
 
 from __future__ import annotations
@@ -71,7 +72,9 @@ def _evals(spec: str) -> tuple[str, dict]:
 
 
 def curves_table(specs: list[str]) -> None:
-    """Held-out top-1 / chain tau by step for each curve (and the second minus the first where both have a step)."""
+    """Held-out top-1 / chain tau by step for each curve. With an even number of curves they are pairs (first,
+    second), and each pair's second minus its first is printed where both have the step; with several pairs, also
+    the mean difference and its spread (max - min) across the pairs."""
     curves = [_evals(spec) for spec in specs]
     steps = sorted({step for _, at in curves for step in at})
     print("| held-out top-1 / chain tau at step | " + " | ".join(str(x) for x in steps) + " |")
@@ -79,11 +82,26 @@ def curves_table(specs: list[str]) -> None:
     for label, at in curves:
         print(f"| {label} | " + " | ".join(f"{at[x]['top1']:.1%} / {at[x]['tau']:.3f}" if x in at else "—"
                                             for x in steps) + " |")
-    if len(curves) == 2:
-        (first, a), (second, b) = curves
-        print(f"| {second} − {first} | " + " | ".join(
-            f"{100 * (b[x]['top1'] - a[x]['top1']):+.1f} / {b[x]['tau'] - a[x]['tau']:+.3f}" if x in a and x in b
-            else "—" for x in steps) + " |")
+    if len(curves) % 2:
+        return
+    pairs = [(curves[i], curves[i + 1]) for i in range(0, len(curves), 2)]
+    diffs = []  # per pair: {step: (top-1 points, tau)}
+    for (first, a), (second, b) in pairs:
+        diffs.append({x: (100 * (b[x]["top1"] - a[x]["top1"]), b[x]["tau"] - a[x]["tau"]) for x in steps
+                      if x in a and x in b})
+        print(f"| {second} − {first} | " + " | ".join(f"{diffs[-1][x][0]:+.1f} / {diffs[-1][x][1]:+.3f}"
+                                                      if x in diffs[-1] else "—" for x in steps) + " |")
+    if len(pairs) > 1:
+        cells = []
+        for x in steps:
+            at = [d[x] for d in diffs if x in d]
+            if len(at) < len(diffs):
+                cells.append("—")
+                continue
+            top1, tau = [v[0] for v in at], [v[1] for v in at]
+            cells.append(f"{statistics.mean(top1):+.1f} ± {(max(top1) - min(top1)) / 2:.1f} / "
+                         f"{statistics.mean(tau):+.3f} ± {(max(tau) - min(tau)) / 2:.3f}")
+        print(f"| mean of the {len(pairs)} differences ± half their range | " + " | ".join(cells) + " |")
 
 
 def main() -> int:
