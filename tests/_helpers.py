@@ -1,7 +1,9 @@
 """Helpers shared by test files (tests/ is on sys.path under pytest's default import mode)."""
 
+import importlib.util
 import json
 import random
+from pathlib import Path
 
 import torch
 
@@ -29,3 +31,12 @@ def chat_file(path, n=24, seed=0, assistant=True):
                 msgs.append({"role": "assistant", "content": " ".join(rng.choices(words, k=8))})
             f.write(json.dumps({"messages": msgs}) + "\n")
     return str(path)
+
+
+def load_script(relpath):
+    """A script under the repository root (e.g. "scripts/heads_table.py") imported as a module, for its tests."""
+    path = Path(__file__).resolve().parents[1] / relpath
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -5,12 +5,12 @@ the shipped KD head, the same head with a non-zero fc bias, and an EAGLE-3 head 
 and the whole vocabulary). The scripts under scripts/engines/ say what each check compares."""
 
 import hashlib
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
+from _helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,10 +27,7 @@ def test_exports_run_in_the_engine(engine):
 
 
 def _table_module():
-    spec = importlib.util.spec_from_file_location("engines_table", ROOT / "scripts" / "engines" / "table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/engines/table.py")
 
 
 def _table_with_shipped(tmp_path, monkeypatch):
@@ -56,9 +53,7 @@ def test_table_names_the_kd_head_that_ran(tmp_path, monkeypatch):
 def test_prepare_remakes_the_kd_head_when_heads_changed(tmp_path):
     """The work folder caches the KD head and what is made from it; a new shipped head must not be checked as
     the old one (the cache had kept the GPU head after heads/ changed)."""
-    spec = importlib.util.spec_from_file_location("engines_prepare", ROOT / "scripts" / "engines" / "prepare.py")
-    prepare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prepare)
+    prepare = load_script("scripts/engines/prepare.py")
     work, kd = tmp_path / "work", tmp_path / "kd"
     kd.mkdir()
     (kd / "model.safetensors").write_bytes(b"new weights")

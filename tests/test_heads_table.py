@@ -1,17 +1,12 @@
 """scripts/heads_table.py, which generates the README's head-experiment tables from the runs' records."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _helpers import load_script
 
 
 def _heads_table():
-    spec = importlib.util.spec_from_file_location("heads_table", ROOT / "scripts" / "heads_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/heads_table.py")
 
 
 def _record(tmp_path, name, stage, points):
