@@ -74,7 +74,7 @@ def _evals(spec: str) -> tuple[str, dict]:
 def curves_table(specs: list[str]) -> None:
     """Held-out top-1 / chain tau by step for each curve. With an even number of curves they are pairs (first,
     second), and each pair's second minus its first is printed where both have the step; with several pairs, also
-    the mean difference and its spread (max - min) across the pairs."""
+    the mean difference ± half its range (max - min) across the pairs, at the steps every pair has."""
     curves = [_evals(spec) for spec in specs]
     steps = sorted({step for _, at in curves for step in at})
     print("| held-out top-1 / chain tau at step | " + " | ".join(str(x) for x in steps) + " |")
