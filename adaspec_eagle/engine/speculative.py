@@ -280,18 +280,18 @@ def _select_features(out, kind, path: torch.Tensor) -> torch.Tensor:
     return torch.cat([hs[i][0, path] for i in kind], dim=-1)
 
 
-def _stop_index(tokens: list[int], eos: set[int], stop_strings, tokenizer) -> int | None:
-    """Length to keep when `tokens` (the new tokens so far) hit EOS or a stop string, else None."""
-    for i, t in enumerate(tokens):
-        if t in eos:
-            return i + 1
-    if stop_strings:
-        text = tokenizer.decode(tokens, skip_special_tokens=False)
-        if any(s in text for s in stop_strings):
-            for n in range(1, len(tokens) + 1):
-                text = tokenizer.decode(tokens[:n], skip_special_tokens=False)
-                if any(s in text for s in stop_strings):
-                    return n
+def _stop_index(tokens: list[int], eos: set[int], stop_strings, tokenizer, start: int = 0) -> int | None:
+    """The first length L in (start, len(tokens)] at which tokens[:L] (the new tokens) ends in EOS or decodes to a
+    text holding a stop string, else None: the length plain decoding, which checks after every token, stops at.
+    Every such prefix is decoded: decoding need not be prefix-monotone (clean-up of spaces before punctuation can
+    remove a stop string that a shorter prefix showed)."""
+    for n in range(start + 1, len(tokens) + 1):
+        if tokens[n - 1] in eos:
+            return n
+        if stop_strings:
+            text = tokenizer.decode(tokens[:n], skip_special_tokens=False)
+            if any(s in text for s in stop_strings):
+                return n
     return None
 
 
@@ -363,6 +363,13 @@ def _prefill(target, drafter: Drafter, ids: list[int], cache) -> torch.Tensor:
     return seq
 
 
+def _fit_depth(tree_cfg: TreeConfig, seq: torch.Tensor, limit: int | None) -> TreeConfig:
+    """The step's tree config: depth cut to the positions left in the context (the root sits at len(seq) - 1, a
+    node of depth d at len(seq) - 1 + d); >= 1 while generation goes on, since len(seq) < limit then."""
+    left = None if limit is None else limit - len(seq)
+    return tree_cfg if left is None or left >= tree_cfg.depth else dataclasses_replace(tree_cfg, depth=left)
+
+
 def _draft(drafter: Drafter, seq: torch.Tensor, tree_cfg: TreeConfig, sample, limit, stats: dict) -> DraftTree:
     """The step's draft tree rooted at the last token, with the prompt-lookup chain grafted on."""
     root = int(seq[-1])
@@ -427,13 +434,13 @@ def speculative_generate(target, prompt_ids, drafter: Drafter, max_new_tokens: i
     bonus included), tau (their mean), drafted_tokens / accepted_drafts / draft_acceptance, per-step
     draft_times_s and verify_times_s (target forward + verification + cache compaction) and their totals,
     prefill_time_s, total_time_s and tokens_per_s; lookup_drafted / lookup_accepted count the prompt-lookup
-    tokens grafted onto the trees (`TreeConfig.lookup_tokens`) and accepted. Generation stops `tree.depth + 1`
-    positions before the end of the target's context (draft tokens need positions too; lookup chains are cut to
-    the positions left)."""
+    tokens grafted onto the trees (`TreeConfig.lookup_tokens`) and accepted. Near the end of the target's context
+    the trees (and lookup chains) are cut to the positions left, so generation runs to the context end exactly
+    as `plain_generate` does."""
     with linear_routing.small_batch_linears(target, *drafter.models()):
         ids = _check_args(prompt_ids, max_new_tokens, temperature, top_p, stop_strings, tokenizer)
         tree_cfg = tree or TreeConfig()
-        max_new_tokens = fit_to_context(target, len(ids), max_new_tokens, margin=tree_cfg.depth + 1)
+        max_new_tokens = fit_to_context(target, len(ids), max_new_tokens)
         limit = context_length(target.config)
         eos = _eos_set(target, eos_token_id)
         generator = torch.Generator().manual_seed(seed)
@@ -450,14 +457,15 @@ def speculative_generate(target, prompt_ids, drafter: Drafter, max_new_tokens: i
         new: list[int] = []
         while len(new) < max_new_tokens:
             t0 = time.perf_counter()
-            draft = _draft(drafter, seq, tree_cfg, sample if temperature > 0 else None, limit, stats)
+            draft = _draft(drafter, seq, _fit_depth(tree_cfg, seq, limit), sample if temperature > 0 else None, limit,
+                           stats)
             t1 = time.perf_counter()
             path, emitted = _verify(target, drafter, draft, cache, temperature, top_p, generator)
             _record_step(stats, draft, path, emitted, t0, t1, time.perf_counter())
             seq = torch.cat([seq, torch.tensor(emitted)])
             room = max_new_tokens - len(new)
-            stop = _stop_index(new + emitted, eos, stop_strings, tokenizer)
-            keep = min(room, len(emitted) if stop is None else stop - len(new))
+            stop = _stop_index(new + emitted, eos, stop_strings, tokenizer, start=len(new))
+            keep = min(room, len(emitted) if stop is None else stop - len(new))  # stop > len(new): keep >= 1
             new.extend(emitted[:keep])
             if on_tokens is not None and keep > 0:
                 on_tokens(emitted[:keep])
@@ -499,7 +507,8 @@ def plain_generate(target, prompt_ids, max_new_tokens: int = 128, eos_token_id=N
             stats["accepted_lengths"].append(1)
             if on_tokens is not None:
                 on_tokens([tok])
-            if _stop_index(new, eos, stop_strings, tokenizer) is not None or len(new) >= max_new_tokens:
+            if _stop_index(new, eos, stop_strings, tokenizer, start=len(new) - 1) is not None \
+                    or len(new) >= max_new_tokens:
                 break
             t0 = time.perf_counter()
             logits = compat.forward(target, torch.tensor([[tok]]), cache).logits[0, -1].cpu()

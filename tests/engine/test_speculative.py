@@ -3,6 +3,7 @@ token (both drafters, every tree shape), drafter caches and compacted target cac
 sampled output follows the target's distribution, stopping rules; one slow test on the real SmolLM2."""
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -461,6 +462,40 @@ def test_eos_stop_strings_and_max_tokens():
     assert streamed == out == ref[:11]
 
 
+class _CleanupTokenizer:
+    """Decodes token t to "<t> ", except `dot` to ". ", then drops a space before "." (as Hugging Face's
+    clean_up_tokenization_spaces does): "<a> " is in decode([a]) but not in decode([a, dot])."""
+
+    def __init__(self, dot):
+        self.dot = dot
+
+    def decode(self, tokens, skip_special_tokens=False):
+        return "".join(". " if t == self.dot else f"<{t}> " for t in tokens).replace(" .", ".")
+
+
+def test_stop_strings_checked_at_every_token_when_decoding_is_not_prefix_monotone():
+    """A stop string that a prefix of one step's tokens shows and the whole step's text does not: speculative
+    decoding stops where plain decoding does, at that prefix."""
+    target = target_of("llama")
+    ids = prompt()
+    drafter = DraftLMDrafter(target)  # the target drafting for itself: every chain is accepted whole
+    chain = SHAPES["chain"]
+    ref, stats = speculative_generate(target, ids, drafter, 30, tree=chain, eos_token_id=[])
+    assert ref == plain_generate(target, ids, 30, eos_token_id=[])[0]
+    ends = set(itertools.accumulate(stats["accepted_lengths"]))  # lengths at which a step ended
+    assert max(stats["accepted_lengths"]) > 1
+    i = next(i for i in range(len(ref) - 1) if i + 1 not in ends and ref[i] not in ref[:i] and ref[i + 1] != ref[i])
+    tok = _CleanupTokenizer(dot=ref[i + 1])
+    stop = f"<{ref[i]}> "
+    assert stop in tok.decode(ref[:i + 1]) and stop not in tok.decode(ref[:i + 2])
+    plain, _ = plain_generate(target, ids, 30, eos_token_id=[], stop_strings=[stop], tokenizer=tok)
+    assert plain == ref[:i + 1]
+    streamed = []
+    out, _ = speculative_generate(target, ids, drafter, 30, tree=chain, eos_token_id=[], stop_strings=[stop],
+                                  tokenizer=tok, on_tokens=streamed.extend)
+    assert out == streamed == plain
+
+
 def test_user_errors():
     target = target_of("llama")
     drafter = DraftLMDrafter(target)
@@ -489,7 +524,9 @@ def test_smollm2_greedy_equality(smollm2):
             assert out == ref, (text, type(drafter).__name__, tok.decode(out), tok.decode(ref))
 
 
-def test_generation_stops_cleanly_at_the_context_end(monkeypatch):
+def test_generation_runs_to_the_context_end_as_plain_decoding_does(monkeypatch):
+    """Near the context end the trees and lookup chains are cut to the positions left: the output equals plain
+    greedy's to the last position, and no draft token is placed past it."""
     from adaspec_eagle import AdaspecError
     from adaspec_eagle.config import TreeConfig
     from adaspec_eagle.models import tiny_model
@@ -503,7 +540,12 @@ def test_generation_stops_cleanly_at_the_context_end(monkeypatch):
     tree = TreeConfig(depth=3, topk=2, total_tokens=6)
     spec, _ = speculative_generate(target, prompt, DraftLMDrafter(draft), max_new_tokens=100, tree=tree,
                                    eos_token_id=[])
-    assert len(spec) == 40 - 30 - (3 + 1) and spec == plain[:len(spec)]
+    assert spec == plain
+    for shape in ("chain", "dynamic"):  # sampled: every position to the end is filled too
+        sampled, _ = speculative_generate(target, prompt, DraftLMDrafter(draft), max_new_tokens=100, eos_token_id=[],
+                                          tree=TreeConfig(depth=3, topk=2, total_tokens=6, shape=shape),
+                                          temperature=0.8, seed=0)
+        assert len(sampled) == 10
     looping = list(range(5, 25)) + list(range(5, 15))  # 30 tokens that repeat: lookup drafts 20-token chains
     ref, _ = plain_generate(target, looping, max_new_tokens=100, eos_token_id=[])
     positions = []
@@ -518,7 +560,7 @@ def test_generation_stops_cleanly_at_the_context_end(monkeypatch):
     for drafter in (DraftLMDrafter(draft), LookupDrafter()):  # lookup chains are cut to the positions left
         looked, stats = speculative_generate(target, looping, drafter, max_new_tokens=100, eos_token_id=[],
                                              tree=TreeConfig(depth=3, topk=2, total_tokens=6, lookup_tokens=20))
-        assert len(looked) == 40 - 30 - (3 + 1) and looked == ref[:len(looked)]
+        assert looked == ref and len(ref) == 40 - 30
         assert stats["lookup_drafted"] > 0 and max(positions) == 39, positions  # the last position, never past
     with pytest.raises(AdaspecError, match="the prompt has 40 tokens but the target's context is 40 positions"):
         plain_generate(target, list(range(5, 45)), max_new_tokens=4)
