@@ -229,6 +229,31 @@ def test_sampling_matches_target_distribution():
         assert 0.1 * drafted < accepted < 0.9 * drafted, (shape, accepted, drafted)  # accepts and rejects
 
 
+def test_sampling_applies_top_p_in_verification(monkeypatch):
+    """A flatter target (temperature 2) whose top-p 0.8 drops about a fifth of its mass from the first token:
+    speculative sampling keeps the target's top-p distribution, and a verification that ignores top-p (the draft
+    still drafts inside it) is caught."""
+    from adaspec_eagle.engine import speculative
+
+    target = tiny_model("llama", seed=0, vocab_size=8)
+    ids = prompt(seed=5, length=6, vocab=8)
+    with torch.no_grad():
+        logits = target(torch.tensor([ids])).logits[0, -1]
+    kept = warp_probs(logits, 2.0, 0.8) > 0
+    assert warp_probs(logits, 2.0, 1.0)[~kept].sum() > 0.1  # top-p really removes mass here
+    chain = TreeConfig(depth=2, topk=1, total_tokens=2, shape="chain")
+    for cfg in (chain, TreeConfig(depth=2, topk=2, total_tokens=4, shape="dynamic")):
+        drafter = DraftLMDrafter(noisy_copy(target, 0.3, seed=2))
+        counts, joint, _, _ = sample_first_two(target, ids, drafter, cfg, 2.0, 0.8)
+        ok, stat, crit = chi_square_ok(counts, joint)
+        assert ok, (cfg.shape, stat, crit)
+    real = speculative.stochastic_verify
+    monkeypatch.setattr(speculative, "stochastic_verify",
+                        lambda tree, logits, temperature, top_p, generator: real(tree, logits, temperature, 1.0, generator))
+    counts, joint, _, _ = sample_first_two(target, ids, DraftLMDrafter(noisy_copy(target, 0.3, seed=2)), chain, 2.0, 0.8)
+    assert not chi_square_ok(counts, joint)[0]
+
+
 def test_lookup_continuation():
     seq = torch.tensor([1, 2, 3, 4, 5, 1, 2, 3])
     assert lookup_continuation(seq, 3) == [4, 5, 1]  # the 3-gram 1 2 3 recurs
