@@ -55,6 +55,19 @@ def new_cache(config=None):
     return DynamicCache(config=config) if config is not None else DynamicCache()
 
 
+MASKED_ATTENTION = ("eager", "sdpa")
+"""Attention implementations that apply an arbitrary additive (B, 1, Q, K) mask, as tree verification needs."""
+
+
+def check_mask_support(model) -> None:
+    """Refuse a model whose attention implementation would not apply a tree's attention mask."""
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl not in MASKED_ATTENTION:
+        raise AdaspecError(f"{type(model).__name__} runs attn_implementation={impl!r}, which does not apply the "
+                           "custom attention masks tree verification needs (draft tokens would see their "
+                           "siblings); load it with attn_implementation='sdpa' (or 'eager').")
+
+
 def forward(model, input_ids: torch.Tensor, cache, position_ids: torch.Tensor | None = None,
             attention_mask: torch.Tensor | None = None, output_hidden_states: bool = False,
             last_logits_only: bool = False):
@@ -64,7 +77,11 @@ def forward(model, input_ids: torch.Tensor, cache, position_ids: torch.Tensor | 
     attention_mask: None (causal over cache + input) or an additive float mask (B, 1, Q, cached + Q).
     last_logits_only: the caller reads only the last position's logits; a model that supports it
     (`logits_to_keep`) then skips the lm_head for the others (a fifth of a SmolLM2-135M prefill) and returns
-    logits (B, 1, V); others return all positions as usual."""
+    logits (B, 1, V); others return all positions as usual.
+    A mask is refused for attention implementations other than eager and sdpa (flash-attention kernels take
+    padding masks only: tree nodes would attend to their siblings and the output would be silently wrong)."""
+    if attention_mask is not None:
+        check_mask_support(model)
     kwargs = {cache_kwarg(model): cache}
     if output_hidden_states:
         kwargs["output_hidden_states"] = True

@@ -4,6 +4,7 @@ sampled output follows the target's distribution, stopping rules; one slow test 
 
 import copy
 import itertools
+import types
 
 import pytest
 import torch
@@ -530,6 +531,13 @@ def test_user_errors():
         speculative_generate(target, [5, 6], drafter, 4, stop_strings=["x"])
     with pytest.raises(AdaspecError, match="empty"):
         speculative_generate(target, [], drafter, 4)
+    # an attention kernel that ignores a tree's mask would let draft tokens see their siblings: refused before
+    # the forward (a stub model: loading flash-attention needs its kernels)
+    flash = types.SimpleNamespace(config=types.SimpleNamespace(_attn_implementation="flash_attention_2"))
+    mask = torch.zeros(1, 1, 2, 2)
+    with pytest.raises(AdaspecError, match="attn_implementation='sdpa'"):
+        compat.forward(flash, torch.tensor([[5, 6]]), compat.new_cache(), torch.tensor([[0, 1]]), mask)
+    assert compat.forward(target, torch.tensor([[5, 6]]), compat.new_cache(), torch.tensor([[0, 1]]), mask) is not None
 
 
 @pytest.mark.slow
