@@ -590,7 +590,9 @@ def test_generation_runs_to_the_context_end_as_plain_decoding_does(monkeypatch):
         return real_forward(model, input_ids, cache, position_ids, *args, **kwargs)
 
     monkeypatch.setattr(compat, "forward", forward)
-    for drafter in (DraftLMDrafter(draft), LookupDrafter()):  # lookup chains are cut to the positions left
+    torch.manual_seed(0)
+    head = HeadDrafter(build_head(target, HeadConfig(kind="eagle1")).eval())
+    for drafter in (DraftLMDrafter(draft), head, LookupDrafter()):  # lookup chains are cut to the positions left
         looked, stats = speculative_generate(target, looping, drafter, max_new_tokens=100, eos_token_id=[],
                                              tree=TreeConfig(depth=3, topk=2, total_tokens=6, lookup_tokens=20))
         assert looked == ref and len(ref) == 40 - 30
