@@ -2,7 +2,9 @@
 per target verification forward, {"accepted": draft tokens accepted, bonus excluded, "drafted": draft tokens
 verified}) and of repeated timings. Definitions:
 
-  tau    = mean over target forwards of (accepted + 1): tokens emitted per forward, the bonus token included.
+  tau    = tokens emitted per target forward, the bonus token included: the tokens a generation kept over its
+           forwards (its last forward's verified tokens past max_new_tokens, EOS or a stop string are not
+           emitted); mean(accepted + 1) over the forwards when the kept count is not given.
   alpha  = the paper's acceptance rate for greedy chain drafting with gamma = 4:
            sum(accepted) / (sum(accepted) + number of rounds with accepted < gamma)  (one rejection per round).
   accepted/drafted = sum(accepted) / sum(drafted), as vLLM reports acceptance.
@@ -16,10 +18,14 @@ import numpy as np
 PAPER_GAMMA = 4
 
 
-def tau(steps: list[dict]) -> float:
-    """Mean accepted length with the bonus token: mean(accepted + 1) over target forwards."""
+def tau(steps: list[dict], emitted: int | None = None) -> float:
+    """Tokens emitted per target forward: `emitted` (the tokens the generations kept) / forwards, else the mean
+    accepted length with the bonus token, mean(accepted + 1), which also counts a last forward's tokens past the
+    generation's end."""
     if not steps:
         return float("nan")
+    if emitted is not None:
+        return emitted / len(steps)
     return sum(s["accepted"] + 1 for s in steps) / len(steps)
 
 
@@ -67,12 +73,13 @@ def spread(values: list[float]) -> dict:
             "q3": float(q3), "n": int(v.size)}
 
 
-def summarize_steps(steps: list[dict], depth: int, gamma: int | None = None) -> dict:
+def summarize_steps(steps: list[dict], depth: int, gamma: int | None = None, emitted: int | None = None) -> dict:
     """All acceptance metrics of one method on one suite. `gamma` is the chain length when the method drafts
-    a greedy chain (alpha is only defined then); None for trees."""
+    a greedy chain (alpha is only defined then); None for trees. `emitted`: the tokens the generations kept (tau);
+    the acceptance metrics count what verification accepted."""
     return {
         "steps": len(steps),
-        "tau": or_none(tau(steps)),
+        "tau": or_none(tau(steps, emitted)),
         "alpha": or_none(paper_alpha(steps, gamma)) if gamma else None,
         "alpha_gamma": gamma,
         "accepted_per_drafted": or_none(drafted_acceptance(steps)),

@@ -72,7 +72,9 @@ def summarize_method(method: Method, per_prompt_runs: list[list[Run]], ref_runs:
            "tokens_per_s": spread(tps), "speedup": spread([a / b for a, b in zip(tps, ref_tps)])}
     steps = [st for p in per_prompt_runs for run in p for st in (run.steps or [])]
     if any(run.steps is not None for p in per_prompt_runs for run in p):
-        out.update(summarize_steps(steps, method.depth, method.gamma), tau_source="engine step records")
+        emitted = sum(run.new_tokens_len for p in per_prompt_runs for run in p if run.steps is not None)
+        out.update(summarize_steps(steps, method.depth, method.gamma, emitted),
+                   tau_source="new tokens / engine step records")
         phases = [run.phases for p in per_prompt_runs for run in p if run.phases]
         if phases:  # where the engine's time went, summed over all prompts and repeats
             out["time_split_s"] = {k: sum(ph.get(k, 0.0) for ph in phases) for k in phases[0]}
@@ -105,7 +107,7 @@ def prompt_row(i: int, runs: list[Run], plain_ids: list[int] | None) -> dict:
             row["first_difference_at"] = next((j for j, (a, b) in enumerate(zip(bad, plain_ids)) if a != b),
                                               min(len(bad), len(plain_ids)))
     if first.steps is not None:
-        row.update(steps=len(first.steps), tau=or_none(tau(first.steps)),
+        row.update(steps=len(first.steps), tau=or_none(tau(first.steps, first.new_tokens_len)),
                    accepted_per_drafted=or_none(drafted_acceptance(first.steps)),
                    accepted=[int(st["accepted"]) for st in first.steps],
                    drafted=[int(st["drafted"]) for st in first.steps])
@@ -194,7 +196,8 @@ def markdown_table(record: dict) -> str:
         + (f" α: the paper's, from greedy chain drafting with γ={PAPER_GAMMA} (rows marked chain)."
                       if any(m.get("alpha_gamma") for m in record["methods"]) else ""),
         f"Speedup: tokens/s over `{record['reference']}` in the same run, same prompts (median [min–max] over "
-        "repeats). τ counts the bonus token; for transformers' methods it is new tokens / target forwards.",
+        "repeats). τ: new tokens / target forwards, the bonus token included (a generation's last forward counts "
+        "the tokens it kept, not those verified past max_new_tokens or EOS).",
         f"Machine: {mach['cpu']}, {mach['cores']} cores ({mach['torch_threads']} torch threads), torch "
         f"{mach['torch']}, transformers {mach['transformers']}.",
         "",

@@ -430,8 +430,9 @@ def speculative_generate(target, prompt_ids, drafter: Drafter, max_new_tokens: i
     ids (default: the target's generation config); generation stops after emitting one, or once the text
     contains a stop string. on_tokens(list[int]) is called with the tokens emitted at each step (streaming).
 
-    Returns (new token ids, stats): stats has steps, accepted_lengths (tokens emitted per target forward,
-    bonus included), tau (their mean), drafted_tokens / accepted_drafts / draft_acceptance, per-step
+    Returns (new token ids, stats): stats has steps, accepted_lengths (the tokens each target forward's
+    verification accepted, bonus included; the last one's may run past the tokens kept), tau (tokens kept per
+    target forward), drafted_tokens / accepted_drafts / draft_acceptance, per-step
     draft_times_s and verify_times_s (target forward + verification + cache compaction) and their totals,
     prefill_time_s, total_time_s and tokens_per_s; lookup_drafted / lookup_accepted count the prompt-lookup
     tokens grafted onto the trees (`TreeConfig.lookup_tokens`) and accepted. Near the end of the target's context
@@ -478,7 +479,7 @@ def _finish(stats: dict, new: list[int], t_start: float) -> dict:
     stats["total_time_s"] = time.perf_counter() - t_start
     stats["new_tokens"] = len(new)
     lengths = stats["accepted_lengths"]
-    stats["tau"] = sum(lengths) / len(lengths) if lengths else 0.0
+    stats["tau"] = len(new) / len(lengths) if lengths else 0.0  # tokens kept per target forward
     stats["draft_acceptance"] = stats["accepted_drafts"] / stats["drafted_tokens"] if stats["drafted_tokens"] else 0.0
     stats["tokens_per_s"] = len(new) / stats["total_time_s"] if stats["total_time_s"] > 0 else 0.0
     return stats

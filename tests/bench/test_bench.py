@@ -31,6 +31,13 @@ def test_metrics_by_hand_on_chain_steps():
     assert M.accepted_length_histogram(CHAIN_STEPS, 4) == [1, 1, 1, 0, 1]
 
 
+def test_tau_counts_the_tokens_kept():
+    # The same four forwards in a generation that kept 9 tokens (EOS or max_new_tokens inside the last one).
+    assert M.tau(CHAIN_STEPS, emitted=9) == pytest.approx(9 / 4)
+    assert M.summarize_steps(CHAIN_STEPS, depth=4, emitted=9)["tau"] == pytest.approx(9 / 4)
+    assert M.summarize_steps(CHAIN_STEPS, depth=4, emitted=9)["accepted_per_drafted"] == pytest.approx(7 / 16)
+
+
 def test_alpha_counts_one_rejection_per_round_not_per_unverified_draft():
     # With gamma = 2 the same records read differently: rounds with accepted >= 2 have no rejection.
     steps = [{"accepted": 2, "drafted": 2}, {"accepted": 0, "drafted": 2}, {"accepted": 1, "drafted": 2}]
@@ -66,8 +73,8 @@ def _fake_record(mismatch: bool = False):
     ids = [list(range(10)), list(range(20, 30))]
     plain_runs = [[B.Run(ids[i], 1.0, target_forwards=10) for _ in range(2)] for i in range(2)]
     # speculative: 2 s total per repeat in repeat 0, 1 s in repeat 1 -> 10 and 20 tok/s vs plain 10 tok/s.
-    spec_runs = [[B.Run(ids[i], 1.0 if r == 0 else 0.5, steps=CHAIN_STEPS[:2] if i == 0 else CHAIN_STEPS[2:])
-                  for r in range(2)] for i in range(2)]
+    # Its four forwards verify 11 tokens; the generation keeps 10 (the last forward runs past max_new_tokens).
+    spec_runs = [[B.Run(ids[i], 1.0 if r == 0 else 0.5, steps=CHAIN_STEPS) for r in range(2)] for i in range(2)]
     chain_runs = [[B.Run(ids[i], 2.0, steps=CHAIN_STEPS) for _ in range(2)] for i in range(2)]
     wrong = list(ids[1][:3]) + [99] + ids[1][4:]
     lookup_runs = [[B.Run(ids[0], 0.5, target_forwards=5)] * 2,
@@ -86,25 +93,52 @@ def test_record_figures_by_hand():
     spec = res["head:x"]
     assert spec["tokens_per_s"]["median"] == pytest.approx(15.0)  # runs at 10 and 20 tok/s
     assert (spec["speedup"]["min"], spec["speedup"]["max"]) == pytest.approx((1.0, 2.0))
-    # acceptance pools all prompts and repeats: the four chain records, twice over.
-    assert spec["tau"] == pytest.approx(11 / 4) and spec["steps"] == 8
+    # acceptance pools all prompts and repeats: the four chain records, four times over. tau counts the tokens
+    # kept (10 a prompt in 4 forwards), not the 11 verified; the acceptance figures count the verified ones.
+    assert spec["tau"] == pytest.approx(10 / 4) and spec["steps"] == 16
+    assert spec["per_prompt"][0]["tau"] == pytest.approx(10 / 4)
+    assert spec["accepted_per_drafted"] == pytest.approx(7 / 16)
     assert spec["alpha"] is None and res["head:x [chain γ=4]"]["alpha"] == pytest.approx(0.7)
-    assert spec["per_prompt"][0]["accepted"] == [4, 1] and spec["per_prompt"][1]["drafted"] == [4, 4]
+    assert spec["per_prompt"][0]["accepted"] == [4, 1, 0, 2] and spec["per_prompt"][1]["drafted"] == [4] * 4
     assert res["plain-hf"]["speedup"]["median"] == pytest.approx(1.0)
     assert res["prompt-lookup(10)"]["tau"] == pytest.approx(20 / 9)  # new tokens / counted target forwards
     assert res["prompt-lookup(10)"]["speedup"]["median"] == pytest.approx(2.0)
     assert rec["lossless"] == {m["name"]: True for m in rec["methods"]}
 
 
+def test_bench_tau_recounts_an_old_record(tmp_path):
+    """scripts/bench_tau.py: a record whose engine rows counted verified tokens (mean(accepted + 1)) gets the
+    tokens kept instead, overall and per prompt, and its bench.md rendered again; a second pass changes nothing."""
+    from _helpers import load_script
+
+    bench_tau = load_script("scripts/bench_tau.py")
+    rec = _fake_record()
+    for res in rec["results"]["toy"].values():  # as the old code wrote it
+        if res["tau_source"] == bench_tau.SOURCE:
+            res["tau"], res["tau_source"] = M.tau(CHAIN_STEPS), "engine step records"
+            for row in res["per_prompt"]:
+                row["tau"] = M.tau(CHAIN_STEPS)
+    out = tmp_path / "b"
+    R.write_outputs(rec, out)
+    assert "| toy | 2 | head:x | 2.75 |" in (out / "bench.md").read_text()
+    assert bench_tau.main([str(out)]) == 0
+    new = json.loads((out / "bench.json").read_text())["results"]["toy"]
+    assert new["head:x"]["tau"] == pytest.approx(10 / 4) and new["head:x"]["per_prompt"][1]["tau"] == pytest.approx(2.5)
+    assert new["prompt-lookup(10)"]["tau"] == pytest.approx(20 / 9)  # not an engine row: unchanged
+    assert "| toy | 2 | head:x | 2.50 |" in (out / "bench.md").read_text()
+    before = (out / "bench.json").read_text()
+    assert bench_tau.main([str(out)]) == 0 and (out / "bench.json").read_text() == before
+
+
 def test_time_split_table_by_hand():
     rec = _fake_record()
     assert R.time_split_table(rec) == []  # no engine split recorded: no table
-    # 8 steps over 2 prompts x 2 repeats; plain-hf runs at 10 tok/s (100 ms/token); tau 11/4.
-    rec["results"]["toy"]["head:x"]["time_split_s"] = {"draft_time_s": 0.8, "verify_time_s": 1.6,
+    # 16 steps over 2 prompts x 2 repeats; plain-hf runs at 10 tok/s (100 ms/token); tau 10/4.
+    rec["results"]["toy"]["head:x"]["time_split_s"] = {"draft_time_s": 1.6, "verify_time_s": 3.2,
                                                       "prefill_time_s": 0.4, "wall_s": 3.0}
     lines = R.time_split_table(rec)
-    # draft 100 ms/step, verify 200 ms/step, prefill 100 ms/prompt, bound 2.75 x 100 / 300 = 0.92
-    assert lines[-1] == "| toy | head:x | 8 | 100.0 | 200.0 | 100 | 100.0 | 0.92 | 1.50 [1.00–2.00] |"
+    # draft 100 ms/step, verify 200 ms/step, prefill 100 ms/prompt, bound 2.5 x 100 / 300 = 0.83
+    assert lines[-1] == "| toy | head:x | 16 | 100.0 | 200.0 | 100 | 100.0 | 0.83 | 1.50 [1.00–2.00] |"
     assert "Where the time goes" in R.markdown_table(rec)
 
 
@@ -153,8 +187,8 @@ def test_outputs_written_atomically(tmp_path):
     for name in R.PLOTS:
         assert open(written[name], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     md = (tmp_path / "out" / "bench.md").read_text()
-    assert "| toy | 2 | head:x [chain γ=4] | 2.75 | 0.700 | 0.438 |" in md
-    assert "| toy | 2 | head:x | 2.75 | — | 0.438 | 15.0 [10.0–20.0] | 1.50 [1.00–2.00] | yes |" in md
+    assert "| toy | 2 | head:x [chain γ=4] | 2.50 | 0.700 | 0.438 |" in md  # 10 tokens kept of 11 verified
+    assert "| toy | 2 | head:x | 2.50 | — | 0.438 | 15.0 [10.0–20.0] | 1.50 [1.00–2.00] | yes |" in md
 
 
 def test_prompt_file_formats_and_errors(tmp_path):

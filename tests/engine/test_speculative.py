@@ -79,8 +79,8 @@ def test_perfect_drafter_gets_everything_accepted(shape):
     target = target_of("llama")
     out, stats = speculative_generate(target, prompt(), DraftLMDrafter(target), 21, tree=SHAPES[shape],
                                       eos_token_id=[])
-    assert stats["accepted_lengths"][:-1] == [5] * (len(stats["accepted_lengths"]) - 1)
-    assert stats["steps"] == 5 and stats["tau"] == pytest.approx(25 / 5)
+    assert stats["accepted_lengths"] == [5] * 5  # every forward's drafts accepted, 25 tokens verified
+    assert stats["steps"] == 5 and stats["tau"] == pytest.approx(21 / 5)  # 21 kept
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -520,6 +520,16 @@ def test_stop_strings_checked_at_every_token_when_decoding_is_not_prefix_monoton
     out, _ = speculative_generate(target, ids, drafter, 30, tree=chain, eos_token_id=[], stop_strings=[stop],
                                   tokenizer=tok, on_tokens=streamed.extend)
     assert out == streamed == plain
+
+
+def test_tau_counts_the_tokens_kept():
+    """A drafter that is always right verifies depth + 1 tokens a forward; with max_new_tokens 3 the one forward
+    keeps 3 of its 5: tau is 3 (the tokens the user got), the accepted lengths say what verification accepted."""
+    target = target_of("llama")
+    out, stats = speculative_generate(target, prompt(), DraftLMDrafter(target), 3, tree=SHAPES["chain"],
+                                      eos_token_id=[])
+    assert len(out) == 3 and stats["steps"] == 1
+    assert stats["accepted_lengths"] == [5] and stats["tau"] == pytest.approx(3.0)
 
 
 def test_user_errors():
