@@ -184,7 +184,8 @@ def markdown_table(record: dict) -> str:
         + f", max {cfg['max_new_tokens']} new tokens, {cfg['repeats']} repeat(s) after {cfg['warmup']} warm-up.",
         f"Draft tree: {tree['shape']}, depth {tree['depth']}, top-k {tree['topk']}, " + (
             f"{tree['total_tokens']} tokens a step." if tree["total_tokens"] != "auto" else
-            "budget and depth (and lookup length) tuned per drafter and suite on the suite's first prompt ("
+            "budget and depth (and lookup length) tuned per drafter and suite on the suite's first prompt, which "
+            "is measured too ("
             + "; ".join(f"{m['name']}: " + " / ".join(_tuned(suite, t) for suite, t in m["tuned_tree"].items())
                         for m in record["methods"] if m.get("tuned_tree")) + ").")
         + (f" Heads draft from the {', '.join(sorted(vocabs))} most frequent training tokens "

@@ -351,6 +351,8 @@ def test_alpha_gamma_only_when_every_suite_drafts_the_same_chain():
         return B.engine_method("m", None, None, None, tree, 8, 0.0, 1.0, eos_ids=[]).gamma
 
     assert gamma(chain(4)) == 4 and gamma({"a": chain(4), "b": chain(4)}) == 4
+    # a chain of depth 4 with a budget of 2 tokens drafts 2 a step (build_tree): its alpha is gamma 2's
+    assert gamma(TreeConfig(shape="chain", depth=4, topk=1, total_tokens=2)) == 2
     assert gamma({"a": chain(2), "b": chain(4)}) is None  # tuned per suite to different lengths: no single gamma
     assert gamma({"a": chain(4), "b": chain(4, lookup=2)}) is None  # lookup nodes are not drafted
     assert gamma({"a": chain(4), "b": TreeConfig(depth=4, topk=2, total_tokens=4)}) is None
@@ -378,7 +380,7 @@ def test_bench_tunes_the_tree_per_drafter(tmp_path):
         assert tuned["total_tokens"] in AUTO_BUDGETS and tuned["depth"] <= tuned["total_tokens"]
         assert m["tree"]["total_tokens"] == tuned["total_tokens"] and m["tree"]["depth"] == tuned["depth"]
         assert m["trees"]["prompts"] == m["tree"]
-    assert "tuned per drafter and suite on the suite's first prompt (self: prompts " in (out / "bench.md").read_text()
+    assert "tuned per drafter and suite on the suite's first prompt, which is measured too (self: prompts " in (out / "bench.md").read_text()
     assert "--total-tokens auto" in rec["command"]
     with pytest.raises(AdaspecError, match="--total-tokens 'x'"):
         B.BenchConfig(total_tokens="x")
