@@ -255,6 +255,52 @@ def test_sampling_applies_top_p_in_verification(monkeypatch):
     assert not chi_square_ok(counts, joint)[0]
 
 
+def test_sampled_third_token_follows_the_target():
+    """The third sampled token, which comes from a later step than the first or as a bonus after accepted drafts:
+    its marginal distribution equals the target's (exact, summed over the 64 two-token prefixes), for a chain
+    and a dynamic tree whose drafts are often rejected."""
+    target = tiny_model("llama", seed=0, vocab_size=8)
+    ids = prompt(seed=5, length=6, vocab=8)
+    temperature, top_p, vocab = 1.5, 0.9, 8
+    with torch.no_grad():
+        p1 = warp_probs(target(torch.tensor([ids])).logits[0, -1], temperature, top_p)  # (V,)
+        rows1 = torch.tensor([ids + [a] for a in range(vocab)])
+        p2 = warp_probs(target(rows1).logits[:, -1], temperature, top_p)  # (V, V)
+        rows2 = torch.tensor([ids + [a, b] for a in range(vocab) for b in range(vocab)])
+        p3 = warp_probs(target(rows2).logits[:, -1], temperature, top_p).view(vocab, vocab, vocab)
+    marginal = torch.einsum("a,ab,abc->c", p1, p2, p3)
+    for cfg in (TreeConfig(depth=2, topk=1, total_tokens=2, shape="chain"),
+                TreeConfig(depth=2, topk=2, total_tokens=4, shape="dynamic")):
+        drafter = DraftLMDrafter(noisy_copy(target, 0.3, seed=2))
+        counts, steps = torch.zeros(vocab), 0
+        for seed in range(600):
+            out, stats = speculative_generate(target, ids, drafter, 3, temperature=temperature, top_p=top_p,
+                                              tree=cfg, eos_token_id=[], seed=seed)
+            counts[out[2]] += 1
+            steps += stats["steps"]
+        ok, stat, crit = chi_square_ok(counts, marginal)
+        assert ok, (cfg.shape, counts, marginal, stat, crit)
+        assert 600 < steps < 3 * 600  # some generations took several steps, some fewer than three
+
+
+def test_sampled_generation_stops_at_eos_and_max_tokens():
+    """Sampling with tree steps that emit several tokens: the output ends at the first EOS (nothing after it) or at
+    max_new_tokens exactly, and the streamed tokens are the output."""
+    target = tiny_model("llama", seed=0, vocab_size=8)
+    ids = prompt(seed=5, length=6, vocab=8)
+    drafter = DraftLMDrafter(noisy_copy(target, 0.3, seed=2))
+    cfg = TreeConfig(depth=3, topk=2, total_tokens=6, shape="dynamic")
+    ended = 0
+    for seed in range(40):
+        streamed = []
+        out, _ = speculative_generate(target, ids, drafter, 12, temperature=1.5, tree=cfg, eos_token_id=1, seed=seed,
+                                      on_tokens=streamed.extend)
+        assert out == streamed and len(out) <= 12
+        assert 1 not in out[:-1] and (out[-1] == 1 or len(out) == 12)
+        ended += out[-1] == 1
+    assert 0 < ended < 40  # both ways of ending happen
+
+
 def test_lookup_continuation():
     seq = torch.tensor([1, 2, 3, 4, 5, 1, 2, 3])
     assert lookup_continuation(seq, 3) == [4, 5, 1]  # the 3-gram 1 2 3 recurs
