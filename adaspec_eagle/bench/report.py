@@ -194,7 +194,8 @@ def markdown_table(record: dict) -> str:
            "occurrence of the last 3- or 2-gram; under auto tuning, the tuned length) onto the drafter's own tree; "
            "`lookup:N` rows verify such a chain alone."
            if any(m.get("lookup_tokens") for m in record["methods"]) else "")
-        + (f" α: the paper's, from greedy chain drafting with γ={PAPER_GAMMA} (rows marked chain)."
+        + (f" α: the paper's, from {'greedy' if cfg['temperature'] == 0 else 'sampled'} chain drafting with "
+           f"γ={PAPER_GAMMA} (rows marked chain)."
                       if any(m.get("alpha_gamma") for m in record["methods"]) else ""),
         f"Speedup: tokens/s over `{record['reference']}` in the same run, same prompts (median [min–max] over "
         "repeats). τ: new tokens / target forwards, the bonus token included (a generation's last forward counts "
