@@ -150,6 +150,20 @@ def test_lossless_flag_and_mismatch_position():
     assert rec["lossless"]["head:x"] is True
 
 
+def test_bench_cli_fails_when_a_greedy_row_is_not_lossless(tmp_path, monkeypatch, capsys):
+    """Every output is written, the table says **no**, and the exit status is 1 with the reason on stderr."""
+    from adaspec_eagle.cli import main
+
+    monkeypatch.setattr(B, "run_bench", lambda cfg: _fake_record(mismatch=True))
+    out = tmp_path / "bench"
+    assert main(TINY + ["--out", str(out)]) == 1
+    assert json.loads((out / "bench.json").read_text())["lossless"]["prompt-lookup(10)"] is False
+    assert "| **no** |" in (out / "bench.md").read_text()
+    assert "greedy output differs from plain-hf for ['prompt-lookup(10)']" in capsys.readouterr().err
+    monkeypatch.setattr(B, "run_bench", lambda cfg: _fake_record())
+    assert main(TINY + ["--out", str(tmp_path / "ok")]) == 0
+
+
 REQUIRED = {
     "record": {"schema", "created", "config", "machine", "reference", "methods", "suites", "results", "lossless"},
     "machine": {"cpu", "cores", "torch_threads", "device", "torch", "transformers", "python"},
