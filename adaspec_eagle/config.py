@@ -243,6 +243,12 @@ class TreeConfig:
         """The deepest node a tree can hold (positions it needs past the root)."""
         return max(self.depth, self.lookup_tokens)
 
+    @property
+    def draft_depth(self) -> int:
+        """Levels the drafter drafts: a chain, or a dynamic tree's kept set, never goes deeper than the budget
+        (levels past it would be drafted and pruned); a static tree drafts `depth`."""
+        return min(self.depth, self.total_tokens) if self.shape in ("chain", "dynamic") else self.depth
+
 
 @dataclass
 class HeadRecipe:

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 from adaspec_eagle.bench import report as R
-from adaspec_eagle.io import atomic_write
 
 SOURCE = "new tokens / engine step records"
 
@@ -55,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         for suite, name, old, new in changed:
             print(f"{folder}: {suite} {name}: tau {old:.3f} -> {new:.3f}")
         if changed:
-            atomic_write(folder / "bench.json", json.dumps(record, indent=1, ensure_ascii=False) + "\n")
-            atomic_write(folder / "bench.md", R.markdown_table(record))
+            R.write_record(record, folder)
         else:
             print(f"{folder}: nothing to recount")
     return 0

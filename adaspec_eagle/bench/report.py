@@ -311,13 +311,18 @@ def plot_figures(record: dict) -> dict[str, bytes]:
     return figures
 
 
+def write_record(record: dict, out: Path) -> None:
+    """bench.json and bench.md of `record` in the folder `out` (each written atomically)."""
+    atomic_write(out / "bench.json", json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+    atomic_write(out / "bench.md", markdown_table(record))
+
+
 def write_outputs(record: dict, out: str | Path) -> dict[str, str]:
     """bench.json, bench.md and the PNG plots in `out`; returns {name: path}."""
     out = Path(out)
     written = {}
     mark_output_folder(out, "bench")
-    atomic_write(out / "bench.json", json.dumps(record, indent=1, ensure_ascii=False) + "\n")
-    atomic_write(out / "bench.md", markdown_table(record))
+    write_record(record, out)
     for name, png in plot_figures(record).items():
         atomic_write(out / name, png)
     for name in ("bench.json", "bench.md", *PLOTS):

@@ -248,9 +248,8 @@ def engine_method(name: str, target, tokenizer, drafter, tree, max_new_tokens: i
                 tree=dataclasses.asdict(default))
     if trees:
         info["trees"] = {k: dataclasses.asdict(t) for k, t in trees.items()}
-    # a chain holds min(depth, total_tokens) drafts (build_tree): that is its gamma
     return Method(name, "speculative", generate, depth=max(t.max_depth for t in every),
-                  gamma=min(default.depth, default.total_tokens) if chain else None, info=info)
+                  gamma=default.draft_depth if chain else None, info=info)
 
 
 def engine_plain_method(name: str, target, tokenizer, max_new_tokens: int, temperature: float, top_p: float,
@@ -402,7 +401,7 @@ def _drafter_methods(cfg: BenchConfig, spec, drafter, target, tokenizer, eos_ids
             looked, looked_info["tuned_tree"] = _tuned_trees(target, drafter, tune_prompts, looked, eos_ids)
         methods.append(engine_method(f"{spec.label}+lookup({cfg.lookup_tokens})", target, tokenizer, drafter,
                                      looked, eos_ids=eos_ids, info=looked_info, **common))
-    if cfg.alpha_protocol and (tree.shape, min(tree.depth, tree.total_tokens), tree.topk) != ("chain", PAPER_GAMMA, 1):
+    if cfg.alpha_protocol and (tree.shape, tree.draft_depth, tree.topk) != ("chain", PAPER_GAMMA, 1):
         chain = TreeConfig(shape="chain", depth=PAPER_GAMMA, topk=1, total_tokens=PAPER_GAMMA)
         methods.append(engine_method(f"{spec.label} [chain γ={PAPER_GAMMA}]", target, tokenizer, drafter,
                                      chain, eos_ids=eos_ids, info=chain_info(info), **common))

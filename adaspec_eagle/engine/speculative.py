@@ -363,22 +363,20 @@ def _prefill(target, drafter: Drafter, ids: list[int], cache) -> torch.Tensor:
     return seq
 
 
-def _fit_depth(tree_cfg: TreeConfig, seq: torch.Tensor, limit: int | None) -> TreeConfig:
-    """The step's tree config: depth cut to the positions left in the context (the root sits at len(seq) - 1, a
-    node of depth d at len(seq) - 1 + d); >= 1 while generation goes on, since len(seq) < limit then."""
-    left = None if limit is None else limit - len(seq)
-    return tree_cfg if left is None or left >= tree_cfg.depth else dataclasses_replace(tree_cfg, depth=left)
-
-
 def _draft(drafter: Drafter, seq: torch.Tensor, tree_cfg: TreeConfig, sample, limit, stats: dict) -> DraftTree:
-    """The step's draft tree rooted at the last token, with the prompt-lookup chain grafted on."""
+    """The step's draft tree rooted at the last token, with the prompt-lookup chain grafted on. Near the end of the
+    context both are cut to the positions left (the root sits at len(seq) - 1, a node of depth d at
+    len(seq) - 1 + d; at least one is left while generation goes on, since len(seq) < limit then)."""
+    left = None if limit is None else limit - len(seq)
+    if left is not None and left < tree_cfg.depth:
+        tree_cfg = dataclasses_replace(tree_cfg, depth=left)
     root = int(seq[-1])
     root_logits = drafter.root_logits(seq)
     draft = (DraftTree.root_only(root) if root_logits is None
              else build_tree(root, root_logits, drafter.expand, tree_cfg, sample,
                              getattr(drafter, "vocab_ids", None), getattr(drafter, "vocab_size", None)))
     if tree_cfg.lookup_tokens:
-        positions_left = tree_cfg.lookup_tokens if limit is None else min(tree_cfg.lookup_tokens, limit - len(seq))
+        positions_left = tree_cfg.lookup_tokens if left is None else min(tree_cfg.lookup_tokens, left)
         chain = lookup_continuation(seq, positions_left, tree_cfg.lookup_ngram, tree_cfg.lookup_min_ngram)
         draft, grafted = graft_chain(draft, chain)
         stats["lookup_drafted"] += grafted
@@ -458,8 +456,7 @@ def speculative_generate(target, prompt_ids, drafter: Drafter, max_new_tokens: i
         new: list[int] = []
         while len(new) < max_new_tokens:
             t0 = time.perf_counter()
-            draft = _draft(drafter, seq, _fit_depth(tree_cfg, seq, limit), sample if temperature > 0 else None, limit,
-                           stats)
+            draft = _draft(drafter, seq, tree_cfg, sample if temperature > 0 else None, limit, stats)
             t1 = time.perf_counter()
             path, emitted = _verify(target, drafter, draft, cache, temperature, top_p, generator)
             _record_step(stats, draft, path, emitted, t0, t1, time.perf_counter())

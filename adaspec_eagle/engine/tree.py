@@ -194,9 +194,7 @@ def build_tree(root_token: int, root_logits: torch.Tensor, expand: ExpandFn, cfg
     vocabulary (`vocab_size` ids) first, so `sample` always sees (V,) logits.
     """
     budget = cfg.total_tokens
-    # A chain, or a dynamic tree's kept set (ancestor-closed, `top_budget`), never goes deeper than the budget:
-    # levels past it would be drafted and pruned.
-    depth_max = min(cfg.depth, budget) if cfg.shape in ("chain", "dynamic") else cfg.depth
+    depth_max = cfg.draft_depth  # (a dynamic tree's kept set is ancestor-closed, `top_budget`)
     shape = static_shape(depth_max, cfg.topk, budget) if cfg.shape == "static" else None
     tokens, parents, depth, scores, slots = [root_token], [-1], [0], [0.0], [-1]
     ranks: list[tuple[int, ...]] = [()]
