@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from adaspec_eagle.bench.runner import BenchConfig, Method, Run
 
 SCHEMA = "adaspec-eagle-bench/1"
+ENGINE_PLAIN = "plain-engine"  # the engine's own plain loop, the baseline that isolates speculation's share
 PLOTS = ("accepted_length_hist.png", "acceptance_by_position.png", "speedup_by_suite.png")
 
 
@@ -57,19 +58,25 @@ def machine_info(device: str) -> dict:
 # The record: every per-prompt figure, per-suite summaries, the config and the machine
 
 
+def _repeat_tps(per_prompt_runs: list[list[Run]]) -> list[float]:
+    """Tokens/s of each repeat over all prompts of a suite."""
+    return [tokens_per_second(sum(p[r].new_tokens_len for p in per_prompt_runs),
+                              sum(p[r].seconds for p in per_prompt_runs)) for r in range(len(per_prompt_runs[0]))]
+
+
 def summarize_method(method: Method, per_prompt_runs: list[list[Run]], ref_runs: list[list[Run]],
-                     greedy: bool) -> dict:
+                     greedy: bool, engine_runs: list[list[Run]] | None = None) -> dict:
     """One method on one suite. `per_prompt_runs[i][r]` is prompt i, repeat r; `ref_runs` the same for the
     speedup reference (plain decoding). Tokens/s and speedup are per repeat (all prompts of the suite), then
-    median and spread; acceptance pools the step records of every prompt and repeat."""
-    repeats = len(per_prompt_runs[0])
-    tps = [tokens_per_second(sum(p[r].new_tokens_len for p in per_prompt_runs),
-                             sum(p[r].seconds for p in per_prompt_runs)) for r in range(repeats)]
-    ref_tps = [tokens_per_second(sum(p[r].new_tokens_len for p in ref_runs), sum(p[r].seconds for p in ref_runs))
-               for r in range(repeats)]
+    median and spread; acceptance pools the step records of every prompt and repeat. With `engine_runs` (the
+    engine's own plain loop, when it is measured and is not the reference) a speculative method also gets
+    `speedup_over_engine`: the part of its speedup that speculation gives, the engine's own loop factored out."""
+    tps = _repeat_tps(per_prompt_runs)
     out = {"kind": method.kind, **method.info,
            "new_tokens": sum(p[0].new_tokens_len for p in per_prompt_runs),
-           "tokens_per_s": spread(tps), "speedup": spread([a / b for a, b in zip(tps, ref_tps)])}
+           "tokens_per_s": spread(tps), "speedup": spread([a / b for a, b in zip(tps, _repeat_tps(ref_runs))])}
+    if engine_runs is not None and method.kind == "speculative":
+        out["speedup_over_engine"] = spread([a / b for a, b in zip(tps, _repeat_tps(engine_runs))])
     steps = [st for p in per_prompt_runs for run in p for st in (run.steps or [])]
     if any(run.steps is not None for p in per_prompt_runs for run in p):
         emitted = sum(run.new_tokens_len for p in per_prompt_runs for run in p if run.steps is not None)
@@ -123,10 +130,12 @@ def make_record(cfg: BenchConfig, suites: list[dict], methods: list[Method], run
     repeat; the first method is the speedup reference."""
     greedy = cfg.temperature == 0
     ref = methods[0].name
+    engine = ENGINE_PLAIN if any(m.name == ENGINE_PLAIN for m in methods[1:]) else None
     results = {}
     for s in suites:
         by_method = runs[s["name"]]
-        results[s["name"]] = {m.name: summarize_method(m, by_method[m.name], by_method[ref], greedy)
+        results[s["name"]] = {m.name: summarize_method(m, by_method[m.name], by_method[ref], greedy,
+                                                       by_method[engine] if engine else None)
                               for m in methods}
     lossless = {m.name: (all(results[s["name"]][m.name]["lossless"] for s in suites) if greedy else None)
                 for m in methods}
@@ -202,10 +211,15 @@ def markdown_table(record: dict) -> str:
         "the tokens it kept, not those verified past max_new_tokens or EOS).",
         f"Machine: {mach['cpu']}, {mach['cores']} cores ({mach['torch_threads']} torch threads), torch "
         f"{mach['torch']}, transformers {mach['transformers']}.",
-        "",
-        "| suite | prompts | method | τ | α | accepted/drafted | tokens/s | speedup | lossless |",
-        "|---|---:|---|---:|---:|---:|---:|---:|:---:|",
     ]
+    split = any("speedup_over_engine" in res for by_method in record["results"].values()
+                for res in by_method.values())
+    if split:
+        lines.append(f"Over `{ENGINE_PLAIN}`: tokens/s over the engine's own plain loop in the same run, the part of "
+                     f"the speedup that speculation gives (`{ENGINE_PLAIN}`'s own speedup is the engine's part).")
+    lines += ["", "| suite | prompts | method | τ | α | accepted/drafted | tokens/s | speedup | "
+              + (f"over `{ENGINE_PLAIN}` | " if split else "") + "lossless |",
+              "|---|---:|---|---:|---:|---:|---:|---:|" + ("---:|" if split else "") + ":---:|"]
     for suite, by_method in record["results"].items():
         n = record["suites"][suite]["num_prompts"]
         for name, res in by_method.items():
@@ -214,7 +228,9 @@ def markdown_table(record: dict) -> str:
                                               and res["alpha_gamma"] != PAPER_GAMMA else "")
             lines.append(f"| {suite} | {n} | {name} | {_fmt(res['tau'])} | {alpha} | "
                          f"{_fmt(res['accepted_per_drafted'], 3)} | {_fmt_spread(res['tokens_per_s'], 1)} | "
-                         f"{_fmt_spread(res['speedup'])} | {lossless} |")
+                         f"{_fmt_spread(res['speedup'])} | "
+                         + (f"{_fmt_spread(res.get('speedup_over_engine'))} | " if split else "")
+                         + f"{lossless} |")
     return "\n".join(lines + time_split_table(record)) + "\n"
 
 

@@ -23,7 +23,7 @@ from transformers import GenerationConfig
 
 from adaspec_eagle import AdaspecError
 from adaspec_eagle.bench.metrics import PAPER_GAMMA
-from adaspec_eagle.bench.report import make_record, markdown_table, write_outputs
+from adaspec_eagle.bench.report import ENGINE_PLAIN, make_record, markdown_table, write_outputs
 from adaspec_eagle.config import (
     MAX_LOOKUP_TOKENS,
     DataConfig,
@@ -420,7 +420,7 @@ def build_methods(cfg: BenchConfig, target, tokenizer, eos_ids: list[int], tune_
     methods = []
     for b in cfg.baseline:
         methods.append(hf_generate_method("plain-hf", "plain", target, eos_ids, pad_id, **common) if b == "hf" else
-                       engine_plain_method("plain-engine", target, tokenizer, eos_ids=eos_ids, **common))
+                       engine_plain_method(ENGINE_PLAIN, target, tokenizer, eos_ids=eos_ids, **common))
     auto = cfg.total_tokens == "auto"
     tree = TreeConfig(depth=cfg.depth, topk=cfg.topk, total_tokens=1 if auto else cfg.total_tokens,
                       shape=cfg.tree_shape)

@@ -64,8 +64,9 @@ def test_spread_median_quartiles():
     assert M.spread([])["median"] is None
 
 
-def _fake_record(mismatch: bool = False):
-    """A record from hand-made runs: 2 prompts x 2 repeats; plain 10 tokens in 1 s a prompt."""
+def _fake_record(mismatch: bool = False, engine: bool = False):
+    """A record from hand-made runs: 2 prompts x 2 repeats; plain 10 tokens in 1 s a prompt; with `engine`, the
+    engine's plain loop too, 10 tokens in 0.8 s a prompt."""
     plain = B.Method("plain-hf", "plain", None)
     spec = B.Method("head:x", "speculative", None, depth=4, info={"drafter": "head"})
     chain = B.Method("head:x [chain γ=4]", "speculative", None, depth=4, gamma=4)
@@ -82,6 +83,9 @@ def _fake_record(mismatch: bool = False):
     methods = [plain, spec, chain, lookup]
     runs = {"toy": {"plain-hf": plain_runs, "head:x": spec_runs, "head:x [chain γ=4]": chain_runs,
                     "prompt-lookup(10)": lookup_runs}}
+    if engine:
+        methods.insert(1, B.Method(R.ENGINE_PLAIN, "plain", None))
+        runs["toy"][R.ENGINE_PLAIN] = [[B.Run(ids[i], 0.8, target_forwards=10) for _ in range(2)] for i in range(2)]
     suites = [{"name": "toy", "source": "hand-made", "prompts": [[1, 2, 3], [4, 5]]}]
     cfg = B.BenchConfig(target="tiny-llama", drafters=["head:x"], suites=["toy"], repeats=2, depth=4)
     return R.make_record(cfg, suites, methods, runs)
@@ -104,6 +108,24 @@ def test_record_figures_by_hand():
     assert res["prompt-lookup(10)"]["tau"] == pytest.approx(20 / 9)  # new tokens / counted target forwards
     assert res["prompt-lookup(10)"]["speedup"]["median"] == pytest.approx(2.0)
     assert rec["lossless"] == {m["name"]: True for m in rec["methods"]}
+
+
+def test_speculation_share_against_the_engines_plain_loop():
+    """With the engine's plain loop measured beside plain transformers, each speculative row also gets its speedup
+    over that loop (speculation's own part); bench.md shows it as a column, and not without the engine row."""
+    rec = _fake_record(engine=True)
+    res = rec["results"]["toy"]
+    assert res[R.ENGINE_PLAIN]["speedup"]["median"] == pytest.approx(1.25)  # the engine's own part
+    over = res["head:x"]["speedup_over_engine"]  # 10 and 20 tok/s against 12.5
+    assert (over["min"], over["max"]) == pytest.approx((0.8, 1.6))
+    assert res["head:x"]["speedup"]["median"] == pytest.approx(over["median"] * 1.25)
+    assert "speedup_over_engine" not in res[R.ENGINE_PLAIN] and "speedup_over_engine" not in res["prompt-lookup(10)"]
+    md = R.markdown_table(rec)
+    assert f"| speedup | over `{R.ENGINE_PLAIN}` | lossless |" in md
+    assert "| toy | 2 | head:x | 2.50 | — | 0.438 | 15.0 [10.0–20.0] | 1.50 [1.00–2.00] | 1.20 [0.80–1.60] | yes |" in md
+    assert "| toy | 2 | prompt-lookup(10) | 2.22 | — | — | 20.0 [20.0–20.0] | 2.00 [2.00–2.00] | — | yes |" in md
+    plain_only = R.markdown_table(_fake_record())
+    assert "| speedup | lossless |" in plain_only and "Over `" not in plain_only and "speedup_over_engine" not in _fake_record()["results"]["toy"]["head:x"]
 
 
 def test_bench_tau_recounts_an_old_record(tmp_path):
@@ -322,6 +344,7 @@ def test_bench_cli_end_to_end_on_tiny_models(tmp_path):
     md = (out / "bench.md").read_text()
     assert "| prompts | 2 | head:h [chain γ=4] |" in md and "| prompts | head:h [chain γ=4] |" in md  # time split
     assert "`+lookup(N)` rows graft up to N tokens" in md and "| prompts | 2 | lookup:4 |" in md
+    assert res["self"]["speedup_over_engine"]["median"] > 0 and f"over `{R.ENGINE_PLAIN}`" in md
 
 
 def test_bench_tunes_the_tree_per_suite(tmp_path, monkeypatch):
