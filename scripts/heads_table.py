@@ -9,6 +9,11 @@ JSON lines (held-out evaluation on this CPU) and `adaspec-eagle bench` records (
 train-head results.json (the STAGE's evaluations, default reference) or a checkpoint's trainer_state.json. An even
 number of curves is read as pairs (e.g. KD, AdaSPEC for each seed): each pair's second minus its first at every step
 both evaluated, and with several pairs the mean difference ± half its range.
+
+--pair KD,ADASPEC (repeatable; drafter names in the bench records) with --eval, --bench and --bench32 prints one
+row per head (held-out top-1, KL and chain tau from the --eval line of the head the bench loaded; tau per suite
+with both trees), each pair's AdaSPEC minus KD, and with several pairs the mean difference ± half its range.
+--same-as COPY=EVALUATED reads the --eval line of EVALUATED for a head the bench loaded from COPY (a copy of it).
 """
 
 from __future__ import annotations
@@ -104,6 +109,54 @@ def curves_table(specs: list[str]) -> None:
         print(f"| mean of the {len(pairs)} differences ± half their range | " + " | ".join(cells) + " |")
 
 
+SUITES = ("sharegpt", "humaneval")
+
+
+def _mean_spread(values: list[float], digits: int, scale: float = 1.0) -> str:
+    values = [scale * v for v in values]
+    return f"{statistics.mean(values):+.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f}"
+
+
+def pairs_table(pairs: list[str], eval_path: str, bench_path: str, bench32_path: str,
+                same_as: dict[str, str] | None = None) -> None:
+    """KD/AdaSPEC pairs side by side: each head's held-out figures (its scripts/eval_heads.py line, found by the
+    path the bench record loaded it from) and its bench tau per suite with the tuned and the 32-token tree; each
+    pair's AdaSPEC − KD, and with several pairs the mean difference ± half its range. `same_as` maps a path the
+    bench loaded a head from to the path its copy was evaluated at."""
+    evals = {json.loads(line)["head"]: json.loads(line) for line in Path(eval_path).read_text().splitlines()}
+    benches = [json.loads((Path(b) / "bench.json").read_text()) for b in (bench_path, bench32_path)]
+    sources = {m["name"]: m.get("source") for m in benches[0]["methods"]}
+
+    def figures(name: str) -> list[float]:
+        if name not in sources:
+            raise SystemExit(f"drafter {name!r} is not in {bench_path}; its drafters: {', '.join(sources)}")
+        e = evals.get((same_as or {}).get(sources[name], sources[name]))
+        if e is None:
+            raise SystemExit(f"no --eval line for {sources[name]!r} (drafter {name!r}); run scripts/eval_heads.py "
+                             "on it and append its line")
+        return [e["top1"], e["kl"], e["chain_tau"]] + [rec["results"][suite][name]["tau"]
+                                                       for rec in benches for suite in SUITES]
+
+    digits, scale = (2, 3, 3, 2, 2, 2, 2), (100, 1, 1, 1, 1, 1, 1)
+    print("| head | source | held-out top-1 | forward KL | chain τ (γ 4) | τ tuned, ShareGPT | τ tuned, HumanEval "
+          "| τ 32-token, ShareGPT | τ 32-token, HumanEval |")
+    print("|---|---|" + "---:|" * 7)
+    diffs = []
+    for pair in pairs:
+        kd, ada = pair.split(",")
+        a, b = figures(kd), figures(ada)
+        for name, f in ((kd, a), (ada, b)):
+            print(f"| {name} | `{sources[name]}` | {f[0]:.2%} | " + " | ".join(f"{x:.{d}f}" for x, d in
+                                                                                 zip(f[1:], digits[1:])) + " |")
+        diffs.append([y - x for x, y in zip(a, b)])
+    for pair, d in zip(pairs, diffs):
+        kd, ada = pair.split(",")
+        print(f"| {ada} − {kd} | | " + " | ".join(f"{sc * x:+.{dg}f}" for x, dg, sc in zip(d, digits, scale)) + " |")
+    if len(diffs) > 1:
+        print(f"| mean of the {len(diffs)} differences ± half their range | | "
+              + " | ".join(_mean_spread([d[i] for d in diffs], digits[i], scale[i]) for i in range(7)) + " |")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results")
@@ -112,7 +165,14 @@ def main() -> int:
     p.add_argument("--bench32")
     p.add_argument("--runs", help="print only this gpu_heads.py record's runs table (e.g. the CPU sweep)")
     p.add_argument("--curve", action="append", help="LABEL=RECORD[:STAGE]: print only held-out curves (see above)")
+    p.add_argument("--pair", action="append", help="KD,ADASPEC drafter names: print only the pairs table (see above)")
+    p.add_argument("--same-as", action="append", default=[], help="COPY=EVALUATED head paths, for --pair")
     a = p.parse_args()
+    if a.pair:
+        if not (a.eval and a.bench and a.bench32):
+            p.error("--pair needs --eval, --bench (tuned trees) and --bench32 (32-token tree)")
+        pairs_table(a.pair, a.eval, a.bench, a.bench32, dict(x.split("=", 1) for x in a.same_as))
+        return 0
     if a.curve:
         curves_table(a.curve)
         return 0

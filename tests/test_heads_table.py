@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from _helpers import load_script
 
 
@@ -38,3 +39,40 @@ def test_two_curves_print_one_difference_and_no_mean(tmp_path, capsys):
     assert "| AdaSPEC − KD | -5.0 / -0.100 |" in out and "mean" not in out
     _heads_table().curves_table(specs[:1] * 3)  # an odd number of curves: no differences at all
     assert "−" not in capsys.readouterr().out.split("\n", 2)[2]
+
+
+def _bench(path, taus):
+    """A bench record folder whose drafters {name: (source, sharegpt tau, humaneval tau)} ran."""
+    path.mkdir()
+    rec = {"methods": [{"name": n, "source": src} for n, (src, _, _) in taus.items()],
+           "results": {suite: {n: {"tau": t[i + 1]} for n, t in taus.items()} for i, suite in
+                       enumerate(("sharegpt", "humaneval"))}}
+    (path / "bench.json").write_text(json.dumps(rec))
+    return str(path)
+
+
+def test_pairs_table_joins_eval_lines_and_bench_records(tmp_path, capsys):
+    lines = [{"head": "h/kd1-evaluated", "top1": 0.60, "kl": 1.0, "chain_tau": 2.0},
+             {"head": "h/ada1", "top1": 0.62, "kl": 0.9, "chain_tau": 2.1},
+             {"head": "h/kd2", "top1": 0.58, "kl": 1.1, "chain_tau": 1.9},
+             {"head": "h/ada2", "top1": 0.59, "kl": 1.0, "chain_tau": 2.0}]
+    ev = tmp_path / "eval.jsonl"
+    ev.write_text("\n".join(json.dumps(x) for x in lines))
+    srcs = {"kd1": "h/kd1-copy", "ada1": "h/ada1", "kd2": "h/kd2", "ada2": "h/ada2"}
+    tuned = _bench(tmp_path / "tuned", {n: (srcs[n], *t) for n, t in
+                                        {"kd1": (1.5, 1.4), "ada1": (1.6, 1.4), "kd2": (1.5, 1.5), "ada2": (1.5, 1.3)}.items()})
+    b32 = _bench(tmp_path / "b32", {n: (srcs[n], *t) for n, t in
+                                     {"kd1": (2.5, 2.0), "ada1": (2.7, 2.1), "kd2": (2.6, 2.2), "ada2": (2.6, 2.3)}.items()})
+    table = _heads_table()
+    table.pairs_table(["kd1,ada1", "kd2,ada2"], str(ev), tuned, b32, {"h/kd1-copy": "h/kd1-evaluated"})
+    rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines()}
+    assert rows["kd1"] == "| kd1 | `h/kd1-copy` | 60.00% | 1.000 | 2.000 | 1.50 | 1.40 | 2.50 | 2.00 |"
+    assert rows["ada1 − kd1"] == "| ada1 − kd1 | | +2.00 | -0.100 | +0.100 | +0.10 | +0.00 | +0.20 | +0.10 |"
+    assert rows["ada2 − kd2"] == "| ada2 − kd2 | | +1.00 | -0.100 | +0.100 | +0.00 | -0.20 | +0.00 | +0.10 |"
+    assert rows["mean of the 2 differences ± half their range"].endswith(
+        "| +1.50 ± 0.50 | -0.100 ± 0.000 | +0.100 ± 0.000 | +0.05 ± 0.05 | -0.10 ± 0.10 | +0.10 ± 0.10 | +0.10 ± 0.00 |")
+    # a head with no eval line (the copy not mapped) is named, with the fix
+    with pytest.raises(SystemExit, match="no --eval line for 'h/kd1-copy'.*eval_heads.py"):
+        table.pairs_table(["kd1,ada1"], str(ev), tuned, b32)
+    with pytest.raises(SystemExit, match="drafter 'kd9' is not in"):
+        table.pairs_table(["kd9,ada1"], str(ev), tuned, b32)
