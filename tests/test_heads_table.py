@@ -1,6 +1,7 @@
 """scripts/heads_table.py, which generates the README's head-experiment tables from the runs' records."""
 
 import json
+from pathlib import Path
 
 import pytest
 from _helpers import load_script
@@ -76,3 +77,15 @@ def test_pairs_table_joins_eval_lines_and_bench_records(tmp_path, capsys):
         table.pairs_table(["kd1,ada1"], str(ev), tuned, b32)
     with pytest.raises(SystemExit, match="drafter 'kd9' is not in"):
         table.pairs_table(["kd9,ada1"], str(ev), tuned, b32)
+
+
+def test_readme_pairs_table_is_the_generated_one(capsys):
+    """The README's KD/AdaSPEC pairs table is what the script prints from the committed records, line for line."""
+    root = Path(__file__).resolve().parents[1]
+    rec = root / "docs/records/heads"
+    _heads_table().pairs_table(["kd-p1,adaspec-p1", "kd-p2,adaspec-p2"], str(rec / "eval-heads.jsonl"),
+                               str(rec / "bench-pairs-auto"), str(rec / "bench-pairs-32"),
+                               {"runs/kd-8ep": "runs/head-smollm2-135m-cpu/reference"})
+    lines = capsys.readouterr().out.splitlines()
+    readme = (root / "README.md").read_text()
+    assert len(lines) == 9 and all(line in readme for line in lines)
