@@ -84,7 +84,7 @@ def test_readme_pairs_table_is_the_generated_one(capsys):
     root = Path(__file__).resolve().parents[1]
     rec = root / "docs/records/heads"
     _heads_table().pairs_table(["kd-p1,adaspec-p1", "kd-p2,adaspec-p2"], str(rec / "eval-heads.jsonl"),
-                               str(rec / "bench-pairs-auto"), str(rec / "bench-pairs-32"),
+                               str(rec / "bench-pairs-wide-auto"), str(rec / "bench-pairs-wide-32"),
                                {"runs/kd-8ep": "runs/head-smollm2-135m-cpu/reference"})
     lines = capsys.readouterr().out.splitlines()
     readme = (root / "README.md").read_text()
