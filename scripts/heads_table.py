@@ -76,6 +76,11 @@ def _evals(spec: str) -> tuple[str, dict]:
     return label, {e["step"]: e for e in evals}
 
 
+def _mean_spread(values: list[float], digits: int, scale: float = 1.0) -> str:
+    values = [scale * v for v in values]
+    return f"{statistics.mean(values):+.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f}"
+
+
 def curves_table(specs: list[str]) -> None:
     """Held-out top-1 / chain tau by step for each curve. With an even number of curves they are pairs (first,
     second), and each pair's second minus its first is printed where both have the step; with several pairs, also
@@ -103,18 +108,11 @@ def curves_table(specs: list[str]) -> None:
             if len(at) < len(diffs):
                 cells.append("—")
                 continue
-            top1, tau = [v[0] for v in at], [v[1] for v in at]
-            cells.append(f"{statistics.mean(top1):+.1f} ± {(max(top1) - min(top1)) / 2:.1f} / "
-                         f"{statistics.mean(tau):+.3f} ± {(max(tau) - min(tau)) / 2:.3f}")
+            cells.append(f"{_mean_spread([v[0] for v in at], 1)} / {_mean_spread([v[1] for v in at], 3)}")
         print(f"| mean of the {len(pairs)} differences ± half their range | " + " | ".join(cells) + " |")
 
 
 SUITES = ("sharegpt", "humaneval")
-
-
-def _mean_spread(values: list[float], digits: int, scale: float = 1.0) -> str:
-    values = [scale * v for v in values]
-    return f"{statistics.mean(values):+.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f}"
 
 
 def pairs_table(pairs: list[str], eval_path: str, bench_path: str, bench32_path: str,
