@@ -325,7 +325,8 @@ class BenchConfig:
         "help": f"also run each drafter as a greedy chain with γ={PAPER_GAMMA} to measure the paper's α"})
     baseline: list[str] = field(default_factory=lambda: ["hf"], metadata={
         "csv": True, "help": "plain decoding: hf (transformers generate), engine (our plain_generate) or hf,engine; "
-                             "the first is the speedup reference"})
+                             "the first is the speedup reference; with hf,engine each speculative row also gets "
+                             "its speedup over the engine's plain loop (speculation's own part)"})
     dtype: str = "float32"
     device: str = "cpu"
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's)"})
