@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import shutil
 import sys
@@ -53,6 +54,7 @@ from adaspec_eagle.data import build_dataset
 from adaspec_eagle.data.regen import CACHE_NAME, self_distill_examples
 from adaspec_eagle.engine.speculative import DEFAULT_DRAFT_VOCAB
 from adaspec_eagle.io import (
+    atomic_write,
     check_output_folder,
     disk_full,
     mark_output_folder,
@@ -580,8 +582,26 @@ def run_key(cfg: HeadRecipe, stage: str) -> dict:
     return d
 
 
+REFERENCE_DIGEST = "reference.sha256"
+"""In runs/adaspec/: the weights digest of the reference head an AdaSPEC stage distils against (`head_digest`)."""
+
+
+def head_digest(folder) -> str:
+    """sha256 (16 hex) over a head folder's weight files, in name order: the same for a copy of the head at
+    another path, different for other weights."""
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).iterdir()):
+        if f.suffix in (".safetensors", ".bin", ".pt", ".pth") and f.is_file():
+            h.update(f.name.encode())
+            with f.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:16]
+
+
 def check_outputs(cfg: HeadRecipe, stages: list[str], resume: bool, overwrite: bool) -> None:
-    """Refuse an output folder that holds a different run unless --resume or --overwrite."""
+    """Refuse an output folder that holds a different run unless --resume or --overwrite. An AdaSPEC stage is a
+    different run when its reference head's weights differ (the path may differ: a copy is the same reference)."""
 
     if resume or overwrite:
         return
@@ -595,6 +615,14 @@ def check_outputs(cfg: HeadRecipe, stages: list[str], resume: bool, overwrite: b
             raise AdaspecError(f"{cfg.output_dir!r} holds a different {stage} run (config differs in {diff}). Pass "
                                "--resume to continue it with the new config, --overwrite to replace it, or choose "
                                "another --output-dir.")
+        digest = saved.parent / REFERENCE_DIGEST
+        if stage == "adaspec" and cfg.reference and digest.is_file():
+            before, given = digest.read_text().strip(), head_digest(cfg.reference)
+            if before != given:
+                raise AdaspecError(f"{cfg.output_dir!r} holds an adaspec run against another reference head (weights "
+                                   f"sha256 {before}; {cfg.reference!r} has {given}). Pass the reference it was "
+                                   "started with, --resume to continue it against this one, --overwrite to replace "
+                                   "it, or choose another --output-dir.")
 
 
 CHAIN_GAMMA = 4
@@ -944,6 +972,8 @@ def _train_stage(p: _Pipeline, stage: str, records: dict, stop_at, progress) -> 
     cfg, run_dir = p.cfg, p.out / "runs" / stage
     if p.main:
         save_resolved(cfg, run_dir)
+        if stage == "adaspec" and p.ref_path is not None:  # what check_outputs compares on a rerun
+            atomic_write(run_dir / REFERENCE_DIGEST, head_digest(p.ref_path) + "\n")
     loss_cfg = cfg.loss if stage == "adaspec" else LossConfig(**{**to_dict(cfg.loss), "kind": "kd", "k": 1.0})
     stage_train = stage_budget(cfg, stage, reference_steps(records, p.reference))
     torch.manual_seed(cfg.train.seed)  # every stage starts from the same head initialisation

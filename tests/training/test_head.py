@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -20,6 +21,7 @@ from adaspec_eagle.models.heads import build_head, save_head
 from adaspec_eagle.models import TINY_FAMILIES, load_model, target_forward_features, tiny_model
 from _helpers import chat_file, samples
 from adaspec_eagle.training.loop import lr_multiplier, micro_batch_indices, train
+from adaspec_eagle.training import head as H
 from adaspec_eagle.training.head import evaluate_head, head_loss, head_valid_mask
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -226,6 +228,17 @@ def test_cli_both_stages_chain(tmp_path, capsys):
     assert main(tiny_args(data, out2, "--stage", "draft", "--reference", str(out / "reference"), "features=online",
                           "--target", "tiny-llama")) == 0
     assert (out2 / "adaspec" / "model.safetensors").is_file() and not (out2 / "reference").exists()
+    draft2 = ["--stage", "draft", "features=online", "--target", "tiny-llama"]
+    # rerun against a copy of that reference at another path: the same run (complete); against other weights
+    # (the AdaSPEC head itself): refused, naming both digests, before anything is written
+    shutil.copytree(out / "reference", tmp_path / "ref-copy")
+    assert main(tiny_args(data, out2, *draft2, "--reference", str(tmp_path / "ref-copy"))) == 0
+    assert "already complete" in capsys.readouterr().err
+    before = (out2 / "adaspec" / "model.safetensors").read_bytes()
+    assert main(tiny_args(data, out2, *draft2, "--reference", str(out / "adaspec"))) == 2
+    err = capsys.readouterr().err
+    assert "holds an adaspec run against another reference head" in err and H.head_digest(out / "reference") in err
+    assert (out2 / "adaspec" / "model.safetensors").read_bytes() == before
     assert main(tiny_args(data, out, "--stage", "draft", "--loss", "kd")) == 0
     assert json.loads((out / "kd" / "config.json").read_text())["adaspec"]["meta"]["loss"] == "kd"
     # results.json keeps the stages the first run recorded beside the KD stage run alone
