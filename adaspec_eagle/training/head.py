@@ -632,22 +632,33 @@ CHAIN_GAMMA = 4
 def stage_budget(cfg: HeadRecipe, stage: str, ref_steps: int | None):
     """The TrainConfig a stage runs with (`loss.budget`).
 
-    Reference and KD stages: cfg.train. AdaSPEC stage, 'equal_tokens': batch round(B / k), epochs E * B' / B, so
-    that each step trains on about as many kept tokens as a reference step and the step count is the same.
-    Both protocols: when the reference's step count is known (trained in this run, or recorded in its head),
-    the AdaSPEC stage runs exactly that many steps (a time-capped reference caps it too) and has no time cap
-    of its own."""
+    Reference stage: cfg.train. AdaSPEC stage, 'equal_tokens': batch round(B / k), epochs E * B' / B, so that
+    each step trains on about as many kept tokens as a reference step and the step count is the same.
+    AdaSPEC (both protocols) and KD-baseline stages: when the reference's step count is known (trained in this
+    run, or recorded in its head), the stage runs exactly that many steps (a time-capped reference caps it too)
+    and has no time cap of its own; a smaller `train.max_steps` still caps it (a short trial run), and
+    `budget_note` says so."""
 
     train_cfg = cfg.train
-    if stage != "adaspec":
+    if stage == "reference":
         return train_cfg
-    if cfg.loss.budget == "equal_tokens" and cfg.loss.k < 1.0:
+    if stage == "adaspec" and cfg.loss.budget == "equal_tokens" and cfg.loss.k < 1.0:
         batch = max(1, round(train_cfg.batch_size / cfg.loss.k))
         train_cfg = dataclasses.replace(train_cfg, batch_size=batch,
                                         epochs=train_cfg.epochs * batch / train_cfg.batch_size)
     if ref_steps:
-        train_cfg = dataclasses.replace(train_cfg, max_steps=int(ref_steps), max_minutes=None)
+        steps = min(int(ref_steps), train_cfg.max_steps or int(ref_steps))
+        train_cfg = dataclasses.replace(train_cfg, max_steps=steps, max_minutes=None)
     return train_cfg
+
+
+def budget_note(stage: str, train_cfg, ref_steps: int | None) -> str | None:
+    """A line for the log when train.max_steps cut a stage below its reference's step count (no longer an
+    equal-budget comparison), else None."""
+    if stage != "reference" and ref_steps and train_cfg.max_steps < ref_steps:
+        return (f"stage {stage}: train.max_steps={train_cfg.max_steps} runs fewer steps than its reference "
+                f"({ref_steps}); the two are not at the same budget.")
+    return None
 
 
 def reference_steps(records: dict, reference) -> int | None:
@@ -975,7 +986,11 @@ def _train_stage(p: _Pipeline, stage: str, records: dict, stop_at, progress) -> 
         if stage == "adaspec" and p.ref_path is not None:  # what check_outputs compares on a rerun
             atomic_write(run_dir / REFERENCE_DIGEST, head_digest(p.ref_path) + "\n")
     loss_cfg = cfg.loss if stage == "adaspec" else LossConfig(**{**to_dict(cfg.loss), "kind": "kd", "k": 1.0})
-    stage_train = stage_budget(cfg, stage, reference_steps(records, p.reference))
+    ref_steps = reference_steps(records, p.reference)
+    stage_train = stage_budget(cfg, stage, ref_steps)
+    note = budget_note(stage, stage_train, ref_steps)
+    if note and p.main:
+        print(note, file=sys.stderr)
     torch.manual_seed(cfg.train.seed)  # every stage starts from the same head initialisation
     head = build_head(p.target, cfg.head, p.token_counts if p.eagle3 else None)
     if p.init is not None:  # continued training: the given head's weights (checked to fit in _check_init)

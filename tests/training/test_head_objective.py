@@ -15,7 +15,7 @@ from adaspec_eagle.models.heads import build_head, load_head
 from adaspec_eagle.models import target_forward_features, tiny_model
 from adaspec_eagle.training.head import (chain_acceptance, eagle3_loss, evaluate_head, head_forward, head_loss,
                                       head_valid_mask, position_records, reference_steps, restricted_vocab,
-                                      stage_budget, TTTUnroll)
+                                      stage_budget, budget_note, TTTUnroll)
 from _helpers import samples
 
 
@@ -176,6 +176,17 @@ def test_equal_tokens_budget_arithmetic():
     capped = dataclasses.replace(cfg, train=TrainConfig(batch_size=16, max_minutes=2.0))
     ada = stage_budget(capped, "adaspec", 321)
     assert (ada.max_steps, ada.max_minutes, ada.batch_size) == (321, None, 40)
+    # the KD baseline stage is held to the reference's steps too, at its own batch
+    kd = stage_budget(capped, "kd", 321)
+    assert (kd.max_steps, kd.max_minutes, kd.batch_size) == (321, None, 16)
+    assert stage_budget(capped, "kd", None) == capped.train and budget_note("kd", kd, 321) is None
+    # a smaller train.max_steps (a short trial) still caps the stage, and the log says it is not an equal budget
+    trial = dataclasses.replace(cfg, train=TrainConfig(batch_size=16, max_steps=5))
+    ada = stage_budget(trial, "adaspec", 321)
+    assert ada.max_steps == 5 and "fewer steps than its reference (321)" in budget_note("adaspec", ada, 321)
+    roomy = dataclasses.replace(cfg, train=TrainConfig(batch_size=16, max_steps=1000))
+    assert stage_budget(roomy, "adaspec", 321).max_steps == 321
+    assert budget_note("adaspec", stage_budget(roomy, "adaspec", 321), 321) is None
     assert reference_steps({"reference": {"steps": 7}}, None) == 7
     head = type("H", (), {"meta": {"steps": 9}})()
     assert reference_steps({}, head) == 9 and reference_steps({}, None) is None
