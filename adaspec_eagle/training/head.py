@@ -188,7 +188,7 @@ def _sharded_token_loss(head, lm_head, h_v, f_next, ref_h, in_vocab, loss_cfg: L
         teacher = lm_head(f_next.to(dtype))[None]  # (1, N, V)
         ref = lm_head(ref_h.to(dtype))[None] if ref_h is not None else None
     student = getattr(head, "module", head).logits(h_v[None])  # (1, N, V); .module: a DDP/DeepSpeed wrapper
-    return adaspec_loss(student, teacher, ref, in_vocab[None], loss_cfg, num_items=num_items)
+    return adaspec_loss(student, teacher, ref, in_vocab[None], loss_cfg, num_items=num_items, return_kept=True)
 
 
 def _feature_loss(h_v, f_next, kept, loss_cfg: LossConfig, num_items) -> torch.Tensor:
@@ -259,7 +259,7 @@ def _head_step_loss(head, lm_head, h_v, f_next, ref_h, in_vocab, vocab_ids, loss
             raise AdaspecError("head.train_vocab_size under DeepSpeed ZeRO-3 is not supported (the lm_head weight "
                                "is a shard); set head.train_vocab_size=0 or use a DDP / ZeRO-2 config.")
         loss, stats = _sharded_token_loss(head, lm_head, h_v, f_next, ref_h, in_vocab, loss_cfg, num_items)
-        kept = None  # (the selection is not returned on this path: the feature loss covers every valid position)
+        kept_rows = stats.pop("kept_index")[1]  # (1, N) logits: the time index is the row
     else:
         w = lm_head.weight if vocab_ids is None else lm_head.weight[vocab_ids]  # (V or Vd, H)
         b = getattr(lm_head, "bias", None)
@@ -268,11 +268,12 @@ def _head_step_loss(head, lm_head, h_v, f_next, ref_h, in_vocab, vocab_ids, loss
         ref = spec(ref_h) if ref_h is not None else None
         loss, stats = chunked_adaspec_loss(h_v.to(w.dtype), w, spec(f_next), ref, in_vocab, loss_cfg,
                                            num_items=num_items, student_bias=b, return_kept=True)
-        kept = torch.zeros_like(in_vocab)
-        kept[stats.pop("kept_index")] = True
+        kept_rows = stats.pop("kept_index")
+    kept = torch.zeros_like(in_vocab)
+    kept[kept_rows] = True
     loss = token_loss_weight * loss
     if feature_loss_weight > 0 and h_v.shape[0] > 0:
-        if kept is None or loss_cfg.kind == "kd":  # KD: every position's feature, in the vocabulary or not
+        if loss_cfg.kind == "kd":  # KD: every position's feature, in the vocabulary or not
             kept = torch.ones_like(in_vocab)
         loss = loss + feature_loss_weight * _feature_loss(h_v, f_next, kept, loss_cfg, num_items)
     return loss, {"kept": float(stats["kept"]), "valid": float(stats["valid"]),

@@ -465,7 +465,7 @@ def _check_cfg(cfg: LossConfig) -> None:
 
 
 def adaspec_loss(student_logits: Tensor, teacher_logits: Tensor, reference_logits: Tensor | None,
-                 loss_mask: Tensor, cfg: LossConfig, num_items=None) -> tuple[Tensor, dict]:
+                 loss_mask: Tensor, cfg: LossConfig, num_items=None, return_kept: bool = False) -> tuple[Tensor, dict]:
     """AdaSPEC selective distillation loss from aligned logits ((A1)-(A4); seed semantics).
 
     student_logits, teacher_logits, reference_logits: (B, T, V), any float dtype, position t of all three
@@ -474,7 +474,9 @@ def adaspec_loss(student_logits: Tensor, teacher_logits: Tensor, reference_logit
     mask shifted instead (loss_mask[:, t] = labels[:, t + 1] != -100, last column False), the same loss.
     loss_mask: (B, T) bool, True where the token counts. reference_logits None or cfg.kind == "kd": plain KD.
     num_items: int or 0-dim tensor (reduction "num_items"), default = valid tokens in this call.
-    Returns (loss 0-dim fp32, {"kl": mean L_draft over valid tokens, "kept": n, "valid": n} as floats).
+    Returns (loss 0-dim fp32, {"kl": mean L_draft over valid tokens, "kept": n, "valid": n} as floats); with
+    `return_kept`, stats["kept_index"] is ((n_kept,), (n_kept,)): the batch and time indices of the kept tokens
+    (every valid one for KD).
     Memory: chunked (cfg.chunk_size tokens), only the student-logits gradient is [B, T, V].
     """
     _check_cfg(cfg)
@@ -489,7 +491,9 @@ def adaspec_loss(student_logits: Tensor, teacher_logits: Tensor, reference_logit
     pos = tuple(loss_mask.to(torch.bool).nonzero().unbind(1))  # ((n,), (n,)) batch and time indices
     stats: dict = {}
     loss_sum = _LogitsLoss.apply(student_logits, teacher_logits, reference_logits, pos, cfg, stats)
-    stats.pop("kept_index", None)
+    kept = stats.pop("kept_index", None)
+    if return_kept:
+        stats["kept_index"] = tuple(p[kept] if kept is not None else p[:0] for p in pos)
     return _reduce(loss_sum, stats, cfg, num_items), stats
 
 

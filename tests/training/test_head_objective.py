@@ -45,6 +45,31 @@ def test_loss_is_the_weighted_sum_of_token_and_feature_terms():
     torch.testing.assert_close(both, 0.1 * token + feature)
 
 
+@pytest.mark.parametrize("kind", ["adaspec", "kd"])
+def test_sharded_lm_head_path_gives_the_same_loss_and_gradients(monkeypatch, kind):
+    """The ZeRO-3 path (lm_head called as a module, whole logits) trains what the chunked path trains: the same
+    token loss, the feature loss at the same kept positions, the same gradients."""
+    from adaspec_eagle.training import head as train_head
+
+    target, head, batch = setup()
+    torch.manual_seed(3)
+    reference = build_head(target, HeadConfig())
+    cfg = LossConfig(kind=kind, k=0.25)
+
+    def run():
+        loss, stats = head_loss(head, batch, target=target, loss_cfg=cfg, reference=reference,
+                                feature_loss_weight=1.0, token_loss_weight=0.1)
+        return loss.detach(), stats, grads(head, loss)
+
+    chunked = run()
+    monkeypatch.setattr(train_head, "_is_partitioned", lambda module: True)
+    sharded = run()
+    assert chunked[1] == pytest.approx(sharded[1]) and (kind == "kd" or chunked[1]["kept"] < chunked[1]["valid"])
+    torch.testing.assert_close(sharded[0], chunked[0])
+    for name, g in chunked[2].items():
+        torch.testing.assert_close(sharded[2][name], g, atol=1e-6, rtol=1e-4)
+
+
 def test_feature_noise_only_while_training():
     target, head, batch = setup()
     kd = LossConfig(kind="kd")
