@@ -23,7 +23,12 @@ from transformers import GenerationConfig
 
 from adaspec_eagle import AdaspecError
 from adaspec_eagle.bench.metrics import PAPER_GAMMA
-from adaspec_eagle.bench.report import ENGINE_PLAIN, make_record, markdown_table, write_outputs
+from adaspec_eagle.bench.report import (
+    ENGINE_PLAIN,
+    make_record,
+    markdown_table,
+    write_outputs,
+)
 from adaspec_eagle.config import (
     MAX_LOOKUP_TOKENS,
     DataConfig,
