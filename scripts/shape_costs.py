@@ -10,8 +10,9 @@ under every `accelerate launch` config (DDP, ZeRO-2, ZeRO-3, FSDP).
 
 Each prints one JSON line (and appends it to --out). Random weights give the real step costs, not real
 acceptance. Timings are medians of repeats after a warm-up, with CUDA synchronised. On a CPU in fp32 the engine's
-forwards use `adaspec_eagle.engine.linear_routing` (small-batch linear layers); `ADASPEC_SMALL_BATCH_LINEAR=0` measures
-PyTorch's stock `F.linear` instead (the JSON line says which).
+forwards use `adaspec_eagle.engine.linear_routing` (small-batch linear layers where this machine measures them
+faster); `ADASPEC_SMALL_BATCH_LINEAR=1` forces them for every row count, `=0` measures PyTorch's stock `F.linear`
+(the JSON line says which, and what the default `auto` measured).
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def cmd_infer(args) -> dict:
         prefill_s = _median_s(prefill, device, args.repeats)
         row[f"draft_tree_d{args.depth}_ms"] = round(1e3 * (_median_s(draft_tree, device, args.repeats) - prefill_s), 3)
     row.update(shape=args.shape, dtype=args.dtype, device=_device_name(device), context=args.context,
-               small_batch_linear=linear_routing.enabled(),
+               small_batch_linear=linear_routing.mode(), small_batch_calibrated=linear_routing.calibrations(),
                tree=f"depth {args.depth}, top-8, {args.tree_tokens} tokens")
     return row
 

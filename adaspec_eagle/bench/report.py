@@ -26,6 +26,7 @@ from adaspec_eagle.bench.metrics import (
     tau,
     tokens_per_second,
 )
+from adaspec_eagle.engine import linear_routing
 from adaspec_eagle.io import atomic_write, mark_output_folder
 
 if TYPE_CHECKING:
@@ -37,7 +38,8 @@ PLOTS = ("accepted_length_hist.png", "acceptance_by_position.png", "speedup_by_s
 
 
 def machine_info(device: str) -> dict:
-    """CPU model, cores, threads, device and library versions, recorded with every benchmark."""
+    """CPU model, cores, threads, device and library versions, recorded with every benchmark, and what the
+    engine's small-batch linear routing measured on this machine (`linear_routing.calibrations`)."""
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -51,7 +53,20 @@ def machine_info(device: str) -> dict:
 
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": dev,
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "adaspec_eagle": __version__}
+            "platform": platform.platform(), "adaspec_eagle": __version__,
+            "small_batch_linear": {"mode": linear_routing.mode(), "calibrated": linear_routing.calibrations()}}
+
+
+def _routing_line(mach: dict) -> str:
+    """The engine's small-batch linear routing in a bench.md's machine line (records before it have none)."""
+    routing = mach.get("small_batch_linear")
+    if not routing:
+        return ""
+    measured = "; ".join(f"{c['params'] / 1e6:.1f}M-parameter model: "
+                         + (", ".join(map(str, c["routed_rows"])) + " rows" if c["routed_rows"] else "none")
+                         for c in routing["calibrated"])
+    return (f" Small-batch linear routing: {routing['mode']}"
+            + (f" (routed, as measured here: {measured})" if measured else "") + ".")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -210,7 +225,7 @@ def markdown_table(record: dict) -> str:
         "repeats). τ: new tokens / target forwards, the bonus token included (a generation's last forward counts "
         "the tokens it kept, not those verified past max_new_tokens or EOS).",
         f"Machine: {mach['cpu']}, {mach['cores']} cores ({mach['torch_threads']} torch threads), torch "
-        f"{mach['torch']}, transformers {mach['transformers']}.",
+        f"{mach['torch']}, transformers {mach['transformers']}." + _routing_line(mach),
     ]
     split = any("speedup_over_engine" in res for by_method in record["results"].values()
                 for res in by_method.values())

@@ -1,5 +1,5 @@
-"""Small-batch CPU linear layers: the same products as F.linear (to float32 rounding), only where they apply,
-installed and removed exactly, and used by the engine's forwards."""
+"""Small-batch CPU linear layers: the same products as F.linear (to float32 rounding), only where they apply and
+where this machine measured them faster, installed and removed exactly, and used by the engine's forwards."""
 
 import pytest
 import torch
@@ -43,6 +43,7 @@ def test_linear_leaves_other_inputs_to_f_linear(monkeypatch):
 
 
 def test_small_batch_linears_patches_and_restores(monkeypatch):
+    monkeypatch.setenv("ADASPEC_SMALL_BATCH_LINEAR", "1")
     model = tiny_model("llama", seed=0)
     plain = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     half = tiny_model("llama", seed=0).bfloat16()
@@ -62,17 +63,85 @@ def test_small_batch_linears_patches_and_restores(monkeypatch):
     assert not any("forward" in m.__dict__ for m in plain)
 
 
+def test_calibrate_routes_the_row_counts_measured_faster(monkeypatch):
+    """The decision follows the timings: rows whose W @ x^T passes beat F.linear's by more than 5% are routed,
+    ties and losses are not; each way is timed after a warm-up pass, alternating, and the fastest pass counts."""
+    calls = []
+
+    def fake_pass(weights, rows, routed, timer):
+        calls.append((rows, routed))
+        if len([c for c in calls if c == (rows, routed)]) == 1:
+            return 0.001 if routed else 100.0  # the warm-up pass must not count either way
+        stock = 1.0
+        return {1: 0.5, 2: 0.5, 3: 0.94, 4: 0.97, 5: 1.5}.get(rows, 1.2) * stock if routed else stock
+
+    monkeypatch.setattr(linear_routing, "_pass_seconds", fake_pass)
+    weights = [torch.randn(64, 32), torch.randn(32, 64)]
+    assert linear_routing.calibrate(weights, repeats=2) == frozenset({1, 2, 3})
+    assert len(calls) == 8 * 2 * 3 and calls[:2] == [(1, True), (1, False)]
+    assert linear_routing.calibrate([]) == frozenset()
+    # at most CALIBRATION_BYTES of weights are timed (but always at least the first matrix)
+    seen = []
+    monkeypatch.setattr(linear_routing, "_pass_seconds", lambda w, r, routed, t: seen.append(len(w)) or 1.0)
+    monkeypatch.setattr(linear_routing, "CALIBRATION_BYTES", 64 * 32 * 4 + 1)
+    linear_routing.calibrate(weights * 3, repeats=1)
+    assert set(seen) == {1}
+
+
+def test_calibrate_on_real_products_and_routing_by_mode(monkeypatch):
+    """auto measures once per model shape and thread count; 1 and 0 measure nothing; only the routed row counts
+    go through W @ x^T (the rest through F.linear, seen by intercepting torch.mm)."""
+    monkeypatch.setattr(linear_routing, "_CALIBRATED", {})
+    model = tiny_model("llama", seed=0)
+    modules = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    measured = linear_routing.calibrate([m.weight for m in modules], repeats=1)  # real timings: any subset
+    assert measured <= linear_routing.ALL_ROWS
+    counted = []
+    monkeypatch.setattr(linear_routing, "calibrate", lambda w: counted.append(len(w)) or frozenset({2}))
+    monkeypatch.delenv("ADASPEC_SMALL_BATCH_LINEAR", raising=False)
+    assert linear_routing.mode() == "auto"
+    assert linear_routing.routed_rows(modules) == {2} and linear_routing.routed_rows(modules) == {2}
+    assert counted == [len(modules)]  # cached
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        linear_routing.routed_rows(modules)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(counted) == 2  # another thread count is measured anew
+    for value, rows in (("1", linear_routing.ALL_ROWS), ("0", frozenset())):
+        monkeypatch.setenv("ADASPEC_SMALL_BATCH_LINEAR", value)
+        assert linear_routing.routed_rows(modules) == rows
+    assert len(counted) == 2
+    monkeypatch.setenv("ADASPEC_SMALL_BATCH_LINEAR", "auto")
+    mm_rows = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b: mm_rows.append(b.shape[1]) or real_mm(a, b))
+    with linear_routing.small_batch_linears(model) as n:
+        assert n == len(modules)
+        with torch.no_grad():
+            model(torch.tensor([[5, 6, 7]]))
+            assert not mm_rows  # 3 rows: F.linear
+            model(torch.tensor([[5, 6]]))
+            assert mm_rows and set(mm_rows) == {2}
+    monkeypatch.setattr(linear_routing, "calibrate", lambda w: frozenset())
+    monkeypatch.setattr(linear_routing, "_CALIBRATED", {})
+    with linear_routing.small_batch_linears(model) as n:  # nothing measured faster: nothing patched
+        assert n == 0 and not any("forward" in m.__dict__ for m in modules)
+
+
 def test_engine_forwards_run_through_it(monkeypatch):
     """speculative_generate and plain_generate route the target's and the draft's linears through
     linear_routing.linear, and greedy output still equals transformers' own greedy decoding (stock F.linear)."""
+    monkeypatch.setenv("ADASPEC_SMALL_BATCH_LINEAR", "1")  # every row count routed, whatever this machine measures
     target = tiny_model("llama", seed=0)
     ids = torch.randint(5, 100, (12,), generator=torch.Generator().manual_seed(1)).tolist()
     hf = target.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=None,
                          pad_token_id=0)[0, len(ids):].tolist()
     rows = []
     real = linear_routing.linear
-    monkeypatch.setattr(linear_routing, "linear", lambda x, w, b=None: rows.append(x.numel() // x.shape[-1])
-                        or real(x, w, b))
+    monkeypatch.setattr(linear_routing, "linear", lambda x, w, b=None, r=linear_routing.ALL_ROWS:
+                        rows.append(x.numel() // x.shape[-1]) or real(x, w, b, r))
     out, _ = plain_generate(target, ids, 16, eos_token_id=[])
     assert out == hf and 1 in rows
     rows.clear()
