@@ -345,6 +345,19 @@ def test_bench_cli_end_to_end_on_tiny_models(tmp_path):
     assert "| prompts | 2 | head:h [chain γ=4] |" in md and "| prompts | head:h [chain γ=4] |" in md  # time split
     assert "`+lookup(N)` rows graft up to N tokens" in md and "| prompts | 2 | lookup:4 |" in md
     assert res["self"]["speedup_over_engine"]["median"] > 0 and f"over `{R.ENGINE_PLAIN}`" in md
+    routing = rec["machine"]["small_batch_linear"]  # what the engine's linear routing measured in this run
+    assert routing["mode"] in ("auto", "on", "off") and "Small-batch linear routing: " in md
+
+
+def test_routing_line_in_the_machine_line():
+    calibrated = [{"linears": 7, "params": 134_479_872, "threads": 2, "routed_rows": []},
+                  {"linears": 3, "params": 4_202_496, "threads": 2, "routed_rows": [1, 2, 3, 4]}]
+    line = R._routing_line({"small_batch_linear": {"mode": "auto", "calibrated": calibrated}})
+    assert line == (" Small-batch linear routing: auto (routed, as measured here: 134.5M-parameter model: none; "
+                    "4.2M-parameter model: 1, 2, 3, 4 rows).")
+    assert R._routing_line({"small_batch_linear": {"mode": "off", "calibrated": []}}) == \
+        " Small-batch linear routing: off."
+    assert R._routing_line({"cpu": "x"}) == ""  # records written before it was kept
 
 
 def test_bench_tunes_the_tree_per_suite(tmp_path, monkeypatch):
