@@ -40,6 +40,9 @@ RUNS = [
     ("s0-old-objective", "reference", None, ["head.token_loss_weight=1.0", "head.feature_loss_weight=0.1",
                                              "head.feature_noise=0.0"]),
     ("s1-equal-steps", "draft", "s1", ["loss.budget=equal_steps", "train.seed=1"]),
+    # the KD control at AdaSPEC's forwarded sequences: KD from the draft stage's initialisation, at the AdaSPEC
+    # stage's batch (32 / k = 80) for the reference's step count: separates the selection from the extra data
+    ("s0-kd-batch80", "draft", "s0", ["loss.kind=kd", "train.batch_size=80"]),
     ("s0-k0.6", "draft", "s0", ["loss.k=0.6"]),
     ("s0-no-noise", "reference", None, ["head.feature_noise=0.0"]),
     ("s0-k0.2", "draft", "s0", ["loss.k=0.2"]),
