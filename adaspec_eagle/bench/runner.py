@@ -38,6 +38,7 @@ from adaspec_eagle.config import (
     to_flags,
 )
 from adaspec_eagle.data import prompts_for_eval, read_records, render_chat
+from adaspec_eagle.engine import linear_routing
 from adaspec_eagle.engine.factory import make_drafter, parse_drafter
 from adaspec_eagle.engine.speculative import (
     CommitRecorder,
@@ -438,6 +439,7 @@ def build_methods(cfg: BenchConfig, target, tokenizer, eos_ids: list[int], tune_
     draft_lms = []
     for spec in specs:
         drafter, draft_lm = make_drafter(spec, target, tokenizer, cfg.dtype, cfg.draft_vocab)
+        linear_routing.prepare(*drafter.models())  # measured here, not inside a timed or tuning run
         methods += _drafter_methods(cfg, spec, drafter, target, tokenizer, eos_ids, tune_prompts, tree, common)
         if draft_lm is not None:
             draft_lms.append((spec, draft_lm))
@@ -459,6 +461,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     target, tokenizer = load_model(cfg.target, dtype=cfg.dtype, device=cfg.device)
+    linear_routing.prepare(target)  # the engine's linear routing, measured before anything is timed
     eos_ids = stop_ids(target, tokenizer)
     suites = [load_suite(s, tokenizer, cfg.num_prompts) for s in cfg.suites]
     names = [s["name"] for s in suites]

@@ -89,8 +89,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def _pass_seconds(weights: list[torch.Tensor], rows: int, routed: bool, timer: Callable[[], float]) -> float:
-    """One pass of `rows`-row products over `weights`, the way the engine would run them."""
-    inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
+    """One pass of `rows`-row products over `weights`, the way the engine would run them (random inputs from a
+    generator of its own: the global random state is left alone)."""
+    g = torch.Generator().manual_seed(rows)
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], generator=g) for w in weights}
     route = ALL_ROWS if routed else frozenset()
     start = timer()
     for w in weights:
@@ -151,6 +153,18 @@ def routed_rows(modules: list[torch.nn.Module]) -> frozenset[int]:
     return _CALIBRATED[key]
 
 
+def _model_linears(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if _patchable(m)]
+
+
+def prepare(*models) -> None:
+    """Measure now what `small_batch_linears` would measure at its first use with these models (None entries
+    ignored), e.g. before timing anything."""
+    for model in models:
+        if model is not None:
+            routed_rows(_model_linears(model))
+
+
 def _routed_forward(rows_routed: frozenset[int]):
     def forward(self, x):
         return linear(x, self.weight, self.bias, rows_routed)
@@ -166,7 +180,7 @@ def small_batch_linears(*models):
     for model in models:
         if model is None:
             continue
-        modules = [m for m in model.modules() if _patchable(m)]
+        modules = _model_linears(model)
         rows = routed_rows(modules)
         if not rows:
             continue

@@ -128,6 +128,16 @@ def test_calibrate_on_real_products_and_routing_by_mode(monkeypatch):
     monkeypatch.setattr(linear_routing, "_CALIBRATED", {})
     with linear_routing.small_batch_linears(model) as n:  # nothing measured faster: nothing patched
         assert n == 0 and not any("forward" in m.__dict__ for m in modules)
+    monkeypatch.setattr(linear_routing, "_CALIBRATED", {})
+    linear_routing.prepare(None, model)  # measures ahead of use, patches nothing
+    assert len(linear_routing.calibrations()) == 1 and not any("forward" in m.__dict__ for m in modules)
+
+
+def test_calibration_leaves_the_global_random_state_alone():
+    w = [torch.randn(64, 32)]
+    state = torch.get_rng_state()
+    linear_routing.calibrate(w, repeats=1)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_engine_forwards_run_through_it(monkeypatch):
