@@ -59,11 +59,6 @@ def mode() -> str:
     return _MODES[value]
 
 
-def enabled() -> bool:
-    """False only when ADASPEC_SMALL_BATCH_LINEAR turns the routing off."""
-    return mode() != "off"
-
-
 def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and weight.device.type == "cpu" and weight.dim() == 2

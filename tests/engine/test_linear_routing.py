@@ -59,7 +59,7 @@ def test_small_batch_linears_patches_and_restores(monkeypatch):
         assert n == 0
     monkeypatch.setenv("ADASPEC_SMALL_BATCH_LINEAR", "of")  # a typo is refused, not read as "on"
     with pytest.raises(AdaspecError, match="ADASPEC_SMALL_BATCH_LINEAR='of'"):
-        linear_routing.enabled()
+        linear_routing.mode()
     assert not any("forward" in m.__dict__ for m in plain)
 
 
