@@ -846,9 +846,13 @@ def _check_inputs(cfg: HeadRecipe, resume, overwrite, progress, log, claim) -> _
 
 
 def _reference_path(cfg: HeadRecipe, stages) -> Path | None:
-    if "adaspec" not in stages or "reference" in stages:
+    """The reference head of a draft stage run alone: required for AdaSPEC (its loss); optional for the KD
+    baseline, which then runs the reference's step count (`stage_budget`) without using its weights."""
+    if "reference" in stages:
         return None
     if not cfg.reference:
+        if "adaspec" not in stages:
+            return None
         raise AdaspecError("--stage draft with the AdaSPEC loss needs --reference PATH (a head trained by "
                            "--stage reference), or use --loss kd for the KD baseline.")
     ref_path = Path(cfg.reference)
@@ -893,7 +897,8 @@ def _check_reference(cfg: HeadRecipe, ref_path, target, token_counts):
     if reference.kind != cfg.head.kind:
         raise AdaspecError(f"reference head {str(ref_path)!r} is an {reference.kind} head but head.kind="
                            f"{cfg.head.kind!r}; train the reference with the same head kind.")
-    if cfg.head.kind == "eagle3" and not _same_draft_vocab(reference, _recipe_head(cfg, target, token_counts)):
+    if (cfg.head.kind == "eagle3" and cfg.loss.kind == "adaspec"
+            and not _same_draft_vocab(reference, _recipe_head(cfg, target, token_counts))):
         raise AdaspecError(f"reference head {str(ref_path)!r} has another draft vocabulary than this data gives; "
                            "train the reference on the same data and head.draft_vocab_size.")
     return reference
@@ -1003,6 +1008,8 @@ def _train_stage(p: _Pipeline, stage: str, records: dict, stop_at, progress) -> 
             "budget": cfg.loss.budget if stage == "adaspec" else None, "batch_size": stage_train.batch_size,
             "data": {**to_dict(cfg.data), "samples": len(p.train_set)},
             "reference": str(p.ref_path or p.out / "reference") if stage == "adaspec" else None}
+    if stage == "kd" and ref_steps:  # the KD baseline held to a reference's step count
+        meta["steps_of"] = str(p.ref_path or p.out / "reference")
     evaluate = None
     if cfg.train.eval_every and p.main:  # (the loop evaluates on the main process only)
         evaluate = BestHeadKeeper(run_dir / "best", p.target, p.heldout, cfg.train.batch_size, p.pad_id,

@@ -252,6 +252,22 @@ def test_cli_both_stages_chain(tmp_path, capsys):
     assert not (out / "adaspec").exists() and (out / "reference").is_dir()
 
 
+def test_kd_baseline_runs_the_given_references_steps(tmp_path):
+    """--stage draft --loss kd with --reference: the KD baseline runs the reference's step count at its own batch
+    (the control at AdaSPEC's forwarded sequences); without a reference, its own epochs."""
+    data = chat_file(tmp_path / "chats.jsonl")
+    out = tmp_path / "run"
+    assert main(tiny_args(data, out, "--stage", "reference", "train.max_steps=5")) == 0
+    own = ["--stage", "draft", "--loss", "kd", "train.max_steps=null", "train.batch_size=8", "train.epochs=1"]
+    assert main(tiny_args(data, tmp_path / "kd-own", *own)) == 0
+    meta = json.loads((tmp_path / "kd-own" / "kd" / "config.json").read_text())["adaspec"]["meta"]
+    assert meta["steps"] < 5 and "steps_of" not in meta  # one epoch of the 8 training samples at batch 8
+    assert main(tiny_args(data, tmp_path / "kd-pinned", *own, "--reference", str(out / "reference"))) == 0
+    meta = json.loads((tmp_path / "kd-pinned" / "kd" / "config.json").read_text())["adaspec"]["meta"]
+    assert meta["steps"] == 5 and meta["batch_size"] == 8 and meta["steps_of"] == str(out / "reference")
+    assert meta["loss"] == "kd" and meta["reference"] is None
+
+
 def test_cli_bad_inputs_fail_before_writing(tmp_path, capsys):
     data = chat_file(tmp_path / "chats.jsonl")
     out = tmp_path / "run"
