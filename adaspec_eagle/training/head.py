@@ -1002,7 +1002,7 @@ def _train_stage(p: _Pipeline, stage: str, records: dict, stop_at, progress) -> 
     if p.init is not None:  # continued training: the given head's weights (checked to fit in _check_init)
         head.load_state_dict(p.init.state_dict())
     vocab_ids = None if p.eagle3 else restricted_vocab(head, p.token_counts, cfg.head.train_vocab_size)
-    if p.reference is not None:
+    if p.reference is not None and stage == "adaspec":  # (a KD baseline only reads its step count)
         p.reference = p.reference.to(p.accelerator.device).requires_grad_(False).eval()
     meta = {"stage": stage, "loss": loss_cfg.kind, "k": loss_cfg.k, "divergence": loss_cfg.divergence,
             "budget": cfg.loss.budget if stage == "adaspec" else None, "batch_size": stage_train.batch_size,
