@@ -41,8 +41,9 @@ RUNS = [
                                              "head.feature_noise=0.0"]),
     ("s1-equal-steps", "draft", "s1", ["loss.budget=equal_steps", "train.seed=1"]),
     # the KD control at AdaSPEC's forwarded sequences: KD from the draft stage's initialisation, at the AdaSPEC
-    # stage's batch (32 / k = 80) for the reference's step count: separates the selection from the extra data
-    ("s0-kd-batch80", "draft", "s0", ["loss.kind=kd", "train.batch_size=80"]),
+    # stage's batch (ADASPEC_BATCH: round(B / k), 80 for the GPU recipe) for the reference's step count: separates
+    # the selection from the extra data
+    ("s0-kd-adaspec-batch", "draft", "s0", ["loss.kind=kd", "train.batch_size=ADASPEC_BATCH"]),
     ("s0-k0.6", "draft", "s0", ["loss.k=0.6"]),
     ("s0-no-noise", "reference", None, ["head.feature_noise=0.0"]),
     ("s0-k0.2", "draft", "s0", ["loss.k=0.2"]),
@@ -50,6 +51,18 @@ RUNS = [
                                              "head.feature_noise=0.0", "train.seed=1"]),
 ]
 EXPORT_HEADS = ["s0/reference", "s0/adaspec", "s1/reference", "s1/adaspec"]
+ADASPEC_BATCH = "ADASPEC_BATCH"
+"""In a run's overrides: the batch the AdaSPEC stage trains at under `loss.budget: equal_tokens` with the recipe
+and the command line's overrides (`train_head.stage_budget`)."""
+
+
+def resolve_overrides(recipe: str, common: list[str], extra: list[str]) -> list[str]:
+    """`extra` with ADASPEC_BATCH replaced by the AdaSPEC stage's batch for `recipe` + `common` overrides."""
+    if not any(ADASPEC_BATCH in e for e in extra):
+        return extra
+    base = load_recipe(HeadRecipe, recipe, [*common, "loss.kind=adaspec", "loss.budget=equal_tokens"])
+    batch = train_head.stage_budget(base, "adaspec", None).batch_size
+    return [e.replace(ADASPEC_BATCH, str(batch)) for e in extra]
 
 
 def bf16_head_tar(head_dir: Path, dest: Path) -> None:
@@ -96,6 +109,7 @@ def main() -> int:
         return {"both": ref + (ada or 2.5 * ref), "reference": ref, "draft": ada or 2.5 * ref}[stage]
 
     for name, stage, ref_run, extra in runs:
+        extra = resolve_overrides(args.recipe, args.overrides, extra)
         elapsed = time.time() - t0
         if elapsed + estimate(stage) > args.deadline:
             results["skipped"].append(name)

@@ -584,7 +584,8 @@ def run_key(cfg: HeadRecipe, stage: str) -> dict:
 
 
 REFERENCE_DIGEST = "reference.sha256"
-"""In runs/adaspec/: the weights digest of the reference head an AdaSPEC stage distils against (`head_digest`)."""
+"""In runs/adaspec/ (runs/kd/): the weights digest of the reference head an AdaSPEC stage distils against (a KD
+baseline takes its step count from) (`head_digest`)."""
 
 
 def head_digest(folder) -> str:
@@ -601,8 +602,9 @@ def head_digest(folder) -> str:
 
 
 def check_outputs(cfg: HeadRecipe, stages: list[str], resume: bool, overwrite: bool) -> None:
-    """Refuse an output folder that holds a different run unless --resume or --overwrite. An AdaSPEC stage is a
-    different run when its reference head's weights differ (the path may differ: a copy is the same reference)."""
+    """Refuse an output folder that holds a different run unless --resume or --overwrite. An AdaSPEC stage, and a
+    KD baseline held to a reference's step count, is a different run when its reference head's weights differ (the
+    path may differ: a copy is the same reference)."""
 
     if resume or overwrite:
         return
@@ -617,13 +619,14 @@ def check_outputs(cfg: HeadRecipe, stages: list[str], resume: bool, overwrite: b
                                "--resume to continue it with the new config, --overwrite to replace it, or choose "
                                "another --output-dir.")
         digest = saved.parent / REFERENCE_DIGEST
-        if stage == "adaspec" and cfg.reference and digest.is_file():
+        if stage in ("adaspec", "kd") and cfg.reference and digest.is_file():
             before, given = digest.read_text().strip(), head_digest(cfg.reference)
             if before != given:
-                raise AdaspecError(f"{cfg.output_dir!r} holds an adaspec run against another reference head (weights "
-                                   f"sha256 {before}; {cfg.reference!r} has {given}). Pass the reference it was "
-                                   "started with, --resume to continue it against this one, --overwrite to replace "
-                                   "it, or choose another --output-dir.")
+                article = "an" if stage == "adaspec" else "a"
+                raise AdaspecError(f"{cfg.output_dir!r} holds {article} {stage} run against another reference head "
+                                   f"(weights sha256 {before}; {cfg.reference!r} has {given}). Pass the reference it "
+                                   "was started with, --resume to continue it against this one, --overwrite to "
+                                   "replace it, or choose another --output-dir.")
 
 
 CHAIN_GAMMA = 4
@@ -989,7 +992,7 @@ def _train_stage(p: _Pipeline, stage: str, records: dict, stop_at, progress) -> 
     cfg, run_dir = p.cfg, p.out / "runs" / stage
     if p.main:
         save_resolved(cfg, run_dir)
-        if stage == "adaspec" and p.ref_path is not None:  # what check_outputs compares on a rerun
+        if stage in ("adaspec", "kd") and p.ref_path is not None:  # what check_outputs compares on a rerun
             atomic_write(run_dir / REFERENCE_DIGEST, head_digest(p.ref_path) + "\n")
     loss_cfg = cfg.loss if stage == "adaspec" else LossConfig(**{**to_dict(cfg.loss), "kind": "kd", "k": 1.0})
     ref_steps = reference_steps(records, p.reference)

@@ -252,7 +252,7 @@ def test_cli_both_stages_chain(tmp_path, capsys):
     assert not (out / "adaspec").exists() and (out / "reference").is_dir()
 
 
-def test_kd_baseline_runs_the_given_references_steps(tmp_path):
+def test_kd_baseline_runs_the_given_references_steps(tmp_path, capsys):
     """--stage draft --loss kd with --reference: the KD baseline runs the reference's step count at its own batch
     (the control at AdaSPEC's forwarded sequences); without a reference, its own epochs."""
     data = chat_file(tmp_path / "chats.jsonl")
@@ -266,6 +266,14 @@ def test_kd_baseline_runs_the_given_references_steps(tmp_path):
     meta = json.loads((tmp_path / "kd-pinned" / "kd" / "config.json").read_text())["adaspec"]["meta"]
     assert meta["steps"] == 5 and meta["batch_size"] == 8 and meta["steps_of"] == str(out / "reference")
     assert meta["loss"] == "kd" and meta["reference"] is None
+    # rerun against a reference of another step count: refused (it would resume to the wrong budget), nothing lost
+    assert main(tiny_args(data, tmp_path / "ref3", "--stage", "reference", "train.max_steps=3")) == 0
+    before = (tmp_path / "kd-pinned" / "kd" / "model.safetensors").read_bytes()
+    assert main(tiny_args(data, tmp_path / "kd-pinned", *own, "--reference", str(tmp_path / "ref3" / "reference"))) == 2
+    assert "holds a kd run against another reference head" in capsys.readouterr().err
+    assert (tmp_path / "kd-pinned" / "kd" / "model.safetensors").read_bytes() == before
+    assert main(tiny_args(data, tmp_path / "kd-pinned", *own, "--reference", str(out / "reference"))) == 0
+    assert "already complete" in capsys.readouterr().err
 
 
 def test_cli_bad_inputs_fail_before_writing(tmp_path, capsys):

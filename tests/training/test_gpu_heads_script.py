@@ -1,0 +1,16 @@
+"""scripts/gpu_heads.py: the run list's overrides resolved against the recipe."""
+
+from _helpers import load_script
+
+RECIPE = "recipes/heads/smollm2-135m-gpu.yaml"  # batch 32, k 0.4
+
+
+def test_kd_control_runs_at_the_adaspec_stages_batch():
+    gh = load_script("scripts/gpu_heads.py")
+    (extra,) = [r[3] for r in gh.RUNS if r[0] == "s0-kd-adaspec-batch"]
+    assert gh.resolve_overrides(RECIPE, [], extra) == ["loss.kind=kd", "train.batch_size=80"]
+    # the command line's batch and k carry into it (a rehearsal at batch 8: 8 / 0.4 = 20; k 0.2: 160)
+    assert "train.batch_size=20" in gh.resolve_overrides(RECIPE, ["train.batch_size=8"], extra)
+    assert "train.batch_size=160" in gh.resolve_overrides(RECIPE, ["loss.k=0.2"], extra)
+    # runs without the placeholder are left as they are
+    assert gh.resolve_overrides(RECIPE, [], ["loss.k=0.6"]) == ["loss.k=0.6"]
