@@ -131,8 +131,9 @@ class TrainConfig:
     max_minutes: float | None = None
     """Time budget per stage: after its first 20 steps the stage's step count (and with it the LR schedule) is
     cut to what fits this many minutes at the rate measured so far; the cut is saved with checkpoints, so a
-    resume keeps it (a cut at or below optim.warmup_steps ends still warming up). For a fixed slot on a lent
-    machine; None: no budget."""
+    resume keeps it (a cut at or below optim.warmup_steps ends still warming up). The minutes are training
+    steps': held-out evaluations (`eval_every`) and checkpoint saves come on top, so leave room for them in a
+    fixed slot on a lent machine. None: no budget."""
     batch_size: int = 8
     """Sequences per micro-batch per process."""
     grad_accum: int = 1
