@@ -1,8 +1,10 @@
 """scripts/gpu_heads.py: the run list's overrides resolved against the recipe."""
 
+from pathlib import Path
+
 from _helpers import load_script
 
-RECIPE = "recipes/heads/smollm2-135m-gpu.yaml"  # batch 32, k 0.4
+RECIPE = str(Path(__file__).resolve().parents[2] / "recipes/heads/smollm2-135m-gpu.yaml")  # batch 32, k 0.4
 
 
 def test_kd_control_runs_at_the_adaspec_stages_batch():
