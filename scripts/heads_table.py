@@ -8,7 +8,8 @@ JSON lines (held-out evaluation on this CPU) and `adaspec-eagle bench` records (
 --curve LABEL=RECORD[:STAGE] (repeatable) prints only the held-out curves of training stages side by side, from a
 train-head results.json (the STAGE's evaluations, default reference) or a checkpoint's trainer_state.json. An even
 number of curves is read as pairs (e.g. KD, AdaSPEC for each seed): each pair's second minus its first at every step
-both evaluated, and with several pairs the mean difference ± half its range.
+both evaluated, and with several pairs the mean difference ± half its range; --no-mean leaves the mean out (pairs
+that are different comparisons, not repeats of one).
 
 --pair KD,ADASPEC (repeatable; drafter names in the bench records) with --eval, --bench and --bench32 prints one
 row per head (held-out top-1, KL and chain tau from the --eval line of the head the bench loaded; tau per suite
@@ -81,10 +82,10 @@ def _mean_spread(values: list[float], digits: int, scale: float = 1.0) -> str:
     return f"{statistics.mean(values):+.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f}"
 
 
-def curves_table(specs: list[str]) -> None:
+def curves_table(specs: list[str], mean: bool = True) -> None:
     """Held-out top-1 / chain tau by step for each curve. With an even number of curves they are pairs (first,
-    second), and each pair's second minus its first is printed where both have the step; with several pairs, also
-    the mean difference ± half its range (max - min) across the pairs, at the steps every pair has."""
+    second), and each pair's second minus its first is printed where both have the step; with several pairs and
+    `mean`, also the mean difference ± half its range (max - min) across the pairs, at the steps every pair has."""
     curves = [_evals(spec) for spec in specs]
     steps = sorted({step for _, at in curves for step in at})
     print("| held-out top-1 / chain tau at step | " + " | ".join(str(x) for x in steps) + " |")
@@ -101,7 +102,7 @@ def curves_table(specs: list[str]) -> None:
                       if x in a and x in b})
         print(f"| {second} − {first} | " + " | ".join(f"{diffs[-1][x][0]:+.1f} / {diffs[-1][x][1]:+.3f}"
                                                       if x in diffs[-1] else "—" for x in steps) + " |")
-    if len(pairs) > 1:
+    if mean and len(pairs) > 1:
         cells = []
         for x in steps:
             at = [d[x] for d in diffs if x in d]
@@ -163,6 +164,8 @@ def main() -> int:
     p.add_argument("--bench32")
     p.add_argument("--runs", help="print only this gpu_heads.py record's runs table (e.g. the CPU sweep)")
     p.add_argument("--curve", action="append", help="LABEL=RECORD[:STAGE]: print only held-out curves (see above)")
+    p.add_argument("--no-mean", action="store_true",
+                   help="with --curve: no mean row (the pairs are different comparisons, not repeats)")
     p.add_argument("--pair", action="append", help="KD,ADASPEC drafter names: print only the pairs table (see above)")
     p.add_argument("--same-as", action="append", default=[], help="COPY=EVALUATED head paths, for --pair")
     a = p.parse_args()
@@ -172,7 +175,7 @@ def main() -> int:
         pairs_table(a.pair, a.eval, a.bench, a.bench32, dict(x.split("=", 1) for x in a.same_as))
         return 0
     if a.curve:
-        curves_table(a.curve)
+        curves_table(a.curve, mean=not a.no_mean)
         return 0
     if a.runs:
         runs_table(a.runs)

@@ -30,6 +30,9 @@ def test_curves_are_paired_and_the_differences_summarised(tmp_path, capsys):
     assert rows["Ada b − KD b"].endswith("| +1.0 / +0.200 | — |")  # b's AdaSPEC curve has no step 20
     # the mean over pairs only where every pair has the step; ± half the range of the pair differences
     assert rows["mean of the 2 differences ± half their range"].endswith("| +2.0 ± 1.0 / +0.150 ± 0.050 | — |")
+    _heads_table().curves_table(specs, mean=False)  # pairs that are different comparisons: no mean row
+    rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines()}
+    assert rows["Ada b − KD b"].endswith("| +1.0 / +0.200 | — |") and not any("mean" in r for r in rows)
 
 
 def test_two_curves_print_one_difference_and_no_mean(tmp_path, capsys):
@@ -89,3 +92,16 @@ def test_readme_pairs_table_is_the_generated_one(capsys):
     lines = capsys.readouterr().out.splitlines()
     readme = (root / "README.md").read_text()
     assert len(lines) == 9 and all(line in readme for line in lines)
+
+
+def test_results_data_control_curves_are_the_generated_ones(capsys):
+    """docs/RESULTS.md's curves of KD at batch 32, KD at AdaSPEC's batch 80 and AdaSPEC are what the script prints
+    from the committed records (the batch-80 run's loop state included), line for line."""
+    root = Path(__file__).resolve().parents[1]
+    rec = root / "docs/records/heads"
+    kd80 = f"KD, batch 80={rec / 'cpu-kd-batch80-state.json'}"
+    _heads_table().curves_table([f"KD, batch 32={rec / 'cpu-continue-results.json'}", kd80, kd80,
+                                 f"AdaSPEC, batch 80={rec / 'cpu-adaspec-results.json'}:adaspec"], mean=False)
+    lines = capsys.readouterr().out.splitlines()
+    results = (root / "docs/RESULTS.md").read_text()
+    assert len(lines) == 8 and all(line in results for line in lines)
