@@ -181,7 +181,11 @@ class HeadConfig:
     EAGLE-1 trains its soft cross-entropy, which has the same gradient, at 0.1)."""
     feature_loss_weight: float = 1.0
     """EAGLE-1/2: weight of the smooth-L1 regression of the next target feature (EAGLE-1: 1.0; 0 disables).
-    Under AdaSPEC it covers the tokens the selection keeps. EAGLE-3 has none."""
+    EAGLE-3 has none. Which positions it covers under AdaSPEC: `feature_loss_positions`."""
+    feature_loss_positions: Literal["kept", "all"] = "kept"
+    """EAGLE-1/2 under AdaSPEC: 'kept' regresses the feature at the positions the token selection keeps; 'all' at
+    every valid position, in or out of the vocabulary, exactly as KD does (summed over them and normalised as
+    the token loss is, so its per-step weight is 1/k times 'kept''s). KD always covers every position."""
     feature_noise: float = 0.2
     """EAGLE-1/2: uniform noise U(-a/2, a/2) of width a added to the input target features while training
     (never at inference), so the head learns to read its own, imperfect, features at deeper tree levels.
@@ -204,6 +208,8 @@ class HeadConfig:
                self.unroll_steps, ">= 1, and 1 for an EAGLE-3 head (it unrolls head.ttt_steps)")
         _check(self.feature_loss_weight >= 0, "head.feature_loss_weight", self.feature_loss_weight, ">= 0")
         _check(self.token_loss_weight > 0, "head.token_loss_weight", self.token_loss_weight, "> 0")
+        _check(self.feature_loss_positions in ("kept", "all"), "head.feature_loss_positions",
+               self.feature_loss_positions, "'kept' or 'all'")
         _check(self.feature_noise >= 0, "head.feature_noise", self.feature_noise, ">= 0")
         _check(self.train_vocab_size == 0 or self.train_vocab_size >= 2, "head.train_vocab_size",
                self.train_vocab_size, "0 (whole vocabulary) or >= 2")

@@ -44,6 +44,9 @@ RUNS = [
     # stage's batch (ADASPEC_BATCH: round(B / k), 80 for the GPU recipe) for the reference's step count: separates
     # the selection from the extra data
     ("s0-kd-adaspec-batch", "draft", "s0", ["loss.kind=kd", "train.batch_size=ADASPEC_BATCH"]),
+    # AdaSPEC with KD's feature term (every position, not only the kept ones): is the narrower term what costs it
+    # the deeper chain positions against that control?
+    ("s0-feature-all", "draft", "s0", ["head.feature_loss_positions=all"]),
     ("s0-k0.6", "draft", "s0", ["loss.k=0.6"]),
     ("s0-no-noise", "reference", None, ["head.feature_noise=0.0"]),
     ("s0-k0.2", "draft", "s0", ["loss.k=0.2"]),

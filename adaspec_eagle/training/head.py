@@ -202,7 +202,7 @@ def _feature_loss(h_v, f_next, kept, loss_cfg: LossConfig, num_items) -> torch.T
 def head_loss(head, batch: dict, *, target, loss_cfg: LossConfig, reference=None, feature_loss_weight: float = 0.0,
               num_items: float | None = None, token_loss_weight: float = 1.0, feature_noise: float = 0.0,
               vocab_ids: torch.Tensor | None = None, exclude_out_of_vocab: bool = True, unroll_steps: int = 1,
-              unroll_decay: float = 1.0):
+              unroll_decay: float = 1.0, feature_positions: str = "kept"):
     """token_loss_weight x AdaSPEC (or KD) loss of an EAGLE-1 head on a batch + feature_loss_weight x smooth-L1.
 
     batch: input_ids / attention_mask / loss_mask (B, T) and optionally cached features (B, T, H).
@@ -211,8 +211,8 @@ def head_loss(head, batch: dict, *, target, loss_cfg: LossConfig, reference=None
     feature_noise: width of the uniform noise on the input features (student and reference read the same
     noisy input; the teacher and the regression target stay clean). vocab_ids (Vd,): the token loss over these
     target ids only (lm_head rows; the teacher renormalised over them), and with `exclude_out_of_vocab` only at
-    positions whose target token x_{t+2} is one of them. The feature loss covers the positions the token loss
-    keeps (every valid one for KD; the AdaSPEC selection otherwise).
+    positions whose target token x_{t+2} is one of them. The feature loss covers every valid position for KD;
+    for AdaSPEC the positions its selection keeps (feature_positions 'kept') or every valid one ('all').
     unroll_steps > 1: `head` is a `TTTUnroll` of the head (the model the loop trains); step j (at t: the head's
     own step j-1 output and x_{t+1+j}) is scored as step 0 is, against x_{t+2+j} and f_{t+1+j}, weighted
     unroll_decay**j; num_items counts step-0 positions. The reference runs the same unroll.
@@ -243,7 +243,8 @@ def head_loss(head, batch: dict, *, target, loss_cfg: LossConfig, reference=None
         in_vocab = _in_vocab(batch, valid, vocab_ids if exclude_out_of_vocab else None, lm_head.weight.shape[0],
                              f_next.shape[0], f_next.device, j)  # (N,)
         step_loss, step_stats = _head_step_loss(student, lm_head, hidden[valid], f_next, ref_h, in_vocab, vocab_ids,
-                                                loss_cfg, num_items, token_loss_weight, feature_loss_weight)
+                                                loss_cfg, num_items, token_loss_weight, feature_loss_weight,
+                                                feature_positions)
         loss = loss + unroll_decay ** j * step_loss
         for key in stats:
             stats[key] += step_stats[key]
@@ -252,7 +253,7 @@ def head_loss(head, batch: dict, *, target, loss_cfg: LossConfig, reference=None
 
 
 def _head_step_loss(head, lm_head, h_v, f_next, ref_h, in_vocab, vocab_ids, loss_cfg: LossConfig, num_items,
-                    token_loss_weight: float, feature_loss_weight: float):
+                    token_loss_weight: float, feature_loss_weight: float, feature_positions: str = "kept"):
     """One unroll step of `head_loss` at its N valid positions: h_v, f_next, ref_h (N, H) (ref_h None: KD)."""
     if _is_partitioned(lm_head):
         if vocab_ids is not None:
@@ -273,7 +274,7 @@ def _head_step_loss(head, lm_head, h_v, f_next, ref_h, in_vocab, vocab_ids, loss
     kept[kept_rows] = True
     loss = token_loss_weight * loss
     if feature_loss_weight > 0 and h_v.shape[0] > 0:
-        if loss_cfg.kind == "kd":  # KD: every position's feature, in the vocabulary or not
+        if loss_cfg.kind == "kd" or feature_positions == "all":  # every position's feature, in the vocab or not
             kept = torch.ones_like(in_vocab)
         loss = loss + feature_loss_weight * _feature_loss(h_v, f_next, kept, loss_cfg, num_items)
     return loss, {"kept": float(stats["kept"]), "valid": float(stats["valid"]),
@@ -981,7 +982,8 @@ def _stage_loss(p: _Pipeline, loss_cfg: LossConfig, reference, vocab_ids):
                          feature_loss_weight=hc.feature_loss_weight, num_items=num_items,
                          token_loss_weight=hc.token_loss_weight, feature_noise=hc.feature_noise,
                          vocab_ids=vocab_ids, exclude_out_of_vocab=hc.exclude_out_of_vocab,
-                         unroll_steps=hc.unroll_steps, unroll_decay=hc.ttt_decay)
+                         unroll_steps=hc.unroll_steps, unroll_decay=hc.ttt_decay,
+                         feature_positions=hc.feature_loss_positions)
 
     return loss_fn
 

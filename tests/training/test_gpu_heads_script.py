@@ -16,3 +16,15 @@ def test_kd_control_runs_at_the_adaspec_stages_batch():
     assert "train.batch_size=160" in gh.resolve_overrides(RECIPE, ["loss.k=0.2"], extra)
     # runs without the placeholder are left as they are
     assert gh.resolve_overrides(RECIPE, [], ["loss.k=0.6"]) == ["loss.k=0.6"]
+
+
+def test_every_planned_run_is_a_valid_recipe():
+    """A typo in a run's overrides would surface only on the lent GPU, minutes into its budget."""
+    from adaspec_eagle.config import HeadRecipe, load_recipe
+
+    gh = load_script("scripts/gpu_heads.py")
+    for name, stage, _, extra in gh.RUNS:
+        cfg = load_recipe(HeadRecipe, RECIPE, [*gh.resolve_overrides(RECIPE, [], extra), f"stage={stage}"])
+        assert cfg.stage == stage, name
+    (extra,) = [r[3] for r in gh.RUNS if r[0] == "s0-feature-all"]
+    assert load_recipe(HeadRecipe, RECIPE, extra).head.feature_loss_positions == "all"

@@ -168,6 +168,37 @@ def test_adaspec_feature_loss_covers_only_kept_positions():
     assert float(ordered[:n_kept].sum()) - 1e-4 <= extra <= float(ordered[-n_kept:].sum()) + 1e-4
 
 
+def test_adaspec_feature_loss_at_all_positions_is_kds_feature_term():
+    """feature_positions='all': the AdaSPEC loss's feature term is the smooth-L1 mean over every valid position,
+    the same term KD adds, while its token term stays the selective one."""
+    target, head, batch = setup()
+    torch.manual_seed(3)
+    reference = build_head(target, HeadConfig())
+    ada, kd = LossConfig(kind="adaspec", k=0.25), LossConfig(kind="kd")
+    kw = {"target": target, "reference": reference}
+    token_only, _ = head_loss(head, batch, loss_cfg=ada, feature_loss_weight=0.0, **kw)
+    ada_all, stats = head_loss(head, batch, loss_cfg=ada, feature_loss_weight=1.0, feature_positions="all", **kw)
+    ada_kept, _ = head_loss(head, batch, loss_cfg=ada, feature_loss_weight=1.0, **kw)
+    kd_token, _ = head_loss(head, batch, loss_cfg=kd, feature_loss_weight=0.0, **kw)
+    kd_both, _ = head_loss(head, batch, loss_cfg=kd, feature_loss_weight=1.0, **kw)
+    feats = target_forward_features(target, batch["input_ids"], batch["attention_mask"])["features"]
+    valid = head_valid_mask(batch["loss_mask"], batch["attention_mask"])
+    mean_all = F.smooth_l1_loss(head_forward(head, feats, batch["input_ids"])[valid], feats[:, 1:][valid])
+    assert 0 < stats["kept"] < stats["valid"]  # the token loss still selects
+    torch.testing.assert_close(ada_all - token_only, mean_all, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ada_all - token_only, kd_both - kd_token, rtol=1e-5, atol=1e-6)
+    assert float(ada_kept - token_only) < float(mean_all) - 1e-4  # 'kept' covers a quarter of the positions
+    # the gradient reaches the head through the positions the selection leaves out too
+    g_all, g_kept = grads(head, ada_all), grads(head, ada_kept)  # the token terms are the same
+    assert any(not torch.allclose(g_all[n], g_kept[n]) for n in g_all)
+
+
+def test_feature_loss_positions_key_is_checked():
+    assert HeadConfig(feature_loss_positions="all").feature_loss_positions == "all"
+    with pytest.raises(AdaspecError, match="head.feature_loss_positions"):
+        HeadConfig(feature_loss_positions="some")
+
+
 def test_eagle3_leaves_out_positions_whose_target_is_outside_the_draft_vocabulary():
     target = tiny_model("llama").requires_grad_(False)
     counts = torch.zeros(target.get_output_embeddings().weight.shape[0], dtype=torch.int64)
