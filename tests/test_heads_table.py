@@ -105,3 +105,17 @@ def test_results_data_control_curves_are_the_generated_ones(capsys):
     lines = capsys.readouterr().out.splitlines()
     results = (root / "docs/RESULTS.md").read_text()
     assert len(lines) == 8 and all(line in results for line in lines)
+
+
+def test_results_feature_positions_curves_are_the_generated_ones(capsys):
+    """docs/RESULTS.md's curves of AdaSPEC with its feature term at every position, against KD at batch 80 and
+    AdaSPEC with the term at its kept positions, are what the script prints from the committed records."""
+    root = Path(__file__).resolve().parents[1]
+    rec = root / "docs/records/heads"
+    every = f"AdaSPEC, features at all positions={rec / 'cpu-ada-featall-state.json'}"
+    _heads_table().curves_table([f"KD, batch 80={rec / 'cpu-kd-batch80-state.json'}", every,
+                                 f"AdaSPEC, features at kept positions={rec / 'cpu-adaspec-results.json'}:adaspec",
+                                 every], mean=False)
+    lines = capsys.readouterr().out.splitlines()
+    results = (root / "docs/RESULTS.md").read_text()
+    assert len(lines) == 8 and all(line in results for line in lines)
