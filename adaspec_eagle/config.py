@@ -208,8 +208,6 @@ class HeadConfig:
                self.unroll_steps, ">= 1, and 1 for an EAGLE-3 head (it unrolls head.ttt_steps)")
         _check(self.feature_loss_weight >= 0, "head.feature_loss_weight", self.feature_loss_weight, ">= 0")
         _check(self.token_loss_weight > 0, "head.token_loss_weight", self.token_loss_weight, "> 0")
-        _check(self.feature_loss_positions in ("kept", "all"), "head.feature_loss_positions",
-               self.feature_loss_positions, "'kept' or 'all'")
         _check(self.feature_noise >= 0, "head.feature_noise", self.feature_noise, ">= 0")
         _check(self.train_vocab_size == 0 or self.train_vocab_size >= 2, "head.train_vocab_size",
                self.train_vocab_size, "0 (whole vocabulary) or >= 2")

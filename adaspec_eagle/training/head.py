@@ -253,7 +253,7 @@ def head_loss(head, batch: dict, *, target, loss_cfg: LossConfig, reference=None
 
 
 def _head_step_loss(head, lm_head, h_v, f_next, ref_h, in_vocab, vocab_ids, loss_cfg: LossConfig, num_items,
-                    token_loss_weight: float, feature_loss_weight: float, feature_positions: str = "kept"):
+                    token_loss_weight: float, feature_loss_weight: float, feature_positions: str):
     """One unroll step of `head_loss` at its N valid positions: h_v, f_next, ref_h (N, H) (ref_h None: KD)."""
     if _is_partitioned(lm_head):
         if vocab_ids is not None:

@@ -195,9 +195,14 @@ def test_adaspec_feature_loss_at_all_positions_is_kds_feature_term():
 
 
 def test_feature_loss_positions_key_is_checked():
-    assert HeadConfig(feature_loss_positions="all").feature_loss_positions == "all"
-    with pytest.raises(AdaspecError, match="head.feature_loss_positions"):
-        HeadConfig(feature_loss_positions="some")
+    from pathlib import Path
+
+    from adaspec_eagle.config import load_recipe
+
+    recipe = str(Path(__file__).resolve().parents[2] / "recipes" / "heads" / "tiny.yaml")
+    assert load_recipe(HeadRecipe, recipe, ["head.feature_loss_positions=all"]).head.feature_loss_positions == "all"
+    with pytest.raises(AdaspecError, match="head.feature_loss_positions.*'kept', 'all'"):
+        load_recipe(HeadRecipe, recipe, ["head.feature_loss_positions=some"])
 
 
 def test_eagle3_leaves_out_positions_whose_target_is_outside_the_draft_vocabulary():
