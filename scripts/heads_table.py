@@ -8,8 +8,9 @@ JSON lines (held-out evaluation on this CPU) and `adaspec-eagle bench` records (
 --curve LABEL=RECORD[:STAGE] (repeatable) prints only the held-out curves of training stages side by side, from a
 train-head results.json (the STAGE's evaluations, default reference) or a checkpoint's trainer_state.json. An even
 number of curves is read as pairs (e.g. KD, AdaSPEC for each seed): each pair's second minus its first at every step
-both evaluated, and with several pairs the mean difference ± half its range; --no-mean leaves the mean out (pairs
-that are different comparisons, not repeats of one).
+both evaluated (a curve given more than once, to be in several pairs, gets one row of its own), and with several
+pairs the mean difference ± half its range; --no-mean leaves the mean out (pairs that are different comparisons, not
+repeats of one).
 
 --pair KD,ADASPEC (repeatable; drafter names in the bench records) with --eval, --bench and --bench32 prints one
 row per head (held-out top-1, KL and chain tau from the --eval line of the head the bench loaded; tau per suite
@@ -90,7 +91,7 @@ def curves_table(specs: list[str], mean: bool = True) -> None:
     steps = sorted({step for _, at in curves for step in at})
     print("| held-out top-1 / chain tau at step | " + " | ".join(str(x) for x in steps) + " |")
     print("|---|" + "---:|" * len(steps))
-    for label, at in curves:
+    for spec, (label, at) in dict(zip(specs, curves)).items():  # a curve in several pairs gets one row
         print(f"| {label} | " + " | ".join(f"{at[x]['top1']:.1%} / {at[x]['tau']:.3f}" if x in at else "—"
                                             for x in steps) + " |")
     if len(curves) % 2:

@@ -42,7 +42,18 @@ def test_two_curves_print_one_difference_and_no_mean(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| AdaSPEC − KD | -5.0 / -0.100 |" in out and "mean" not in out
     _heads_table().curves_table(specs[:1] * 3)  # an odd number of curves: no differences at all
-    assert "−" not in capsys.readouterr().out.split("\n", 2)[2]
+    out = capsys.readouterr().out
+    assert "−" not in out.split("\n", 2)[2]
+    assert out.count("| KD |") == 1  # a curve given several times gets one row
+
+
+def test_a_curve_in_two_pairs_gets_one_row_and_both_differences(tmp_path, capsys):
+    kd, ada, alt = (f"{n}={_record(tmp_path, n, 'reference', [(10, t, u)])}"
+                    for n, t, u in (("KD", 0.50, 2.0), ("Ada", 0.52, 2.1), ("Alt", 0.49, 2.05)))
+    _heads_table().curves_table([kd, ada, alt, ada], mean=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" | ")[0].strip("| ") for line in lines[2:]] == ["KD", "Ada", "Alt", "Ada − KD", "Ada − Alt"]
+    assert lines[-1] == "| Ada − Alt | +3.0 / +0.050 |"
 
 
 def _bench(path, taus):
@@ -104,7 +115,7 @@ def test_results_data_control_curves_are_the_generated_ones(capsys):
                                  f"AdaSPEC, batch 80={rec / 'cpu-adaspec-results.json'}:adaspec"], mean=False)
     lines = capsys.readouterr().out.splitlines()
     results = (root / "docs/RESULTS.md").read_text()
-    assert len(lines) == 8 and all(line in results for line in lines)
+    assert len(lines) == 7 and all(line in results for line in lines)
 
 
 def test_results_feature_positions_curves_are_the_generated_ones(capsys):
@@ -118,4 +129,4 @@ def test_results_feature_positions_curves_are_the_generated_ones(capsys):
                                  every], mean=False)
     lines = capsys.readouterr().out.splitlines()
     results = (root / "docs/RESULTS.md").read_text()
-    assert len(lines) == 8 and all(line in results for line in lines)
+    assert len(lines) == 7 and all(line in results for line in lines)
