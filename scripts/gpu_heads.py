@@ -47,6 +47,10 @@ RUNS = [
     # AdaSPEC with KD's feature term (every position, not only the kept ones): is the narrower term what costs it
     # the deeper chain positions against that control?
     ("s0-feature-all", "draft", "s0", ["head.feature_loss_positions=all"]),
+    # the same positions at about the kept term's weight per step (KEPT_FEATURE_WEIGHT: k x head.feature_loss_weight):
+    # separates the positions from the weight
+    ("s0-feature-all-k", "draft", "s0", ["head.feature_loss_positions=all",
+                                         "head.feature_loss_weight=KEPT_FEATURE_WEIGHT"]),
     ("s0-k0.6", "draft", "s0", ["loss.k=0.6"]),
     ("s0-no-noise", "reference", None, ["head.feature_noise=0.0"]),
     ("s0-k0.2", "draft", "s0", ["loss.k=0.2"]),
@@ -55,17 +59,26 @@ RUNS = [
 ]
 EXPORT_HEADS = ["s0/reference", "s0/adaspec", "s1/reference", "s1/adaspec"]
 ADASPEC_BATCH = "ADASPEC_BATCH"
+KEPT_FEATURE_WEIGHT = "KEPT_FEATURE_WEIGHT"
 """In a run's overrides: the batch the AdaSPEC stage trains at under `loss.budget: equal_tokens` with the recipe
 and the command line's overrides (`train_head.stage_budget`)."""
 
 
 def resolve_overrides(recipe: str, common: list[str], extra: list[str]) -> list[str]:
-    """`extra` with ADASPEC_BATCH replaced by the AdaSPEC stage's batch for `recipe` + `common` overrides."""
-    if not any(ADASPEC_BATCH in e for e in extra):
+    """`extra` with ADASPEC_BATCH replaced by the AdaSPEC stage's batch and KEPT_FEATURE_WEIGHT by k x
+    head.feature_loss_weight (the weight at which the feature term over every position weighs about what the term
+    over the kept fraction k does), for `recipe` + `common` overrides."""
+    if not any(p in e for e in extra for p in (ADASPEC_BATCH, KEPT_FEATURE_WEIGHT)):
         return extra
     base = load_recipe(HeadRecipe, recipe, [*common, "loss.kind=adaspec", "loss.budget=equal_tokens"])
-    batch = train_head.stage_budget(base, "adaspec", None).batch_size
-    return [e.replace(ADASPEC_BATCH, str(batch)) for e in extra]
+    values = {ADASPEC_BATCH: str(train_head.stage_budget(base, "adaspec", None).batch_size),
+              KEPT_FEATURE_WEIGHT: f"{base.loss.k * base.head.feature_loss_weight:g}"}
+    out = []
+    for e in extra:
+        for placeholder, value in values.items():
+            e = e.replace(placeholder, value)
+        out.append(e)
+    return out
 
 
 def bf16_head_tar(head_dir: Path, dest: Path) -> None:
