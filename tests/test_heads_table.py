@@ -119,14 +119,16 @@ def test_results_data_control_curves_are_the_generated_ones(capsys):
 
 
 def test_results_feature_positions_curves_are_the_generated_ones(capsys):
-    """docs/RESULTS.md's curves of AdaSPEC with its feature term at every position, against KD at batch 80 and
-    AdaSPEC with the term at its kept positions, are what the script prints from the committed records."""
+    """docs/RESULTS.md's curves of AdaSPEC with its feature term at every position (at weight 1.0 and 0.4), against
+    KD at batch 80 and AdaSPEC with the term at its kept positions, are what the script prints from the committed
+    records, line for line."""
     root = Path(__file__).resolve().parents[1]
     rec = root / "docs/records/heads"
+    kd = f"KD, batch 80={rec / 'cpu-kd-batch80-state.json'}"
     every = f"AdaSPEC, features at all positions={rec / 'cpu-ada-featall-state.json'}"
-    _heads_table().curves_table([f"KD, batch 80={rec / 'cpu-kd-batch80-state.json'}", every,
-                                 f"AdaSPEC, features at kept positions={rec / 'cpu-adaspec-results.json'}:adaspec",
-                                 every], mean=False)
+    light = f"AdaSPEC, features at all positions, weight 0.4={rec / 'cpu-ada-featall-w04-state.json'}"
+    kept = f"AdaSPEC, features at kept positions={rec / 'cpu-adaspec-results.json'}:adaspec"
+    _heads_table().curves_table([kd, every, kd, light, kept, light, light, every], mean=False)
     lines = capsys.readouterr().out.splitlines()
     results = (root / "docs/RESULTS.md").read_text()
-    assert len(lines) == 7 and all(line in results for line in lines)
+    assert len(lines) == 10 and all(line in results for line in lines)
