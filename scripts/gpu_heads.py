@@ -59,9 +59,10 @@ RUNS = [
 ]
 EXPORT_HEADS = ["s0/reference", "s0/adaspec", "s1/reference", "s1/adaspec"]
 ADASPEC_BATCH = "ADASPEC_BATCH"
-KEPT_FEATURE_WEIGHT = "KEPT_FEATURE_WEIGHT"
 """In a run's overrides: the batch the AdaSPEC stage trains at under `loss.budget: equal_tokens` with the recipe
 and the command line's overrides (`train_head.stage_budget`)."""
+KEPT_FEATURE_WEIGHT = "KEPT_FEATURE_WEIGHT"
+"""In a run's overrides: loss.k x head.feature_loss_weight with the recipe and the command line's overrides."""
 
 
 def resolve_overrides(recipe: str, common: list[str], extra: list[str]) -> list[str]:

@@ -91,7 +91,7 @@ def curves_table(specs: list[str], mean: bool = True) -> None:
     steps = sorted({step for _, at in curves for step in at})
     print("| held-out top-1 / chain tau at step | " + " | ".join(str(x) for x in steps) + " |")
     print("|---|" + "---:|" * len(steps))
-    for spec, (label, at) in dict(zip(specs, curves)).items():  # a curve in several pairs gets one row
+    for label, at in dict(zip(specs, curves)).values():  # a curve in several pairs gets one row
         print(f"| {label} | " + " | ".join(f"{at[x]['top1']:.1%} / {at[x]['tau']:.3f}" if x in at else "—"
                                             for x in steps) + " |")
     if len(curves) % 2:
