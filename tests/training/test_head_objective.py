@@ -3,13 +3,14 @@ out-of-vocabulary rule), the AdaSPEC budget protocol, and the held-out chain-acc
 models."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from adaspec_eagle import AdaspecError
-from adaspec_eagle.config import HeadConfig, HeadRecipe, LossConfig, TrainConfig
+from adaspec_eagle.config import HeadConfig, HeadRecipe, LossConfig, TrainConfig, load_recipe
 from adaspec_eagle.training.features import pad_batch
 from adaspec_eagle.models.heads import build_head, load_head
 from adaspec_eagle.models import target_forward_features, tiny_model
@@ -17,6 +18,8 @@ from adaspec_eagle.training.head import (chain_acceptance, eagle3_loss, evaluate
                                       head_valid_mask, position_records, reference_steps, restricted_vocab,
                                       stage_budget, budget_note, TTTUnroll)
 from _helpers import samples
+
+TINY_RECIPE = str(Path(__file__).resolve().parents[2] / "recipes" / "heads" / "tiny.yaml")
 
 
 def setup(seed=0, n=4):
@@ -195,11 +198,7 @@ def test_adaspec_feature_loss_at_all_positions_is_kds_feature_term():
 
 
 def test_feature_loss_positions_key_is_checked():
-    from pathlib import Path
-
-    from adaspec_eagle.config import load_recipe
-
-    recipe = str(Path(__file__).resolve().parents[2] / "recipes" / "heads" / "tiny.yaml")
+    recipe = TINY_RECIPE
     assert load_recipe(HeadRecipe, recipe, ["head.feature_loss_positions=all"]).head.feature_loss_positions == "all"
     with pytest.raises(AdaspecError, match="head.feature_loss_positions.*'kept', 'all'"):
         load_recipe(HeadRecipe, recipe, ["head.feature_loss_positions=some"])
@@ -256,10 +255,8 @@ def test_equal_tokens_budget_arithmetic():
 
 def test_equal_tokens_gives_the_same_steps_and_kept_tokens(tmp_path):
     from adaspec_eagle.training.head import run_pipeline
-    from adaspec_eagle.config import load_recipe
-    from pathlib import Path
 
-    recipe = str(Path(__file__).resolve().parents[2] / "recipes" / "heads" / "tiny.yaml")
+    recipe = TINY_RECIPE
     cfg = load_recipe(HeadRecipe, recipe, [f"output_dir={tmp_path}", "loss.k=0.3", "train.max_steps=null",
                                            "train.epochs=1", "train.batch_size=2", "data.num_samples=9"])
     result = run_pipeline(cfg, progress=False, log=lambda m: None)
@@ -275,10 +272,8 @@ def test_equal_tokens_gives_the_same_steps_and_kept_tokens(tmp_path):
 
 def test_adaspec_stage_takes_the_reference_step_count_when_the_reference_is_time_capped(tmp_path, monkeypatch):
     from adaspec_eagle.training import head as train_head
-    from adaspec_eagle.config import load_recipe
-    from pathlib import Path
 
-    recipe = str(Path(__file__).resolve().parents[2] / "recipes" / "heads" / "tiny.yaml")
+    recipe = TINY_RECIPE
     cfg = load_recipe(HeadRecipe, recipe, [f"output_dir={tmp_path}", "train.max_steps=null", "train.epochs=3",
                                            "train.batch_size=2", "data.num_samples=8"])
     real = train_head.stage_budget
@@ -392,10 +387,8 @@ def test_trained_head_chain_metrics_are_consistent():
 def test_eval_every_keeps_the_head_with_the_best_heldout_tau(tmp_path, monkeypatch):
     """The stage's saved head is the evaluation with the best chain tau, not the last one (faked scores)."""
     import json as _json
-    from pathlib import Path
 
     from adaspec_eagle.training import head as train_head
-    from adaspec_eagle.config import load_recipe
     from adaspec_eagle.models.heads import load_head
 
     scores = iter([1.2, 1.9, 1.5, 1.1, 1.3, 1.6, 1.0, 1.0])  # reference: best at its 2nd evaluation (step 2)
@@ -408,7 +401,7 @@ def test_eval_every_keeps_the_head_with_the_best_heldout_tau(tmp_path, monkeypat
         return out
 
     monkeypatch.setattr(train_head, "evaluate_head", fake)
-    recipe = str(Path(__file__).resolve().parents[2] / "recipes" / "heads" / "tiny.yaml")
+    recipe = TINY_RECIPE
     cfg = load_recipe(HeadRecipe, recipe, [f"output_dir={tmp_path}", "train.max_steps=4", "train.eval_every=1",
                                            "stage=reference"])
     result = train_head.run_pipeline(cfg, progress=False, log=lambda m: None)
@@ -424,12 +417,9 @@ def test_eval_every_keeps_the_head_with_the_best_heldout_tau(tmp_path, monkeypat
 
 
 def test_eval_every_without_a_heldout_split_is_refused(tmp_path):
-    from pathlib import Path
-
-    from adaspec_eagle.config import load_recipe
     from adaspec_eagle.training.head import run_pipeline
 
-    recipe = str(Path(__file__).resolve().parents[2] / "recipes" / "heads" / "tiny.yaml")
+    recipe = TINY_RECIPE
     cfg = load_recipe(HeadRecipe, recipe, [f"output_dir={tmp_path / 'o'}", "train.eval_every=2", "data.holdout=0"])
     with pytest.raises(AdaspecError, match="data.holdout"):
         run_pipeline(cfg, progress=False, log=lambda m: None)
@@ -517,12 +507,9 @@ def test_a_kept_head_from_a_lost_trajectory_is_dropped_on_resume(tmp_path):
 
 
 def test_init_head_starts_every_stage_from_the_given_head(tmp_path):
-    from pathlib import Path
-
-    from adaspec_eagle.config import load_recipe
     from adaspec_eagle.training import head as train_head
 
-    recipe = str(Path(__file__).resolve().parents[2] / "recipes" / "heads" / "tiny.yaml")
+    recipe = TINY_RECIPE
     base = [f"output_dir={tmp_path / 'first'}", "stage=reference", "train.max_steps=3", "data.num_samples=8"]
     train_head.run_pipeline(load_recipe(HeadRecipe, recipe, base), progress=False, log=lambda m: None)
     target = train_head.load_target(load_recipe(HeadRecipe, recipe, base).target)[0]
@@ -599,12 +586,9 @@ def test_unrolled_eagle1_loss_reduces_to_the_teacher_forced_one_and_scores_step_
 
 
 def test_unroll_steps_trains_an_eagle1_head_through_the_pipeline(tmp_path):
-    from pathlib import Path
-
-    from adaspec_eagle.config import load_recipe
     from adaspec_eagle.training import head as train_head
 
-    recipe = str(Path(__file__).resolve().parents[2] / "recipes" / "heads" / "tiny.yaml")
+    recipe = TINY_RECIPE
     cfg = load_recipe(HeadRecipe, recipe, [f"output_dir={tmp_path}", "stage=reference", "train.max_steps=2",
                                            "data.num_samples=8", "head.unroll_steps=3"])
     out = train_head.run_pipeline(cfg, progress=False, log=lambda m: None)
