@@ -12,7 +12,9 @@ ShareGPT as written. The target's features of the split are computed once (a fea
 --breakdown FILE.md: where two or more heads differ, position by position (`position_records`): top-1 by how
 frequent the target's token is in the first head's training answers, by how hard the position is for the first
 head (its KL quintile; give the AdaSPEC run's reference head first and this is the difficulty AdaSPEC selects
-by), by the target's confidence, and the tokens each head gets right most often where the first does not.
+by), by the target's confidence, and the tokens each head gets right most often where the first does not; then
+greedy chains (gamma 4) depth by depth at the positions where both the first head and another reached the depth,
+and at depths 2-4 by frequency and by token.
 """
 
 from __future__ import annotations
@@ -37,11 +39,12 @@ FREQ_BUCKETS = [(0, 100), (100, 1000), (1000, DEFAULT_DRAFT_VOCAB), (DEFAULT_DRA
 CONFIDENCE_EDGES = [0.0, 0.25, 0.5, 0.75, 0.9, 1.0 + 1e-9]
 
 
-def _bucket_table(title: str, names: list[str], recs: list[dict], buckets: list[tuple[str, torch.Tensor]]):
-    """Markdown rows: per bucket (label, bool mask over positions), its share and each head's top-1, and the
-    difference of every head from the first."""
+def _bucket_table(title: str, names: list[str], recs: list[dict], buckets: list[tuple[str, torch.Tensor]],
+                  metric: str = "top-1"):
+    """Markdown rows: per bucket (label, bool mask over positions), its share and each head's rate of "hit" (the
+    column says `metric`), and the difference of every head from the first."""
     n = recs[0]["hit"].numel()
-    head = f"| {title} | positions | " + " | ".join(f"top-1 {x}" for x in names) + " | " + \
+    head = f"| {title} | positions | " + " | ".join(f"{metric} {x}" for x in names) + " | " + \
         " | ".join(f"{x} - {names[0]}" for x in names[1:]) + " |"
     lines = [head, "|---|---:|" + "---:|" * (2 * len(names) - 1)]
     for label, mask in buckets:
@@ -69,16 +72,53 @@ def _difficulty_buckets(kl: torch.Tensor):
     return [(f"{names[i]} fifth (KL {edges[i]:.2f}-{edges[i + 1]:.2f})", q == i) for i in range(5)]
 
 
-def _net_wins(names, recs, tok, k: int = 12) -> list[str]:
-    """The target tokens where each head is right and the first head wrong most often (net of the reverse)."""
+def _net_wins(names, recs, tok, k: int = 12, where: str = "") -> list[str]:
+    """The target tokens where each head is right and the first head wrong most often (net of the reverse);
+    `where` prefixes the positions' description."""
     lines = []
     for name, r in zip(names[1:], recs[1:]):
         net = torch.zeros(int(recs[0]["token"].max()) + 1)
         net.index_add_(0, recs[0]["token"], r["hit"].float() - recs[0]["hit"].float())
         for side, order in ((f"{name} right, {names[0]} wrong", True), (f"{names[0]} right, {name} wrong", False)):
             top = torch.argsort(net, descending=order)[:k]
-            words = ", ".join(f"{tok.decode([int(t)])!r} {abs(int(net[t]))}" for t in top if net[t] != 0)
-            lines.append(f"- **{side}** (net positions, by target token): {words}")
+            words = ", ".join(f"{tok.decode([int(t)])!r} {abs(int(net[t]))}" for t in top
+                              if (net[t] > 0 if order else net[t] < 0))
+            lines.append(f"- **{side}** ({where}net positions, by target token): {words}")
+    return lines
+
+
+def _chain_lines(names, recs, counts, tok, k: int = 12) -> list[str]:
+    """Greedy chains (records with "reached" / "accepted") compared depth by depth where both heads got there:
+    at depth j, among the positions where the first head and another both reached j (each accepted every earlier
+    depth), each one's acceptance; then depths 2 and on pooled, by how frequent the token to draft is and by the
+    tokens each gets right where the other does not."""
+    first = recs[0]
+    gamma = first["reached"].shape[0]
+    lines = []
+    for name, r in zip(names[1:], recs[1:]):
+        both = first["reached"] & r["reached"]  # (gamma, N)
+        lines += [f"Greedy chains of {gamma}, at the positions where both {names[0]} and {name} reached a depth "
+                  f"(each accepted every earlier one):", "",
+                  f"| depth | positions both reached | acceptance {names[0]} | acceptance {name} "
+                  f"| {name} - {names[0]} |",
+                  "|---:|---:|---:|---:|---:|"]
+        for j in range(gamma):
+            m = both[j]
+            a0, a1 = (float(x["accepted"][j][m].float().mean()) if m.any() else 0.0 for x in (first, r))
+            lines.append(f"| {j + 1} | {int(m.sum()):,} | {a0:.1%} | {a1:.1%} | {(a1 - a0) * 100:+.1f} |")
+        if gamma < 2:
+            continue
+        deep = both[1:] & (first["chain_token"][1:] >= 0)  # depths 2.. pooled
+        if not deep.any():
+            continue
+        token = first["chain_token"][1:][deep]
+        hit0, hit1 = first["accepted"][1:][deep], r["accepted"][1:][deep]
+        pooled = [{"hit": hit0, "token": token}, {"hit": hit1, "token": token}]
+        if counts is not None:
+            lines += [""] + _bucket_table(f"depths 2-{gamma}: frequency of the token to draft in {names[0]}'s "
+                                          "training answers", [names[0], name], pooled,
+                                          _rank_buckets(token, counts), metric="acceptance")
+        lines += [""] + _net_wins([names[0], name], pooled, tok, k, where=f"depths 2-{gamma}, ") + [""]
     return lines
 
 
@@ -98,7 +138,10 @@ def breakdown(paths: list[str], recs: list[dict], counts, tok) -> str:
     lines += _bucket_table("the target's probability of its token", names, recs,
                            [(f"{lo:.2f}-{min(hi, 1.0):.2f}", (conf >= lo) & (conf < hi))
                             for lo, hi in zip(CONFIDENCE_EDGES, CONFIDENCE_EDGES[1:])]) + [""]
-    return "\n".join(lines + _net_wins(names, recs, tok)) + "\n"
+    lines += _net_wins(names, recs, tok)
+    if "reached" in recs[0]:
+        lines += [""] + _chain_lines(names, recs, counts, tok)
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def main() -> int:
@@ -139,7 +182,8 @@ def main() -> int:
                 else None
             e = evaluate_head(head, target, cached, 8, pad, chain=CHAIN_GAMMA, vocab_ids=ids)
             if a.breakdown:
-                recs.append((position_records(head, target, cached, 8, pad), counts))
+                recs.append((position_records(head, target, cached, 8, pad, chain=CHAIN_GAMMA, vocab_ids=ids),
+                             counts))
             row = {"head": path, "data": "target answers" if a.answers else "as written", "samples": len(held),
                    "top1": round(e["top1"], 4), "kl": round(e["kl"], 4), "positions": e["positions"],
                    "chain_tau": round(e["chain"]["tau"], 4),

@@ -426,8 +426,9 @@ def chain_acceptance(draft: torch.Tensor, greedy: torch.Tensor, input_ids: torch
 
 
 def _batch_chains(head, steps, features, batch, valid, lm_head, ids):
-    """(accepted, reached) of greedy chains drafted from every valid position of one batch (`chain_acceptance`):
-    step j's draft is the head's argmax (over `ids` when given) on its own j-th unrolled output."""
+    """(accepted, reached, greedy) of greedy chains drafted from every valid position of one batch
+    (`chain_acceptance`): step j's draft is the head's argmax (over `ids` when given) on its own j-th unrolled
+    output; greedy (B, T) the target's argmax after each prefix (-1 at padding)."""
     B, T = batch["input_ids"].shape
     device = features.device
     real = batch["attention_mask"].bool()  # (B, T)
@@ -440,7 +441,7 @@ def _batch_chains(head, steps, features, batch, valid, lm_head, ids):
             draft[j][valid] = logits.argmax(-1) if ids is None else ids[logits[:, ids].argmax(-1)]
         else:
             draft[j][valid] = _argmax_rows(h[valid], lm_head, ids)
-    return chain_acceptance(draft, greedy, batch["input_ids"], valid, batch["attention_mask"])
+    return (*chain_acceptance(draft, greedy, batch["input_ids"], valid, batch["attention_mask"]), greedy)
 
 
 def _heldout_batches(head, target, heldout, batch_size: int, pad_id: int, chain: int):
@@ -500,7 +501,7 @@ def evaluate_head(head, target, heldout, batch_size: int = 8, pad_id: int = 0, c
         kl_sum += float(_forward_kl_rows(head, student, teacher).sum())
         total += int(valid.sum())
         if chain:
-            accepted, reached = _batch_chains(head, steps, features, batch, valid, lm_head, ids)
+            accepted, reached, _ = _batch_chains(head, steps, features, batch, valid, lm_head, ids)
             acc_sum += accepted.sum((1, 2)).double().cpu()
             reach_sum += reached.sum((1, 2)).double().cpu()
     out = {"top1": hits / max(total, 1), "kl": kl_sum / max(total, 1), "positions": total}
@@ -513,19 +514,36 @@ def evaluate_head(head, target, heldout, batch_size: int = 8, pad_id: int = 0, c
 
 
 @torch.no_grad()
-def position_records(head, target, heldout, batch_size: int = 8, pad_id: int = 0) -> dict:
+def position_records(head, target, heldout, batch_size: int = 8, pad_id: int = 0, chain: int = 0,
+                     vocab_ids: torch.Tensor | None = None) -> dict:
     """Per valid held-out position (the order of `evaluate_head`, so two heads' records align position by
     position): {"token": (N,) the target's argmax, "hit": (N,) bool, the head's argmax equals it (top-1),
     "kl": (N,) KL(target || head), "confidence": (N,) the target's probability of its argmax}. For per-token
-    comparisons of heads (which tokens one head gets right and another not)."""
-    parts: dict[str, list] = {"token": [], "hit": [], "kl": [], "confidence": []}
-    for _, _, _, _, student, teacher in _heldout_batches(head, target, heldout, batch_size, pad_id, 0):
+    comparisons of heads (which tokens one head gets right and another not).
+
+    chain = gamma > 0 adds the greedy chain from every position, as `evaluate_head` drafts it (over `vocab_ids`
+    when given): "reached" and "accepted" (gamma, N) bool, step j was reached / accepted (their sums over
+    positions are `evaluate_head`'s acceptance by depth), and "chain_token" (gamma, N) the target's token step j
+    had to draft (-1 past the sample's end)."""
+    keys = ["token", "hit", "kl", "confidence"] + (["reached", "accepted", "chain_token"] if chain else [])
+    parts: dict[str, list] = {k: [] for k in keys}
+    lm_head = target.get_output_embeddings()
+    ids = None if vocab_ids is None else vocab_ids.to(lm_head.weight.device)
+    for batch, valid, steps, features, student, teacher in _heldout_batches(head, target, heldout, batch_size,
+                                                                            pad_id, chain):
         best = teacher.argmax(-1)
         parts["token"].append(best.cpu())
         parts["hit"].append((student.argmax(-1) == best).cpu())
         parts["kl"].append(_forward_kl_rows(head, student, teacher).cpu())
         parts["confidence"].append(teacher.softmax(-1).gather(-1, best[:, None])[:, 0].cpu())
-    return {k: torch.cat(v) if v else torch.empty(0) for k, v in parts.items()}
+        if chain:
+            accepted, reached, greedy = _batch_chains(head, steps, features, batch, valid, lm_head, ids)
+            n = valid.shape[1]
+            parts["reached"].append(reached[:, valid].cpu())
+            parts["accepted"].append(accepted[:, valid].cpu())
+            parts["chain_token"].append(torch.stack([ahead(greedy, 1 + j, n, -1)[valid]
+                                                     for j in range(chain)]).cpu())
+    return {k: torch.cat(v, -1) if v else torch.empty(0) for k, v in parts.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------

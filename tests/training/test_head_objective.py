@@ -374,6 +374,27 @@ def test_position_records_align_across_heads_and_sum_to_the_evaluation():
     assert bool(((rec["confidence"] > 0) & (rec["confidence"] <= 1)).all())
 
 
+def test_position_records_chains_sum_to_the_evaluations_acceptance_by_depth():
+    target = tiny_model("llama").requires_grad_(False).eval()
+    data = greedy_samples(target)
+    feats = target_forward_features(target, torch.stack([s["input_ids"] for s in data]))["features"]
+    _, head, _ = setup()
+    for h in (head, OracleHead(target.get_output_embeddings(), feats, right_depth=1)):
+        e = evaluate_head(h, target, data, chain=3)  # one batch: the oracle knows the batch's features
+        rec = position_records(h, target, data, chain=3)
+        assert rec["reached"].shape == rec["accepted"].shape == rec["chain_token"].shape == (3, e["positions"])
+        assert not bool((rec["accepted"] & ~rec["reached"]).any())
+        depth = [a / r if r else 0.0 for a, r in zip(rec["accepted"].sum(1).tolist(), rec["reached"].sum(1).tolist())]
+        assert depth == pytest.approx(e["chain"]["accept_by_depth"], abs=1e-9)
+        assert 1 + float(rec["accepted"].sum()) / float(rec["reached"][0].sum()) == pytest.approx(e["chain"]["tau"])
+        assert torch.equal(rec["chain_token"][0], rec["token"])  # depth 1 drafts the target's next token
+        assert bool((rec["chain_token"][rec["reached"]] >= 0).all())
+    # the oracle right at depth 1 only: on the target's own text every chain it starts is accepted at depth 1 and
+    # reaches depth 2, where none is accepted
+    assert int(rec["reached"][0].sum()) > 30 and torch.equal(rec["accepted"][0], rec["reached"][0])
+    assert torch.equal(rec["reached"][1], rec["accepted"][0]) and not bool(rec["accepted"][1:].any())
+
+
 def test_trained_head_chain_metrics_are_consistent():
     target, head, _ = setup()
     data = greedy_samples(target)
